@@ -1,0 +1,822 @@
+//! Configuration: the TOML file, its validation into a typed [`Config`], and
+//! the errors that name the field at fault.
+//!
+//! The pipeline is `router.toml -> FileConfig (serde) -> validate -> Config`.
+//! Validation never stops at the first problem: it collects every one, each
+//! with the dotted path of the field and what is wrong, so an operator fixes a
+//! file in one pass. `--check-config` and start-up run exactly this code, and
+//! nothing here binds a port. Defaults are the `DEFAULT_*` constants, and
+//! `examples/router.toml` documents each option beside its default.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::geo::GeoDb;
+
+pub const DEFAULT_PUBLIC_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_PATHS: &[&str] = &["/"];
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_REQUEST_HEADER_BYTES: usize = 16 * 1024;
+pub const DEFAULT_SESSION_KEY_NAME: &str = "session";
+pub const DEFAULT_WEIGHT: u32 = 100;
+pub const DEFAULT_MAX_SESSIONS: u32 = 10_000;
+pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_MAX_DIAL_ATTEMPTS: u32 = 3;
+pub const DEFAULT_HEALTH_PATH: &str = "/healthz";
+pub const DEFAULT_HEALTH_STATUS: u16 = 200;
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+pub const DEFAULT_HEALTH_RISE: u32 = 2;
+pub const DEFAULT_HEALTH_FALL: u32 = 3;
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One problem in a configuration file: which field, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted path of the field, e.g. `backends[2].region`.
+    pub field: String,
+    /// What is wrong, and when possible how to fix it.
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+/// Why a configuration was refused: the file could not be read or parsed, or
+/// it parsed and failed validation (every problem listed).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for wsrouter: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path} has {} problem(s):\n{}", problems.len(), list(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+fn list(problems: &[ConfigProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    /// Every problem as `(field, problem)`; parse errors count as one.
+    pub fn problems(&self) -> Vec<ConfigProblem> {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems.clone(),
+            ConfigError::Parse { message, .. } => vec![ConfigProblem {
+                field: "(file)".into(),
+                problem: message.clone(),
+            }],
+            ConfigError::Read { source, .. } => vec![ConfigProblem {
+                field: "(file)".into(),
+                problem: source.to_string(),
+            }],
+        }
+    }
+}
+
+// === file structs: what the TOML looks like ===
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    listener: FileListener,
+    #[serde(default)]
+    admin: FileAdmin,
+    #[serde(default)]
+    client_address: FileClientAddress,
+    geoip: Option<FileGeoIp>,
+    #[serde(default)]
+    session_key: FileSessionKey,
+    #[serde(default)]
+    steering: FileSteering,
+    #[serde(default)]
+    health_check: FileHealthCheck,
+    #[serde(default)]
+    relay: FileRelay,
+    #[serde(default)]
+    regions: Vec<FileRegion>,
+    #[serde(default)]
+    backends: Vec<FileBackend>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    public: Option<String>,
+    paths: Option<Vec<String>>,
+    handshake_timeout: Option<String>,
+    max_request_header_bytes: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileClientAddress {
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileGeoIp {
+    database: String,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileSessionKey {
+    source: Option<String>,
+    name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileSteering {
+    default_region: Option<String>,
+    #[serde(default)]
+    countries: HashMap<String, Vec<String>>,
+    #[serde(default)]
+    continents: HashMap<String, Vec<String>>,
+    dial_timeout: Option<String>,
+    max_dial_attempts: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileHealthCheck {
+    path: Option<String>,
+    expected_status: Option<u16>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileRelay {
+    ping_interval: Option<String>,
+    idle_timeout: Option<String>,
+    max_message_bytes: Option<usize>,
+    close_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRegion {
+    name: String,
+    latitude: f64,
+    longitude: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    id: String,
+    url: String,
+    region: String,
+    weight: Option<u32>,
+    max_sessions: Option<u32>,
+}
+
+// === validated config: what the router runs on ===
+
+/// The validated configuration. Everything here has been checked; the GeoIP
+/// database is already open.
+#[derive(Clone)]
+pub struct Config {
+    pub listener: ListenerConfig,
+    pub admin: AdminConfig,
+    /// Peers whose X-Forwarded-For / Forwarded headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    pub geoip: GeoIpConfig,
+    pub session_key: SessionKeySource,
+    pub steering: SteeringConfig,
+    pub health_check: HealthCheckConfig,
+    pub relay: RelayConfig,
+    pub regions: Vec<RegionConfig>,
+    pub backends: Vec<BackendConfig>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listener", &self.listener)
+            .field("admin", &self.admin)
+            .field("regions", &self.regions)
+            .field("backends", &self.backends)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Where the public WebSocket front door listens.
+    pub public: SocketAddr,
+    /// Request paths that upgrade; anything else is answered 404.
+    pub paths: Vec<String>,
+    /// A client must finish its upgrade request within this time.
+    pub handshake_timeout: Duration,
+    /// Request line plus headers larger than this get 431.
+    pub max_request_header_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Admin listener (metrics, health, API); loopback by default.
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone)]
+pub struct GeoIpConfig {
+    pub database: PathBuf,
+    /// The database, opened and checked at validation time.
+    pub db: Arc<GeoDb>,
+}
+
+/// Where the session key comes from in the client's upgrade request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionKeySource {
+    Query(String),
+    Header(String),
+    Cookie(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct SteeringConfig {
+    /// Index into `Config::regions` used when nothing better is known.
+    pub default_region: usize,
+    /// ISO country code (upper case) -> ordered region indices.
+    pub countries: HashMap<String, Vec<usize>>,
+    /// Continent code (upper case) -> ordered region indices.
+    pub continents: HashMap<String, Vec<usize>>,
+    /// Bound on one backend WebSocket dial (TCP + upgrade).
+    pub dial_timeout: Duration,
+    /// How many candidates one new session may try before giving up.
+    pub max_dial_attempts: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub expected_status: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring an unhealthy backend back.
+    pub consecutive_success: u32,
+    /// Consecutive failures that take a healthy backend out.
+    pub consecutive_failure: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Each hop is pinged this often when quiet.
+    pub ping_interval: Duration,
+    /// A hop silent (no frame at all, pongs included) this long is dead.
+    pub idle_timeout: Duration,
+    /// Largest message relayed; larger ones close the session with 1009.
+    pub max_message_bytes: usize,
+    /// How long to wait for the other side to answer a close frame.
+    pub close_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RegionConfig {
+    pub name: String,
+    pub latitude: f64,
+    pub longitude: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub id: String,
+    /// `ws://host:port[/prefix]`; the client's path is appended to the prefix.
+    pub url: BackendUrl,
+    /// Index into `Config::regions`.
+    pub region: usize,
+    pub weight: u32,
+    pub max_sessions: u32,
+}
+
+/// A parsed backend URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendUrl {
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash (may be empty).
+    pub prefix: String,
+    /// The original text, for display.
+    pub raw: String,
+}
+
+impl BackendUrl {
+    /// Parse `ws://host:port[/prefix]`. `wss://` waits for the TLS work.
+    pub fn parse(raw: &str) -> Result<BackendUrl, String> {
+        let rest = if let Some(rest) = raw.strip_prefix("ws://") {
+            rest
+        } else if raw.starts_with("wss://") {
+            return Err("wss:// backends are not supported yet; use ws://".into());
+        } else {
+            return Err(format!("{raw:?} must start with ws://"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if path.contains('?') || path.contains('#') {
+            return Err(format!(
+                "{raw:?} must not have a query or fragment: the client's query is forwarded"
+            ));
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, p) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{raw:?} has an unclosed '[' in the host"))?;
+            (h.to_string(), p.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (authority.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{raw:?} has no host"));
+        }
+        if host.contains('@') {
+            return Err(format!("{raw:?} must not carry credentials"));
+        }
+        let port = match port {
+            None | Some("") => 80,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{raw:?} has an invalid port {p:?}"))?,
+        };
+        Ok(BackendUrl {
+            host,
+            port,
+            prefix: path.trim_end_matches('/').to_string(),
+            raw: raw.to_string(),
+        })
+    }
+
+    /// `host:port` as it goes into a Host header or a TCP connect.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Config {
+    /// Read, parse and validate a config file. Relative paths inside it (the
+    /// GeoIP database) are resolved against the file's directory, and when
+    /// missing there, against the working directory.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml(&text, base, path)
+    }
+
+    /// Parse and validate TOML text; `base` resolves relative paths and
+    /// `origin` names the file in errors.
+    pub fn from_toml(text: &str, base: &Path, origin: &Path) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', "\n    "),
+        })?;
+        validate(file, base).map_err(|problems| ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            problems,
+        })
+    }
+
+    /// The region index of a name.
+    pub fn region_index(&self, name: &str) -> Option<usize> {
+        self.regions.iter().position(|r| r.name == name)
+    }
+}
+
+/// Collects problems while validating.
+#[derive(Default)]
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, problem: impl Into<String>) {
+        self.0.push(ConfigProblem {
+            field: field.into(),
+            problem: problem.into(),
+        });
+    }
+
+    fn duration(&mut self, field: &str, value: Option<&String>, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match humantime::parse_duration(text) {
+            Ok(d) if d.is_zero() => {
+                self.add(field, format!("{text:?} must be greater than zero"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.add(
+                    field,
+                    format!("{text:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2m\""),
+                );
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, field: &str, value: Option<&String>, default: &str) -> SocketAddr {
+        let text = value.map(String::as_str).unwrap_or(default);
+        text.parse().unwrap_or_else(|_| {
+            self.add(
+                field,
+                format!("{text:?} is not a socket address; write e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""),
+            );
+            default.parse().expect("default addresses parse")
+        })
+    }
+}
+
+fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
+    let mut p = Problems::default();
+
+    // listener
+    let public = p.addr("listener.public", file.listener.public.as_ref(), DEFAULT_PUBLIC_LISTEN);
+    let paths = file
+        .listener
+        .paths
+        .unwrap_or_else(|| DEFAULT_PATHS.iter().map(|s| s.to_string()).collect());
+    if paths.is_empty() {
+        p.add("listener.paths", "must list at least one path, e.g. [\"/chat\"]");
+    }
+    for (i, path) in paths.iter().enumerate() {
+        if !path.starts_with('/') || path.contains('?') || path.contains(char::is_whitespace) {
+            p.add(
+                format!("listener.paths[{i}]"),
+                format!("{path:?} must be an absolute path like \"/chat\", without a query"),
+            );
+        }
+    }
+    let handshake_timeout = p.duration(
+        "listener.handshake_timeout",
+        file.listener.handshake_timeout.as_ref(),
+        DEFAULT_HANDSHAKE_TIMEOUT,
+    );
+    let max_request_header_bytes = file
+        .listener
+        .max_request_header_bytes
+        .unwrap_or(DEFAULT_MAX_REQUEST_HEADER_BYTES);
+    if !(1024..=1024 * 1024).contains(&max_request_header_bytes) {
+        p.add(
+            "listener.max_request_header_bytes",
+            format!("{max_request_header_bytes} must be between 1024 and 1048576"),
+        );
+    }
+
+    // admin
+    let admin = p.addr("admin.listen", file.admin.listen.as_ref(), DEFAULT_ADMIN_LISTEN);
+    if admin == public && public.port() != 0 {
+        p.add("admin.listen", "must differ from listener.public");
+    }
+
+    // client address
+    let mut trusted_proxies = Vec::new();
+    for (i, cidr) in file.client_address.trusted_proxies.iter().enumerate() {
+        let parsed = cidr
+            .parse::<IpNet>()
+            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(net) => trusted_proxies.push(net.trunc()),
+            Err(_) => p.add(
+                format!("client_address.trusted_proxies[{i}]"),
+                format!("{cidr:?} is not an address or CIDR, e.g. \"10.0.0.0/8\""),
+            ),
+        }
+    }
+
+    // geoip
+    let geoip = match &file.geoip {
+        None => {
+            p.add(
+                "geoip.database",
+                "is required: the path of a GeoIP2/GeoLite2 City or Country .mmdb file",
+            );
+            None
+        }
+        Some(g) => {
+            let mut path = PathBuf::from(&g.database);
+            if path.is_relative() && base.join(&path).exists() {
+                path = base.join(&path);
+            }
+            match GeoDb::open(&path) {
+                Ok(db) => Some(GeoIpConfig {
+                    database: path,
+                    db: Arc::new(db),
+                }),
+                Err(e) => {
+                    p.add("geoip.database", e.to_string());
+                    None
+                }
+            }
+        }
+    };
+
+    // session key
+    let key_name = file
+        .session_key
+        .name
+        .clone()
+        .unwrap_or_else(|| DEFAULT_SESSION_KEY_NAME.to_string());
+    if key_name.is_empty() || !key_name.bytes().all(|b| b.is_ascii_graphic()) {
+        p.add("session_key.name", format!("{key_name:?} must be a non-empty token"));
+    }
+    let session_key = match file.session_key.source.as_deref().unwrap_or("query") {
+        "query" => SessionKeySource::Query(key_name),
+        "header" => SessionKeySource::Header(key_name.to_ascii_lowercase()),
+        "cookie" => SessionKeySource::Cookie(key_name),
+        other => {
+            p.add(
+                "session_key.source",
+                format!("{other:?} is not one of \"query\", \"header\", \"cookie\""),
+            );
+            SessionKeySource::Query(key_name)
+        }
+    };
+
+    // regions
+    let mut regions = Vec::new();
+    let mut region_names = HashSet::new();
+    if file.regions.is_empty() {
+        p.add("regions", "must define at least one [[regions]] entry");
+    }
+    for (i, r) in file.regions.iter().enumerate() {
+        if r.name.is_empty() {
+            p.add(format!("regions[{i}].name"), "must not be empty");
+        } else if !region_names.insert(r.name.clone()) {
+            p.add(format!("regions[{i}].name"), format!("duplicate region {:?}", r.name));
+        }
+        if !(-90.0..=90.0).contains(&r.latitude) {
+            p.add(
+                format!("regions[{i}].latitude"),
+                format!("{} is outside -90..90", r.latitude),
+            );
+        }
+        if !(-180.0..=180.0).contains(&r.longitude) {
+            p.add(
+                format!("regions[{i}].longitude"),
+                format!("{} is outside -180..180", r.longitude),
+            );
+        }
+        regions.push(RegionConfig {
+            name: r.name.clone(),
+            latitude: r.latitude,
+            longitude: r.longitude,
+        });
+    }
+    let region_of = |name: &str| regions.iter().position(|r| r.name == name);
+    let known = || {
+        regions
+            .iter()
+            .map(|r| format!("{:?}", r.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+
+    // backends
+    let mut backends = Vec::new();
+    let mut ids = HashSet::new();
+    if file.backends.is_empty() {
+        p.add("backends", "must define at least one [[backends]] entry");
+    }
+    for (i, b) in file.backends.iter().enumerate() {
+        if b.id.is_empty() || !b.id.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c)) {
+            p.add(
+                format!("backends[{i}].id"),
+                format!("{:?} must be non-empty and use only letters, digits, '-', '_' or '.'", b.id),
+            );
+        } else if !ids.insert(b.id.clone()) {
+            p.add(format!("backends[{i}].id"), format!("duplicate backend id {:?}", b.id));
+        }
+        let url = BackendUrl::parse(&b.url).map_err(|e| p.add(format!("backends[{i}].url"), e));
+        let region = region_of(&b.region);
+        if region.is_none() {
+            p.add(
+                format!("backends[{i}].region"),
+                format!("unknown region {:?}; defined regions: {}", b.region, known()),
+            );
+        }
+        let weight = b.weight.unwrap_or(DEFAULT_WEIGHT);
+        if weight == 0 {
+            p.add(
+                format!("backends[{i}].weight"),
+                "must be at least 1 (drain a backend instead of weighting it 0)",
+            );
+        }
+        let max_sessions = b.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS);
+        if max_sessions == 0 {
+            p.add(format!("backends[{i}].max_sessions"), "must be at least 1");
+        }
+        if let (Ok(url), Some(region)) = (url, region) {
+            backends.push(BackendConfig {
+                id: b.id.clone(),
+                url,
+                region,
+                weight,
+                max_sessions,
+            });
+        }
+    }
+
+    // steering
+    let default_region = match &file.steering.default_region {
+        Some(name) => region_of(name).unwrap_or_else(|| {
+            p.add(
+                "steering.default_region",
+                format!("unknown region {name:?}; defined regions: {}", known()),
+            );
+            0
+        }),
+        None => {
+            if regions.len() > 1 {
+                p.add(
+                    "steering.default_region",
+                    "is required when there is more than one region",
+                );
+            }
+            0
+        }
+    };
+    let mut region_map = |section: &str, map: &HashMap<String, Vec<String>>, code_len: usize| {
+        let mut out = HashMap::new();
+        for (code, names) in map {
+            let field = format!("steering.{section}.{code}");
+            if code.len() != code_len || !code.bytes().all(|b| b.is_ascii_alphabetic()) {
+                p.add(&field, format!("{code:?} is not a {code_len}-letter code"));
+            }
+            if names.is_empty() {
+                p.add(&field, "must list at least one region");
+            }
+            let mut list = Vec::new();
+            for name in names {
+                match region_of(name) {
+                    Some(r) => list.push(r),
+                    None => p.add(
+                        &field,
+                        format!("unknown region {name:?}; defined regions: {}", known()),
+                    ),
+                }
+            }
+            out.insert(code.to_ascii_uppercase(), list);
+        }
+        out
+    };
+    let countries = region_map("countries", &file.steering.countries, 2);
+    let continents = region_map("continents", &file.steering.continents, 2);
+    let dial_timeout = p.duration(
+        "steering.dial_timeout",
+        file.steering.dial_timeout.as_ref(),
+        DEFAULT_DIAL_TIMEOUT,
+    );
+    let max_dial_attempts = file.steering.max_dial_attempts.unwrap_or(DEFAULT_MAX_DIAL_ATTEMPTS);
+    if !(1..=16).contains(&max_dial_attempts) {
+        p.add(
+            "steering.max_dial_attempts",
+            format!("{max_dial_attempts} must be between 1 and 16"),
+        );
+    }
+
+    // health checks
+    let hc = &file.health_check;
+    let health_path = hc.path.clone().unwrap_or_else(|| DEFAULT_HEALTH_PATH.into());
+    if !health_path.starts_with('/') {
+        p.add("health_check.path", format!("{health_path:?} must start with '/'"));
+    }
+    let expected_status = hc.expected_status.unwrap_or(DEFAULT_HEALTH_STATUS);
+    if !(100..=599).contains(&expected_status) {
+        p.add(
+            "health_check.expected_status",
+            format!("{expected_status} is not an HTTP status"),
+        );
+    }
+    let interval = p.duration("health_check.interval", hc.interval.as_ref(), DEFAULT_HEALTH_INTERVAL);
+    let timeout = p.duration("health_check.timeout", hc.timeout.as_ref(), DEFAULT_HEALTH_TIMEOUT);
+    if timeout > interval {
+        p.add("health_check.timeout", "must not be longer than health_check.interval");
+    }
+    let rise = hc.rise.unwrap_or(DEFAULT_HEALTH_RISE);
+    let fall = hc.fall.unwrap_or(DEFAULT_HEALTH_FALL);
+    if rise == 0 {
+        p.add("health_check.rise", "must be at least 1");
+    }
+    if fall == 0 {
+        p.add("health_check.fall", "must be at least 1");
+    }
+
+    // relay
+    let r = &file.relay;
+    let relay = RelayConfig {
+        ping_interval: p.duration("relay.ping_interval", r.ping_interval.as_ref(), DEFAULT_PING_INTERVAL),
+        idle_timeout: p.duration("relay.idle_timeout", r.idle_timeout.as_ref(), DEFAULT_IDLE_TIMEOUT),
+        max_message_bytes: r.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+        close_timeout: p.duration("relay.close_timeout", r.close_timeout.as_ref(), DEFAULT_CLOSE_TIMEOUT),
+    };
+    if relay.max_message_bytes < 125 {
+        p.add("relay.max_message_bytes", "must be at least 125");
+    }
+    if relay.idle_timeout <= relay.ping_interval {
+        p.add(
+            "relay.idle_timeout",
+            "must be longer than relay.ping_interval, or every quiet session is cut",
+        );
+    }
+
+    if !p.0.is_empty() {
+        return Err(p.0);
+    }
+    Ok(Config {
+        listener: ListenerConfig {
+            public,
+            paths,
+            handshake_timeout,
+            max_request_header_bytes,
+        },
+        admin: AdminConfig { listen: admin },
+        trusted_proxies,
+        geoip: geoip.expect("no problems means the database opened"),
+        session_key,
+        steering: SteeringConfig {
+            default_region,
+            countries,
+            continents,
+            dial_timeout,
+            max_dial_attempts,
+        },
+        health_check: HealthCheckConfig {
+            path: health_path,
+            expected_status,
+            interval,
+            timeout,
+            consecutive_success: rise,
+            consecutive_failure: fall,
+        },
+        relay,
+        regions,
+        backends,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_urls_parse() {
+        let u = BackendUrl::parse("ws://10.0.0.1:9001/chat/").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.prefix.as_str()), ("10.0.0.1", 9001, "/chat"));
+        let u = BackendUrl::parse("ws://[::1]:9001").unwrap();
+        assert_eq!((u.host.as_str(), u.port, u.authority().as_str()), ("::1", 9001, "[::1]:9001"));
+        assert_eq!(BackendUrl::parse("ws://example.com").unwrap().port, 80);
+        for bad in ["http://x:1", "ws://:1", "ws://x:0", "ws://x:99999", "ws://x:1/a?b", "x"] {
+            assert!(BackendUrl::parse(bad).is_err(), "{bad} should be refused");
+        }
+    }
+}

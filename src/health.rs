@@ -1,0 +1,187 @@
+//! Active health checks: an HTTP GET to each backend on a timer, with
+//! consecutive-success and consecutive-failure thresholds.
+//!
+//! [`Thresholds`] is the pure state machine (tested without a network);
+//! [`spawn_checks`] runs one task per backend that probes, feeds the result
+//! in, and acts only when the state flips. A backend starts healthy, so a
+//! router is usable the moment it starts; the first probe runs immediately.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::backend::{Backend, LastCheck};
+use crate::config::HealthCheckConfig;
+use crate::metrics as m;
+
+/// Counts consecutive results and decides when a backend flips.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Thresholds {
+    healthy: bool,
+    consecutive_success: u32,
+    consecutive_failure: u32,
+    rise: u32,
+    fall: u32,
+}
+
+impl Thresholds {
+    pub fn new(healthy: bool, rise: u32, fall: u32) -> Thresholds {
+        Thresholds {
+            healthy,
+            consecutive_success: 0,
+            consecutive_failure: 0,
+            rise,
+            fall,
+        }
+    }
+
+    /// Feed one check result; returns the new state when it flips.
+    pub fn observe(&mut self, ok: bool) -> Option<bool> {
+        if ok {
+            self.consecutive_success += 1;
+            self.consecutive_failure = 0;
+            if !self.healthy && self.consecutive_success >= self.rise {
+                self.healthy = true;
+                return Some(true);
+            }
+        } else {
+            self.consecutive_failure += 1;
+            self.consecutive_success = 0;
+            if self.healthy && self.consecutive_failure >= self.fall {
+                self.healthy = false;
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+/// Start one checker task per backend; they stop when `stop` changes.
+pub fn spawn_checks(backends: &[Arc<Backend>], config: &HealthCheckConfig, stop: watch::Receiver<bool>) {
+    for backend in backends {
+        let backend = Arc::clone(backend);
+        let config = config.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let mut thresholds = Thresholds::new(
+                backend.is_healthy(),
+                config.consecutive_success,
+                config.consecutive_failure,
+            );
+            let mut interval = tokio::time::interval(config.interval);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                let result = probe(&backend, &config).await;
+                let ok = result.is_ok();
+                let label = match &result {
+                    Ok(()) => "success",
+                    Err(ProbeFailure::Timeout) => "timeout",
+                    Err(ProbeFailure::Connect(_)) => "connect_error",
+                    Err(ProbeFailure::Status(_)) => "bad_status",
+                    Err(ProbeFailure::Http(_)) => "http_error",
+                };
+                metrics::counter!(m::HEALTH_CHECKS_TOTAL, "backend" => backend.id.clone(), "result" => label)
+                    .increment(1);
+                backend.record_check(LastCheck {
+                    at: SystemTime::now(),
+                    ok,
+                    detail: match &result {
+                        Ok(()) => format!("status {}", config.expected_status),
+                        Err(e) => e.to_string(),
+                    },
+                });
+                if let Some(healthy) = thresholds.observe(ok) {
+                    backend.set_healthy(healthy);
+                    if healthy {
+                        tracing::info!(backend = %backend.id, "backend is healthy again");
+                    } else {
+                        tracing::warn!(backend = %backend.id, reason = %result.unwrap_err(), "backend is unhealthy");
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ProbeFailure {
+    #[error("timed out")]
+    Timeout,
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("status {0}")]
+    Status(u16),
+    #[error("http: {0}")]
+    Http(hyper::Error),
+}
+
+/// One GET on the backend's health path, bounded by the check timeout.
+async fn probe(backend: &Backend, config: &HealthCheckConfig) -> Result<(), ProbeFailure> {
+    let started = Instant::now();
+    let deadline = config.timeout;
+    let attempt = async {
+        let stream = TcpStream::connect((backend.url.host.as_str(), backend.url.port))
+            .await
+            .map_err(ProbeFailure::Connect)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(ProbeFailure::Http)?;
+        let conn = tokio::spawn(conn);
+        let request = Request::get(config.path.as_str())
+            .header(hyper::header::HOST, backend.url.authority())
+            .header(hyper::header::USER_AGENT, "wsrouter-health-check")
+            .header(hyper::header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .expect("static request parts are valid");
+        let response = sender.send_request(request).await.map_err(ProbeFailure::Http)?;
+        conn.abort();
+        let status = response.status().as_u16();
+        if status == config.expected_status {
+            Ok(())
+        } else {
+            Err(ProbeFailure::Status(status))
+        }
+    };
+    let result = tokio::time::timeout(deadline, attempt)
+        .await
+        .unwrap_or(Err(ProbeFailure::Timeout));
+    tracing::trace!(backend = %backend.id, elapsed = ?started.elapsed(), ok = result.is_ok(), "health probe");
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn falls_after_consecutive_failures_only() {
+        let mut t = Thresholds::new(true, 2, 3);
+        assert_eq!(t.observe(false), None);
+        assert_eq!(t.observe(false), None);
+        assert_eq!(t.observe(true), None); // streak broken
+        assert_eq!(t.observe(false), None);
+        assert_eq!(t.observe(false), None);
+        assert_eq!(t.observe(false), Some(false));
+        assert_eq!(t.observe(false), None); // already down: no second flip
+    }
+
+    #[test]
+    fn rises_after_consecutive_successes() {
+        let mut t = Thresholds::new(false, 2, 3);
+        assert_eq!(t.observe(true), None);
+        assert_eq!(t.observe(false), None);
+        assert_eq!(t.observe(true), None);
+        assert_eq!(t.observe(true), Some(true));
+        assert_eq!(t.observe(true), None);
+    }
+}

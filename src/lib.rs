@@ -1,0 +1,35 @@
+//! wsrouter: a WebSocket-aware connection router. It accepts WebSocket
+//! upgrades, places each visitor on the closest healthy backend by GeoIP,
+//! pins the session key to a backend with rendezvous hashing, and relays
+//! messages both ways.
+//!
+//! # Layout
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`app`] | listeners, background tasks, the accept loop and shutdown |
+//! | [`config`] | the TOML file, validation into [`config::Config`], errors naming fields |
+//! | [`handshake`] | the client's HTTP/1.1 upgrade: paths, 400/404/426, client address, session key |
+//! | [`geo`] | MaxMind DB lookups to a [`geo::Location`] |
+//! | [`steer`] | pure ranking: region order and weighted rendezvous hashing |
+//! | [`backend`] | backends at run time: state, session slots, the set snapshot |
+//! | [`health`] | active health checks and their thresholds |
+//! | [`upstream`] | dialing a backend WebSocket with the forwarded headers |
+//! | [`session`] | one connection from accept to close; [`session::relay`] moves messages |
+//! | [`admin`] | the admin listener: metrics, health, readiness, backends API |
+//! | [`metrics`] | metric names, descriptions and the Prometheus recorder |
+
+pub mod admin;
+pub mod app;
+pub mod backend;
+pub mod config;
+pub mod geo;
+pub mod handshake;
+pub mod health;
+pub mod metrics;
+pub mod session;
+pub mod steer;
+pub mod upstream;
+
+pub use app::{Listeners, run};
+pub use config::Config;

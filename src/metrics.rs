@@ -1,0 +1,90 @@
+//! Metric names, their descriptions, the bounded label words, and the
+//! Prometheus recorder.
+//!
+//! Every metric the router exports is named here as a constant, so the
+//! contract in DESIGN.md has one home. Label values come from backend ids,
+//! region names and the fixed words below: never client addresses or session
+//! keys. The recorder is process-global (the `metrics` facade is); several
+//! routers in one process, as in tests, share it.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const SESSIONS_ACTIVE: &str = "wsrouter_sessions_active";
+pub const SESSIONS_TOTAL: &str = "wsrouter_sessions_total";
+pub const UPGRADES_TOTAL: &str = "wsrouter_upgrades_total";
+pub const MESSAGES_TOTAL: &str = "wsrouter_messages_total";
+pub const BYTES_TOTAL: &str = "wsrouter_bytes_total";
+pub const BACKEND_UP: &str = "wsrouter_backend_up";
+pub const HEALTH_CHECKS_TOTAL: &str = "wsrouter_health_checks_total";
+pub const UPSTREAM_CONNECT_SECONDS: &str = "wsrouter_upstream_connect_seconds";
+pub const GEOIP_LOOKUPS_TOTAL: &str = "wsrouter_geoip_lookups_total";
+pub const REJECTED_CONNECTIONS_TOTAL: &str = "wsrouter_rejected_connections_total";
+pub const CLOSES_TOTAL: &str = "wsrouter_closes_total";
+
+/// `direction` label values.
+pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
+pub const BACKEND_TO_CLIENT: &str = "backend_to_client";
+
+/// Buckets for connect latencies: 1 ms to 10 s.
+const CONNECT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the Prometheus recorder once per process and return its handle.
+/// Later calls (a second router in the same process) get the same handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full(UPSTREAM_CONNECT_SECONDS.to_string()),
+                    CONNECT_BUCKETS,
+                )
+                .expect("buckets are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding
+            // program's); then ours renders nothing, which is their choice.
+            let _ = metrics::set_global_recorder(recorder);
+            describe();
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .expect("spawn metrics upkeep thread");
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_gauge!(SESSIONS_ACTIVE, "Sessions currently relayed, by backend and region.");
+    describe_counter!(SESSIONS_TOTAL, "Sessions established, by region of the backend.");
+    describe_counter!(UPGRADES_TOTAL, "WebSocket upgrade attempts, by result.");
+    describe_counter!(MESSAGES_TOTAL, "Data messages relayed, by direction.");
+    describe_counter!(BYTES_TOTAL, Unit::Bytes, "Payload bytes relayed, by direction.");
+    describe_gauge!(BACKEND_UP, "1 when the backend passes health checks, else 0.");
+    describe_counter!(HEALTH_CHECKS_TOTAL, "Active health checks, by backend and result.");
+    describe_histogram!(
+        UPSTREAM_CONNECT_SECONDS,
+        Unit::Seconds,
+        "Time to dial a backend WebSocket (TCP connect and upgrade)."
+    );
+    describe_counter!(GEOIP_LOOKUPS_TOTAL, "GeoIP lookups, by result (hit, miss, private).");
+    describe_counter!(
+        REJECTED_CONNECTIONS_TOTAL,
+        "Connections refused before the upgrade, by reason."
+    );
+    describe_counter!(CLOSES_TOTAL, "Sessions ended, by reason.");
+}

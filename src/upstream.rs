@@ -1,0 +1,159 @@
+//! Dialing a backend's WebSocket: the forwarded request, the X-Wsrouter-*
+//! headers, the dial timeout, and what a failure means.
+//!
+//! The router dials before it answers the client, so the backend's answer
+//! (its subprotocol, its cookies, or its refusal) can be handed back. Only
+//! configured backends are ever dialed: the destination comes from the
+//! backend's URL, and the client contributes nothing but the path and query
+//! that are appended to it.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::client::{Request, Response, generate_key};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Error as WsError;
+
+use crate::backend::Backend;
+use crate::handshake::UpgradeRequest;
+use crate::metrics as m;
+
+/// A backend's non-101 answer, with its body.
+pub type RefusedResponse = Response;
+
+/// Client request headers passed on to the backend as they are.
+const FORWARDED_HEADERS: &[&str] = &[
+    "origin",
+    "cookie",
+    "authorization",
+    "user-agent",
+    "sec-websocket-protocol",
+    "accept-language",
+];
+
+/// Most bytes of a refusal body handed back to the client.
+const MAX_REFUSAL_BODY: usize = 4096;
+
+/// Who the client is, as the backend is told.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub ip: IpAddr,
+    /// "ws" or "wss", for X-Forwarded-Proto ("http"/"https").
+    pub tls: bool,
+    pub session_key: String,
+    pub region: String,
+    pub country: Option<String>,
+}
+
+/// A dial that did not produce a WebSocket.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    #[error("dial timed out")]
+    Timeout,
+    /// The backend answered the upgrade with an HTTP status. 4xx answers are
+    /// the application's verdict and go back to the client.
+    #[error("backend refused the upgrade with status {}", .0.status())]
+    Refused(Box<RefusedResponse>),
+    #[error("WebSocket handshake failed: {0}")]
+    Handshake(WsError),
+}
+
+impl DialError {
+    /// Whether the next candidate should be tried: yes for anything that
+    /// says the backend is broken or busy, no for a client-level refusal.
+    pub fn try_next(&self) -> bool {
+        match self {
+            DialError::Refused(r) => r.status().is_server_error(),
+            _ => true,
+        }
+    }
+}
+
+/// A connected backend and its handshake answer.
+pub struct Upstream {
+    pub ws: WebSocketStream<TcpStream>,
+    pub response: Response,
+}
+
+/// Dial `backend` for `request`, within `timeout`.
+pub async fn dial(
+    backend: &Backend,
+    request: &UpgradeRequest,
+    client: &ClientInfo,
+    ws_config: WebSocketConfig,
+    timeout: Duration,
+) -> Result<Upstream, DialError> {
+    let started = Instant::now();
+    let result = tokio::time::timeout(timeout, async {
+        let http_request = build_request(backend, request, client);
+        let stream = TcpStream::connect((backend.url.host.as_str(), backend.url.port))
+            .await
+            .map_err(DialError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        tokio_tungstenite::client_async_with_config(http_request, stream, Some(ws_config))
+            .await
+            .map(|(ws, response)| Upstream { ws, response })
+            .map_err(|e| match e {
+                WsError::Http(mut response) => {
+                    if let Some(body) = response.body_mut() {
+                        body.truncate(MAX_REFUSAL_BODY);
+                    }
+                    DialError::Refused(response)
+                }
+                other => DialError::Handshake(other),
+            })
+    })
+    .await
+    .unwrap_or(Err(DialError::Timeout));
+    if result.is_ok() {
+        metrics::histogram!(m::UPSTREAM_CONNECT_SECONDS, "backend" => backend.id.clone())
+            .record(started.elapsed().as_secs_f64());
+    }
+    result
+}
+
+fn build_request(backend: &Backend, request: &UpgradeRequest, client: &ClientInfo) -> Request {
+    let uri = format!(
+        "ws://{}{}{}",
+        backend.url.authority(),
+        backend.url.prefix,
+        request.target
+    );
+    let mut builder = Request::builder()
+        .method("GET")
+        .uri(uri)
+        .header("Host", backend.url.authority())
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", generate_key());
+    for (name, value) in &request.headers {
+        if FORWARDED_HEADERS.contains(&name.as_str()) {
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                if value.to_str().is_ok() {
+                    builder = builder.header(name.as_str(), value);
+                }
+            }
+        }
+    }
+    // X-Forwarded-For: what a trusted proxy told us, plus the peer we saw;
+    // from anyone else, just the address we settled on.
+    let client_ip = client.ip.to_string();
+    builder = builder
+        .header("X-Forwarded-For", &client_ip)
+        .header("X-Real-IP", &client_ip)
+        .header("X-Forwarded-Proto", if client.tls { "https" } else { "http" })
+        .header("X-Wsrouter-Session", client.session_key.as_str())
+        .header("X-Wsrouter-Region", client.region.as_str());
+    if let Some(country) = &client.country {
+        builder = builder.header("X-Wsrouter-Client-Country", country.as_str());
+    }
+    builder
+        .body(())
+        .expect("header values were checked or built from valid parts")
+}
