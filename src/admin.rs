@@ -122,7 +122,11 @@ fn backends_json(backends: &Backends) -> Vec<BackendJson> {
             max_sessions: b.max_sessions,
             weight: b.weight,
             last_check: b.last_check().map(|c| LastCheckJson {
-                at: c.at.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0),
+                at: c
+                    .at
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
                 time: humantime::format_rfc3339_millis(c.at).to_string(),
                 ok: c.ok,
                 detail: c.detail,

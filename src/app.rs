@@ -35,25 +35,41 @@ pub struct Listeners {
 impl Listeners {
     /// Bind the addresses the configuration names.
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
-        let public = TcpListener::bind(config.listener.public).await.map_err(|e| {
-            io::Error::new(e.kind(), format!("bind listener.public {}: {e}", config.listener.public))
-        })?;
-        let admin = TcpListener::bind(config.admin.listen)
+        let public = TcpListener::bind(config.listener.public)
             .await
-            .map_err(|e| io::Error::new(e.kind(), format!("bind admin.listen {}: {e}", config.admin.listen)))?;
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("bind listener.public {}: {e}", config.listener.public),
+                )
+            })?;
+        let admin = TcpListener::bind(config.admin.listen).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("bind admin.listen {}: {e}", config.admin.listen),
+            )
+        })?;
         Ok(Listeners { public, admin })
     }
 }
 
 /// Run the router until `shutdown` completes, then drain and return.
-pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
     let metrics = metrics::install();
     let config = Arc::new(config);
     let backends = Backends::new(BackendSet::from_config(&config));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
 
-    health::spawn_checks(&backends.load().backends, &config.health_check, stop_rx.clone());
+    health::spawn_checks(
+        &backends.load().backends,
+        &config.health_check,
+        stop_rx.clone(),
+    );
     let admin_state = AdminState {
         backends: backends.clone(),
         metrics,
@@ -111,7 +127,9 @@ async fn accept_loop(listener: &TcpListener, router: &Router, shutdown: impl Fut
 fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
-        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
     )
 }
 

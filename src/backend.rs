@@ -189,7 +189,11 @@ impl BackendSet {
                 .collect()
         };
         let policy = Policy {
-            regions: config.regions.iter().map(|r| (r.latitude, r.longitude)).collect(),
+            regions: config
+                .regions
+                .iter()
+                .map(|r| (r.latitude, r.longitude))
+                .collect(),
             default_region: config.steering.default_region,
             countries: codes(&config.steering.countries),
             continents: codes(&config.steering.continents),
@@ -221,7 +225,9 @@ impl BackendSet {
     }
 
     pub fn any_healthy(&self) -> bool {
-        self.backends.iter().any(|b| b.state() == BackendState::Healthy)
+        self.backends
+            .iter()
+            .any(|b| b.state() == BackendState::Healthy)
     }
 }
 

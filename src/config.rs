@@ -457,7 +457,9 @@ impl Problems {
             Err(e) => {
                 self.add(
                     field,
-                    format!("{text:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2m\""),
+                    format!(
+                        "{text:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2m\""
+                    ),
                 );
                 default
             }
@@ -480,13 +482,20 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
     let mut p = Problems::default();
 
     // listener
-    let public = p.addr("listener.public", file.listener.public.as_ref(), DEFAULT_PUBLIC_LISTEN);
+    let public = p.addr(
+        "listener.public",
+        file.listener.public.as_ref(),
+        DEFAULT_PUBLIC_LISTEN,
+    );
     let paths = file
         .listener
         .paths
         .unwrap_or_else(|| DEFAULT_PATHS.iter().map(|s| s.to_string()).collect());
     if paths.is_empty() {
-        p.add("listener.paths", "must list at least one path, e.g. [\"/chat\"]");
+        p.add(
+            "listener.paths",
+            "must list at least one path, e.g. [\"/chat\"]",
+        );
     }
     for (i, path) in paths.iter().enumerate() {
         if !path.starts_with('/') || path.contains('?') || path.contains(char::is_whitespace) {
@@ -513,7 +522,11 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
     }
 
     // admin
-    let admin = p.addr("admin.listen", file.admin.listen.as_ref(), DEFAULT_ADMIN_LISTEN);
+    let admin = p.addr(
+        "admin.listen",
+        file.admin.listen.as_ref(),
+        DEFAULT_ADMIN_LISTEN,
+    );
     if admin == public && public.port() != 0 {
         p.add("admin.listen", "must differ from listener.public");
     }
@@ -567,7 +580,10 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         .clone()
         .unwrap_or_else(|| DEFAULT_SESSION_KEY_NAME.to_string());
     if key_name.is_empty() || !key_name.bytes().all(|b| b.is_ascii_graphic()) {
-        p.add("session_key.name", format!("{key_name:?} must be a non-empty token"));
+        p.add(
+            "session_key.name",
+            format!("{key_name:?} must be a non-empty token"),
+        );
     }
     let session_key = match file.session_key.source.as_deref().unwrap_or("query") {
         "query" => SessionKeySource::Query(key_name),
@@ -592,7 +608,10 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         if r.name.is_empty() {
             p.add(format!("regions[{i}].name"), "must not be empty");
         } else if !region_names.insert(r.name.clone()) {
-            p.add(format!("regions[{i}].name"), format!("duplicate region {:?}", r.name));
+            p.add(
+                format!("regions[{i}].name"),
+                format!("duplicate region {:?}", r.name),
+            );
         }
         if !(-90.0..=90.0).contains(&r.latitude) {
             p.add(
@@ -628,20 +647,35 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         p.add("backends", "must define at least one [[backends]] entry");
     }
     for (i, b) in file.backends.iter().enumerate() {
-        if b.id.is_empty() || !b.id.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c)) {
+        if b.id.is_empty()
+            || !b
+                .id
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+        {
             p.add(
                 format!("backends[{i}].id"),
-                format!("{:?} must be non-empty and use only letters, digits, '-', '_' or '.'", b.id),
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, '-', '_' or '.'",
+                    b.id
+                ),
             );
         } else if !ids.insert(b.id.clone()) {
-            p.add(format!("backends[{i}].id"), format!("duplicate backend id {:?}", b.id));
+            p.add(
+                format!("backends[{i}].id"),
+                format!("duplicate backend id {:?}", b.id),
+            );
         }
         let url = BackendUrl::parse(&b.url).map_err(|e| p.add(format!("backends[{i}].url"), e));
         let region = region_of(&b.region);
         if region.is_none() {
             p.add(
                 format!("backends[{i}].region"),
-                format!("unknown region {:?}; defined regions: {}", b.region, known()),
+                format!(
+                    "unknown region {:?}; defined regions: {}",
+                    b.region,
+                    known()
+                ),
             );
         }
         let weight = b.weight.unwrap_or(DEFAULT_WEIGHT);
@@ -716,7 +750,10 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         file.steering.dial_timeout.as_ref(),
         DEFAULT_DIAL_TIMEOUT,
     );
-    let max_dial_attempts = file.steering.max_dial_attempts.unwrap_or(DEFAULT_MAX_DIAL_ATTEMPTS);
+    let max_dial_attempts = file
+        .steering
+        .max_dial_attempts
+        .unwrap_or(DEFAULT_MAX_DIAL_ATTEMPTS);
     if !(1..=16).contains(&max_dial_attempts) {
         p.add(
             "steering.max_dial_attempts",
@@ -726,9 +763,15 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
 
     // health checks
     let hc = &file.health_check;
-    let health_path = hc.path.clone().unwrap_or_else(|| DEFAULT_HEALTH_PATH.into());
+    let health_path = hc
+        .path
+        .clone()
+        .unwrap_or_else(|| DEFAULT_HEALTH_PATH.into());
     if !health_path.starts_with('/') {
-        p.add("health_check.path", format!("{health_path:?} must start with '/'"));
+        p.add(
+            "health_check.path",
+            format!("{health_path:?} must start with '/'"),
+        );
     }
     let expected_status = hc.expected_status.unwrap_or(DEFAULT_HEALTH_STATUS);
     if !(100..=599).contains(&expected_status) {
@@ -737,10 +780,21 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             format!("{expected_status} is not an HTTP status"),
         );
     }
-    let interval = p.duration("health_check.interval", hc.interval.as_ref(), DEFAULT_HEALTH_INTERVAL);
-    let timeout = p.duration("health_check.timeout", hc.timeout.as_ref(), DEFAULT_HEALTH_TIMEOUT);
+    let interval = p.duration(
+        "health_check.interval",
+        hc.interval.as_ref(),
+        DEFAULT_HEALTH_INTERVAL,
+    );
+    let timeout = p.duration(
+        "health_check.timeout",
+        hc.timeout.as_ref(),
+        DEFAULT_HEALTH_TIMEOUT,
+    );
     if timeout > interval {
-        p.add("health_check.timeout", "must not be longer than health_check.interval");
+        p.add(
+            "health_check.timeout",
+            "must not be longer than health_check.interval",
+        );
     }
     let rise = hc.rise.unwrap_or(DEFAULT_HEALTH_RISE);
     let fall = hc.fall.unwrap_or(DEFAULT_HEALTH_FALL);
@@ -754,10 +808,22 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
     // relay
     let r = &file.relay;
     let relay = RelayConfig {
-        ping_interval: p.duration("relay.ping_interval", r.ping_interval.as_ref(), DEFAULT_PING_INTERVAL),
-        idle_timeout: p.duration("relay.idle_timeout", r.idle_timeout.as_ref(), DEFAULT_IDLE_TIMEOUT),
+        ping_interval: p.duration(
+            "relay.ping_interval",
+            r.ping_interval.as_ref(),
+            DEFAULT_PING_INTERVAL,
+        ),
+        idle_timeout: p.duration(
+            "relay.idle_timeout",
+            r.idle_timeout.as_ref(),
+            DEFAULT_IDLE_TIMEOUT,
+        ),
         max_message_bytes: r.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
-        close_timeout: p.duration("relay.close_timeout", r.close_timeout.as_ref(), DEFAULT_CLOSE_TIMEOUT),
+        close_timeout: p.duration(
+            "relay.close_timeout",
+            r.close_timeout.as_ref(),
+            DEFAULT_CLOSE_TIMEOUT,
+        ),
     };
     if relay.max_message_bytes < 125 {
         p.add("relay.max_message_bytes", "must be at least 125");
@@ -811,11 +877,24 @@ mod tests {
     #[test]
     fn backend_urls_parse() {
         let u = BackendUrl::parse("ws://10.0.0.1:9001/chat/").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.prefix.as_str()), ("10.0.0.1", 9001, "/chat"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.prefix.as_str()),
+            ("10.0.0.1", 9001, "/chat")
+        );
         let u = BackendUrl::parse("ws://[::1]:9001").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.authority().as_str()), ("::1", 9001, "[::1]:9001"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.authority().as_str()),
+            ("::1", 9001, "[::1]:9001")
+        );
         assert_eq!(BackendUrl::parse("ws://example.com").unwrap().port, 80);
-        for bad in ["http://x:1", "ws://:1", "ws://x:0", "ws://x:99999", "ws://x:1/a?b", "x"] {
+        for bad in [
+            "http://x:1",
+            "ws://:1",
+            "ws://x:0",
+            "ws://x:99999",
+            "ws://x:1/a?b",
+            "x",
+        ] {
             assert!(BackendUrl::parse(bad).is_err(), "{bad} should be refused");
         }
     }

@@ -195,7 +195,9 @@ mod tests {
     use super::*;
 
     fn db(name: &str) -> GeoDb {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("geoip").join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("geoip")
+            .join(name);
         GeoDb::open(&path).unwrap_or_else(|e| panic!("{e}"))
     }
 
@@ -218,8 +220,14 @@ mod tests {
     #[test]
     fn private_and_unknown_addresses() {
         let db = db("GeoLite2-City-Test.mmdb");
-        assert_eq!(db.lookup("127.0.0.1".parse().unwrap()).1, LookupResult::Private);
-        assert_eq!(db.lookup("10.1.2.3".parse().unwrap()).1, LookupResult::Private);
+        assert_eq!(
+            db.lookup("127.0.0.1".parse().unwrap()).1,
+            LookupResult::Private
+        );
+        assert_eq!(
+            db.lookup("10.1.2.3".parse().unwrap()).1,
+            LookupResult::Private
+        );
         assert_eq!(db.lookup("::1".parse().unwrap()).1, LookupResult::Private);
         let (loc, result) = db.lookup("1.1.1.1".parse().unwrap());
         assert_eq!((loc, result), (Location::default(), LookupResult::Miss));

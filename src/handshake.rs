@@ -243,7 +243,9 @@ impl UpgradeRequest {
 
     /// The query string, without the '?'.
     pub fn query(&self) -> Option<&str> {
-        self.target.split_once('?').map(|(_, q)| q.split('#').next().unwrap_or(""))
+        self.target
+            .split_once('?')
+            .map(|(_, q)| q.split('#').next().unwrap_or(""))
     }
 
     /// The session key the client presented, from the configured source.
@@ -269,7 +271,9 @@ impl UpgradeRequest {
         match raw {
             None => Ok(None),
             Some(k) if k.is_empty() => Ok(None),
-            Some(k) if k.len() > MAX_SESSION_KEY_LEN || !k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Some(k)
+                if k.len() > MAX_SESSION_KEY_LEN || !k.bytes().all(|b| b.is_ascii_graphic()) =>
+            {
                 Err(HandshakeError::Malformed(format!(
                     "the session key must be 1 to {MAX_SESSION_KEY_LEN} visible ASCII characters"
                 )))
@@ -361,7 +365,12 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
         return Some(ip.to_canonical());
     }
     if let Some(rest) = hop.strip_prefix('[') {
-        return rest.split(']').next()?.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
+        return rest
+            .split(']')
+            .next()?
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| ip.to_canonical());
     }
     let (host, port) = hop.rsplit_once(':')?;
     port.parse::<u16>().ok()?;
@@ -403,54 +412,117 @@ mod tests {
 
     #[test]
     fn statuses_for_bad_requests() {
-        assert_eq!(request("GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(), HandshakeError::NotFound);
-        assert_eq!(request("GET /chat HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(), HandshakeError::UpgradeRequired);
+        assert_eq!(
+            request("GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(),
+            HandshakeError::NotFound
+        );
+        assert_eq!(
+            request("GET /chat HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err(),
+            HandshakeError::UpgradeRequired
+        );
         assert_eq!(
             request(&format!("POST /chat HTTP/1.1\r\n{UPGRADE}\r\n")).unwrap_err(),
             HandshakeError::MethodNotAllowed
         );
         assert!(matches!(
-            request(&format!("GET http://evil:80/chat HTTP/1.1\r\n{UPGRADE}\r\n")),
+            request(&format!(
+                "GET http://evil:80/chat HTTP/1.1\r\n{UPGRADE}\r\n"
+            )),
             Err(HandshakeError::Malformed(_))
         ));
-        assert!(matches!(httparse_owned::parse(b"GARBAGE\x01\r\n\r\n"), Err(HandshakeError::Malformed(_))));
+        assert!(matches!(
+            httparse_owned::parse(b"GARBAGE\x01\r\n\r\n"),
+            Err(HandshakeError::Malformed(_))
+        ));
         let v8 = UPGRADE.replace("Version: 13", "Version: 8");
         assert_eq!(
             request(&format!("GET /chat HTTP/1.1\r\n{v8}\r\n")).unwrap_err(),
             HandshakeError::UnsupportedVersion
         );
         let badkey = UPGRADE.replace("dGhlIHNhbXBsZSBub25jZQ==", "short");
-        assert!(matches!(request(&format!("GET /chat HTTP/1.1\r\n{badkey}\r\n")), Err(HandshakeError::Malformed(_))));
+        assert!(matches!(
+            request(&format!("GET /chat HTTP/1.1\r\n{badkey}\r\n")),
+            Err(HandshakeError::Malformed(_))
+        ));
         assert!(request(&format!("GET /chat?x=1 HTTP/1.1\r\n{UPGRADE}\r\n")).is_ok());
     }
 
     #[test]
     fn session_key_sources() {
-        let r = with("X-Session: hdr\r\nCookie: a=1; sid=cookie-key\r\n", "/chat?room=a&session=q%2Dkey");
-        assert_eq!(r.session_key(&SessionKeySource::Query("session".into())).unwrap().as_deref(), Some("q-key"));
-        assert_eq!(r.session_key(&SessionKeySource::Header("x-session".into())).unwrap().as_deref(), Some("hdr"));
-        assert_eq!(r.session_key(&SessionKeySource::Cookie("sid".into())).unwrap().as_deref(), Some("cookie-key"));
-        assert_eq!(r.session_key(&SessionKeySource::Cookie("none".into())).unwrap(), None);
+        let r = with(
+            "X-Session: hdr\r\nCookie: a=1; sid=cookie-key\r\n",
+            "/chat?room=a&session=q%2Dkey",
+        );
+        assert_eq!(
+            r.session_key(&SessionKeySource::Query("session".into()))
+                .unwrap()
+                .as_deref(),
+            Some("q-key")
+        );
+        assert_eq!(
+            r.session_key(&SessionKeySource::Header("x-session".into()))
+                .unwrap()
+                .as_deref(),
+            Some("hdr")
+        );
+        assert_eq!(
+            r.session_key(&SessionKeySource::Cookie("sid".into()))
+                .unwrap()
+                .as_deref(),
+            Some("cookie-key")
+        );
+        assert_eq!(
+            r.session_key(&SessionKeySource::Cookie("none".into()))
+                .unwrap(),
+            None
+        );
         let long = with("", &format!("/chat?session={}", "a".repeat(200)));
-        assert!(long.session_key(&SessionKeySource::Query("session".into())).is_err());
+        assert!(
+            long.session_key(&SessionKeySource::Query("session".into()))
+                .is_err()
+        );
     }
 
     #[test]
     fn client_address_walks_trusted_hops_from_the_right() {
-        let trusted: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
+        let trusted: Vec<IpNet> = vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "10.0.0.0/8".parse().unwrap(),
+        ];
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
-        let r = with("X-Forwarded-For: 6.6.6.6, 81.2.69.142, 10.0.0.5\r\n", "/chat");
-        assert_eq!(client_ip(lo, &r, &trusted), "81.2.69.142".parse::<IpAddr>().unwrap());
+        let r = with(
+            "X-Forwarded-For: 6.6.6.6, 81.2.69.142, 10.0.0.5\r\n",
+            "/chat",
+        );
+        assert_eq!(
+            client_ip(lo, &r, &trusted),
+            "81.2.69.142".parse::<IpAddr>().unwrap()
+        );
         // An untrusted peer's header is ignored.
         let outside: IpAddr = "203.0.113.9".parse().unwrap();
         assert_eq!(client_ip(outside, &r, &trusted), outside);
         // Forwarded, with quotes, brackets and ports.
-        let r = with("Forwarded: for=6.6.6.6, for=\"[2001:218::1]:4711\";proto=https\r\n", "/chat");
-        assert_eq!(client_ip(lo, &r, &trusted), "2001:218::1".parse::<IpAddr>().unwrap());
+        let r = with(
+            "Forwarded: for=6.6.6.6, for=\"[2001:218::1]:4711\";proto=https\r\n",
+            "/chat",
+        );
+        assert_eq!(
+            client_ip(lo, &r, &trusted),
+            "2001:218::1".parse::<IpAddr>().unwrap()
+        );
         // Garbage stops the walk at the last trusted hop.
-        let r = with("X-Forwarded-For: 81.2.69.142, garbage, 10.0.0.5\r\n", "/chat");
-        assert_eq!(client_ip(lo, &r, &trusted), "10.0.0.5".parse::<IpAddr>().unwrap());
+        let r = with(
+            "X-Forwarded-For: 81.2.69.142, garbage, 10.0.0.5\r\n",
+            "/chat",
+        );
+        assert_eq!(
+            client_ip(lo, &r, &trusted),
+            "10.0.0.5".parse::<IpAddr>().unwrap()
+        );
         let r = with("X-Forwarded-For: 1.2.3.4:80\r\n", "/chat");
-        assert_eq!(client_ip(lo, &r, &trusted), "1.2.3.4".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(lo, &r, &trusted),
+            "1.2.3.4".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -63,7 +63,11 @@ impl Thresholds {
 }
 
 /// Start one checker task per backend; they stop when `stop` changes.
-pub fn spawn_checks(backends: &[Arc<Backend>], config: &HealthCheckConfig, stop: watch::Receiver<bool>) {
+pub fn spawn_checks(
+    backends: &[Arc<Backend>],
+    config: &HealthCheckConfig,
+    stop: watch::Receiver<bool>,
+) {
     for backend in backends {
         let backend = Arc::clone(backend);
         let config = config.clone();
@@ -143,7 +147,10 @@ async fn probe(backend: &Backend, config: &HealthCheckConfig) -> Result<(), Prob
             .header(hyper::header::CONNECTION, "close")
             .body(Empty::<Bytes>::new())
             .expect("static request parts are valid");
-        let response = sender.send_request(request).await.map_err(ProbeFailure::Http)?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(ProbeFailure::Http)?;
         conn.abort();
         let status = response.status().as_u16();
         if status == config.expected_status {

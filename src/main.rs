@@ -16,7 +16,12 @@ const EX_USAGE: u8 = 64;
 #[command(version, about)]
 struct Cli {
     /// Run the router with this configuration file.
-    #[arg(long, value_name = "FILE", conflicts_with = "check_config", required_unless_present = "check_config")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "check_config",
+        required_unless_present = "check_config"
+    )]
     config: Option<PathBuf>,
     /// Validate this configuration file, report every problem, and exit.
     #[arg(long, value_name = "FILE")]
@@ -26,7 +31,9 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
 
@@ -48,7 +55,9 @@ fn main() -> ExitCode {
         };
     }
 
-    let path = cli.config.expect("clap requires --config without --check-config");
+    let path = cli
+        .config
+        .expect("clap requires --config without --check-config");
     let config = match Config::from_file(&path) {
         Ok(config) => config,
         Err(e) => {

@@ -69,19 +69,38 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    describe_gauge!(SESSIONS_ACTIVE, "Sessions currently relayed, by backend and region.");
-    describe_counter!(SESSIONS_TOTAL, "Sessions established, by region of the backend.");
+    describe_gauge!(
+        SESSIONS_ACTIVE,
+        "Sessions currently relayed, by backend and region."
+    );
+    describe_counter!(
+        SESSIONS_TOTAL,
+        "Sessions established, by region of the backend."
+    );
     describe_counter!(UPGRADES_TOTAL, "WebSocket upgrade attempts, by result.");
     describe_counter!(MESSAGES_TOTAL, "Data messages relayed, by direction.");
-    describe_counter!(BYTES_TOTAL, Unit::Bytes, "Payload bytes relayed, by direction.");
-    describe_gauge!(BACKEND_UP, "1 when the backend passes health checks, else 0.");
-    describe_counter!(HEALTH_CHECKS_TOTAL, "Active health checks, by backend and result.");
+    describe_counter!(
+        BYTES_TOTAL,
+        Unit::Bytes,
+        "Payload bytes relayed, by direction."
+    );
+    describe_gauge!(
+        BACKEND_UP,
+        "1 when the backend passes health checks, else 0."
+    );
+    describe_counter!(
+        HEALTH_CHECKS_TOTAL,
+        "Active health checks, by backend and result."
+    );
     describe_histogram!(
         UPSTREAM_CONNECT_SECONDS,
         Unit::Seconds,
         "Time to dial a backend WebSocket (TCP connect and upgrade)."
     );
-    describe_counter!(GEOIP_LOOKUPS_TOTAL, "GeoIP lookups, by result (hit, miss, private).");
+    describe_counter!(
+        GEOIP_LOOKUPS_TOTAL,
+        "GeoIP lookups, by result (hit, miss, private)."
+    );
     describe_counter!(
         REJECTED_CONNECTIONS_TOTAL,
         "Connections refused before the upgrade, by reason."

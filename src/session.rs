@@ -29,7 +29,12 @@ use crate::upstream::{self, ClientInfo, DialError, Upstream};
 use relay::{RelayEnd, TrafficCounters};
 
 /// Response headers of a backend refusal that are handed to the client.
-const REFUSAL_HEADERS: &[&str] = &["set-cookie", "www-authenticate", "retry-after", "content-type"];
+const REFUSAL_HEADERS: &[&str] = &[
+    "set-cookie",
+    "www-authenticate",
+    "retry-after",
+    "content-type",
+];
 
 /// What every session needs from the router; cheap to clone.
 #[derive(Clone)]
@@ -59,7 +64,8 @@ impl Router {
 /// Serve one accepted connection to completion.
 pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: SocketAddr) {
     let _done = router.session_done.clone();
-    let span = tracing::debug_span!("session", client.addr = %peer, backend = tracing::field::Empty);
+    let span =
+        tracing::debug_span!("session", client.addr = %peer, backend = tracing::field::Empty);
     async move {
         let _ = stream.set_nodelay(true);
         let request = match read_upgrade(&router, &mut stream).await {
@@ -93,7 +99,10 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
 }
 
 /// Read and check the upgrade request under the handshake deadline.
-async fn read_upgrade(router: &Router, stream: &mut TcpStream) -> Result<UpgradeRequest, HandshakeError> {
+async fn read_upgrade(
+    router: &Router,
+    stream: &mut TcpStream,
+) -> Result<UpgradeRequest, HandshakeError> {
     let listener = &router.config.listener;
     let (head, leftover) = tokio::time::timeout(
         listener.handshake_timeout,
@@ -108,12 +117,21 @@ async fn read_upgrade(router: &Router, stream: &mut TcpStream) -> Result<Upgrade
 async fn reject(stream: &mut TcpStream, error: &HandshakeError) {
     tracing::debug!(%error, "request refused");
     metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => error.reason()).increment(1);
-    let result = if *error == HandshakeError::Timeout { "timeout" } else { "rejected" };
+    let result = if *error == HandshakeError::Timeout {
+        "timeout"
+    } else {
+        "rejected"
+    };
     metrics::counter!(m::UPGRADES_TOTAL, "result" => result).increment(1);
     if let Some((status, reason)) = error.status() {
         let body = format!("{error}\n");
         let _ = stream
-            .write_all(&plain_response(status, reason, error.extra_headers(), &body))
+            .write_all(&plain_response(
+                status,
+                reason,
+                error.extra_headers(),
+                &body,
+            ))
             .await;
         let _ = stream.shutdown().await;
     }
@@ -144,7 +162,9 @@ async fn connect(
         Ok(None) => {
             let key = handshake::generate_session_key();
             let cookie = match &config.session_key {
-                SessionKeySource::Cookie(name) => Some(format!("{name}={key}; Path=/; HttpOnly; SameSite=Lax")),
+                SessionKeySource::Cookie(name) => {
+                    Some(format!("{name}={key}; Path=/; HttpOnly; SameSite=Lax"))
+                }
                 _ => None,
             };
             (key, cookie)
@@ -164,13 +184,23 @@ async fn connect(
         tracing::warn!("no backend available");
         return Err(Refusal {
             result: "no_backend",
-            response: plain_response(503, "Service Unavailable", &[("Retry-After", "5")], "no backend available\n"),
+            response: plain_response(
+                503,
+                "Service Unavailable",
+                &[("Retry-After", "5")],
+                "no backend available\n",
+            ),
         });
     }
 
     let mut last_error = None;
-    for backend in candidates.iter().take(config.steering.max_dial_attempts as usize) {
-        let Some(slot) = backend.try_acquire() else { continue };
+    for backend in candidates
+        .iter()
+        .take(config.steering.max_dial_attempts as usize)
+    {
+        let Some(slot) = backend.try_acquire() else {
+            continue;
+        };
         let client = ClientInfo {
             ip: client_ip,
             tls: false,
@@ -178,7 +208,15 @@ async fn connect(
             region: backend.region_name.clone(),
             country: location.country.map(|c| c.as_str().to_string()),
         };
-        match upstream::dial(backend, request, &client, router.ws_config(), config.steering.dial_timeout).await {
+        match upstream::dial(
+            backend,
+            request,
+            &client,
+            router.ws_config(),
+            config.steering.dial_timeout,
+        )
+        .await
+        {
             Ok(upstream) => return Ok((upstream, slot, key_cookie)),
             Err(e) if e.try_next() => {
                 tracing::warn!(backend = %backend.id, error = %e, "dial failed; trying the next backend");
@@ -195,13 +233,27 @@ async fn connect(
     }
     let timed_out = matches!(last_error, Some(DialError::Timeout));
     Err(Refusal {
-        result: if timed_out { "upstream_timeout" } else { "upstream_failed" },
+        result: if timed_out {
+            "upstream_timeout"
+        } else {
+            "upstream_failed"
+        },
         response: if timed_out {
             plain_response(504, "Gateway Timeout", &[], "no backend answered in time\n")
         } else if last_error.is_none() {
-            plain_response(503, "Service Unavailable", &[("Retry-After", "5")], "every backend is full\n")
+            plain_response(
+                503,
+                "Service Unavailable",
+                &[("Retry-After", "5")],
+                "every backend is full\n",
+            )
         } else {
-            plain_response(502, "Bad Gateway", &[], "no backend accepted the connection\n")
+            plain_response(
+                502,
+                "Bad Gateway",
+                &[],
+                "no backend accepted the connection\n",
+            )
         },
     })
 }
@@ -225,7 +277,13 @@ fn refusal_response(response: &upstream::RefusedResponse) -> Vec<u8> {
         }
     }
     let body = response.body().as_deref().unwrap_or_default();
-    out.extend_from_slice(format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(
+        format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
     out.extend_from_slice(body);
     out
 }
@@ -258,14 +316,30 @@ async fn answer_upgrade(
     head.extend_from_slice(b"\r\n");
     stream.write_all(&head).await.ok()?;
     Some(
-        WebSocketStream::from_partially_read(stream, request.leftover.clone(), Role::Server, Some(router.ws_config()))
-            .await,
+        WebSocketStream::from_partially_read(
+            stream,
+            request.leftover.clone(),
+            Role::Server,
+            Some(router.ws_config()),
+        )
+        .await,
     )
 }
 
-async fn run_relay(router: &Router, mut client: WebSocketStream<TcpStream>, mut upstream: WebSocketStream<TcpStream>) {
+async fn run_relay(
+    router: &Router,
+    mut client: WebSocketStream<TcpStream>,
+    mut upstream: WebSocketStream<TcpStream>,
+) {
     let mut shutdown = router.shutdown.clone();
-    let end = relay::relay(&mut client, &mut upstream, &router.config.relay, &router.counters, &mut shutdown).await;
+    let end = relay::relay(
+        &mut client,
+        &mut upstream,
+        &router.config.relay,
+        &router.counters,
+        &mut shutdown,
+    )
+    .await;
     metrics::counter!(m::CLOSES_TOTAL, "reason" => end.reason()).increment(1);
     match end {
         RelayEnd::BackendLost => tracing::warn!("backend connection lost"),

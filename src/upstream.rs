@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::handshake::client::{Request, Response, generate_key};
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Error as WsError;
 
 use crate::backend::Backend;
 use crate::handshake::UpgradeRequest;
@@ -147,7 +147,10 @@ fn build_request(backend: &Backend, request: &UpgradeRequest, client: &ClientInf
     builder = builder
         .header("X-Forwarded-For", &client_ip)
         .header("X-Real-IP", &client_ip)
-        .header("X-Forwarded-Proto", if client.tls { "https" } else { "http" })
+        .header(
+            "X-Forwarded-Proto",
+            if client.tls { "https" } else { "http" },
+        )
         .header("X-Wsrouter-Session", client.session_key.as_str())
         .header("X-Wsrouter-Region", client.region.as_str());
     if let Some(country) = &client.country {

@@ -222,7 +222,12 @@ async fn lose_backend<C>(client: &mut C, config: &RelayConfig) -> RelayEnd
 where
     C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    finish_close(client, close_frame(1011, "backend connection lost"), config.close_timeout).await;
+    finish_close(
+        client,
+        close_frame(1011, "backend connection lost"),
+        config.close_timeout,
+    )
+    .await;
     RelayEnd::BackendLost
 }
 
