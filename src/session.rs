@@ -13,10 +13,12 @@ pub mod relay;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument;
@@ -332,15 +334,26 @@ async fn run_relay(
     mut upstream: WebSocketStream<TcpStream>,
 ) {
     let mut shutdown = router.shutdown.clone();
+    let relay_config = &router.config.relay;
     let end = relay::relay(
         &mut client,
         &mut upstream,
-        &router.config.relay,
+        relay_config,
         &router.counters,
         &mut shutdown,
     )
     .await;
     metrics::counter!(m::CLOSES_TOTAL, "reason" => end.reason()).increment(1);
+    // Backend-caused ends: the client has not been told yet.
+    let to_client = match &end {
+        RelayEnd::BackendClosed(frame) => Some(Message::Close(frame.clone())),
+        RelayEnd::BackendLost => Some(relay::close_frame(1011, "backend connection lost")),
+        _ => None,
+    };
+    if let Some(close) = to_client {
+        let (mut tx, mut rx) = (&mut client).split();
+        relay::finish_close(&mut tx, &mut rx, close, relay_config.close_timeout).await;
+    }
     match end {
         RelayEnd::BackendLost => tracing::warn!("backend connection lost"),
         end => tracing::debug!(?end, "session ended"),

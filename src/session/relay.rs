@@ -1,12 +1,19 @@
 //! The relay: messages both ways between an upgraded client and a connected
 //! backend, with keepalive, idle timeout and close-code pass-through.
 //!
-//! This is the one interface the rest of the router uses to move traffic:
+//! This is the one interface the rest of the router uses to move traffic.
 //! [`relay`] takes the two sides as `Sink + Stream` of tungstenite messages
 //! (so a test can drive it with channels) and returns how the session ended
-//! ([`RelayEnd`]). What happens after that (close the client, or, later,
-//! migrate to another backend) is the caller's decision.
+//! ([`RelayEnd`]). The two directions run as two pumps in the same task, so
+//! a side that is slow to read never stops the other direction (an echo
+//! backend under load would otherwise deadlock both TCP buffers).
+//!
+//! Ends caused by the client, by idleness or by shutdown are finished here
+//! (close frames exchanged on both hops). Ends caused by the backend leave
+//! the client untouched: the caller decides whether to pass the close on or
+//! (with migration) to move the session elsewhere.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -24,22 +31,24 @@ use crate::metrics as m;
 /// Payload of the router's own keepalive pings; their pongs are not relayed.
 const KEEPALIVE: &[u8] = b"wsrouter-keepalive";
 
-/// How a relay ended. The close frames have already been exchanged as the
-/// variant describes; the caller only records the outcome.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How a relay ended.
+#[derive(Debug, Clone, PartialEq)]
 pub enum RelayEnd {
-    /// The client sent a close frame (code, if any); it was passed upstream.
+    /// The client sent a close frame (code, if any); it was passed upstream
+    /// and the backend's answer awaited.
     ClientClosed(Option<u16>),
-    /// The backend sent a close frame; it was passed to the client.
-    BackendClosed(Option<u16>),
-    /// The client's connection failed without a close frame.
+    /// The backend sent this close frame. The client has not been told.
+    BackendClosed(Option<CloseFrame>),
+    /// The client's connection failed without a close frame; the backend was
+    /// closed with 1001.
     ClientLost,
-    /// The backend's connection failed without a close frame; the client
-    /// was closed with 1011.
+    /// The backend's connection failed without a close frame, or broke the
+    /// protocol. The client has not been told.
     BackendLost,
     /// One hop was silent past the idle timeout; both were closed with 1001.
     Idle,
-    /// The client broke the protocol or a limit; it was closed with this code.
+    /// The client broke the protocol or a limit; it was closed with this
+    /// code and the backend with 1001.
     ClientViolation(u16),
     /// The router is shutting down; both sides were closed with 1001.
     Shutdown,
@@ -88,15 +97,98 @@ impl Default for TrafficCounters {
     }
 }
 
-fn close_frame(code: u16, reason: &'static str) -> Message {
+/// A close frame with a code and a fixed reason.
+pub fn close_frame(code: u16, reason: &'static str) -> Message {
     Message::Close(Some(CloseFrame {
         code: CloseCode::from(code),
         reason: reason.into(),
     }))
 }
 
-/// Relay until one side closes or fails, the hops go idle, or `shutdown`
-/// becomes true.
+/// How one direction's pump stopped.
+enum PumpEnd {
+    /// The source sent a close frame.
+    Closed(Option<CloseFrame>),
+    /// The source's connection failed.
+    SourceLost,
+    /// The source broke the protocol or a limit (close code for it).
+    SourceViolation(u16),
+    /// Writing to the destination failed.
+    DestinationLost,
+    /// The source was silent past the idle timeout.
+    Idle,
+}
+
+/// Milliseconds since `epoch`, for "last heard" stamps shared by the pumps.
+fn stamp(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+/// One direction: read `source`, write `destination`. It also pings the
+/// destination when the other pump has not heard from it for a while.
+#[allow(clippy::too_many_arguments)]
+async fn pump<R, W>(
+    source: &mut R,
+    destination: &mut W,
+    source_heard: &AtomicU64,
+    destination_heard: &AtomicU64,
+    epoch: Instant,
+    config: &RelayConfig,
+    messages: &Counter,
+    bytes: &Counter,
+) -> PumpEnd
+where
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
+    W: Sink<Message, Error = WsError> + Unpin,
+{
+    let mut keepalive = tokio::time::interval(config.ping_interval);
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    keepalive.reset();
+    let ping_after = config.ping_interval.as_millis() as u64;
+    let idle_after = config.idle_timeout.as_millis() as u64;
+    loop {
+        tokio::select! {
+            msg = source.next() => {
+                source_heard.store(stamp(epoch), Ordering::Relaxed);
+                let forward = match msg {
+                    Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                        messages.increment(1);
+                        bytes.increment(msg.len() as u64);
+                        msg
+                    }
+                    Some(Ok(Message::Pong(p))) if p.as_ref() == KEEPALIVE => continue,
+                    Some(Ok(msg @ (Message::Ping(_) | Message::Pong(_)))) => msg,
+                    Some(Ok(Message::Close(frame))) => return PumpEnd::Closed(frame),
+                    Some(Ok(Message::Frame(_))) => continue,
+                    Some(Err(e)) => {
+                        return match violation_code(&e) {
+                            Some(code) => PumpEnd::SourceViolation(code),
+                            None => PumpEnd::SourceLost,
+                        };
+                    }
+                    None => return PumpEnd::SourceLost,
+                };
+                if destination.send(forward).await.is_err() {
+                    return PumpEnd::DestinationLost;
+                }
+            }
+            _ = keepalive.tick() => {
+                let now = stamp(epoch);
+                if now.saturating_sub(source_heard.load(Ordering::Relaxed)) >= idle_after {
+                    return PumpEnd::Idle;
+                }
+                if now.saturating_sub(destination_heard.load(Ordering::Relaxed)) >= ping_after
+                    && destination.send(Message::Ping(KEEPALIVE.into())).await.is_err()
+                {
+                    return PumpEnd::DestinationLost;
+                }
+            }
+        }
+    }
+}
+
+/// Relay until one side closes or fails, a hop goes idle, or `shutdown`
+/// becomes true. See the module doc for who has been told what.
 pub async fn relay<C, U>(
     client: &mut C,
     upstream: &mut U,
@@ -108,131 +200,117 @@ where
     C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
     U: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
-    let mut keepalive = tokio::time::interval(config.ping_interval);
-    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    keepalive.reset();
-    let mut client_heard = Instant::now();
-    let mut upstream_heard = Instant::now();
+    let (mut client_tx, mut client_rx) = client.split();
+    let (mut upstream_tx, mut upstream_rx) = upstream.split();
+    let epoch = Instant::now();
+    let client_heard = AtomicU64::new(0);
+    let upstream_heard = AtomicU64::new(0);
 
-    loop {
+    enum Stopped {
+        Up(PumpEnd),
+        Down(PumpEnd),
+        Shutdown,
+    }
+    let stopped = {
+        let up = pump(
+            &mut client_rx,
+            &mut upstream_tx,
+            &client_heard,
+            &upstream_heard,
+            epoch,
+            config,
+            &counters.messages_up,
+            &counters.bytes_up,
+        );
+        let down = pump(
+            &mut upstream_rx,
+            &mut client_tx,
+            &upstream_heard,
+            &client_heard,
+            epoch,
+            config,
+            &counters.messages_down,
+            &counters.bytes_down,
+        );
         tokio::select! {
-            // Client to backend. A failed send upstream is the backend's loss.
-            msg = client.next() => {
-                client_heard = Instant::now();
-                match msg {
-                    Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                        counters.messages_up.increment(1);
-                        counters.bytes_up.increment(msg.len() as u64);
-                        if upstream.send(msg).await.is_err() {
-                            return lose_backend(client, config).await;
-                        }
-                    }
-                    Some(Ok(Message::Ping(p))) => {
-                        if upstream.send(Message::Ping(p)).await.is_err() {
-                            return lose_backend(client, config).await;
-                        }
-                    }
-                    Some(Ok(Message::Pong(p))) => {
-                        if p.as_ref() != KEEPALIVE && upstream.send(Message::Pong(p)).await.is_err() {
-                            return lose_backend(client, config).await;
-                        }
-                    }
-                    Some(Ok(Message::Close(frame))) => {
-                        let code = frame.as_ref().map(|f| u16::from(f.code));
-                        // tungstenite has queued the echo to the client.
-                        let _ = client.flush().await;
-                        finish_close(upstream, Message::Close(frame), config.close_timeout).await;
-                        return RelayEnd::ClientClosed(code);
-                    }
-                    Some(Ok(Message::Frame(_))) => {}
-                    Some(Err(e)) => {
-                        let end = match client_violation(&e) {
-                            Some(code) => {
-                                finish_close(client, close_frame(code, violation_reason(code)), config.close_timeout).await;
-                                RelayEnd::ClientViolation(code)
-                            }
-                            None => RelayEnd::ClientLost,
-                        };
-                        finish_close(upstream, close_frame(1001, "client went away"), config.close_timeout).await;
-                        return end;
-                    }
-                    None => {
-                        finish_close(upstream, close_frame(1001, "client went away"), config.close_timeout).await;
-                        return RelayEnd::ClientLost;
-                    }
-                }
-            }
-            // Backend to client. A failed send to the client is the client's loss.
-            msg = upstream.next() => {
-                upstream_heard = Instant::now();
-                match msg {
-                    Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                        counters.messages_down.increment(1);
-                        counters.bytes_down.increment(msg.len() as u64);
-                        if client.send(msg).await.is_err() {
-                            finish_close(upstream, close_frame(1001, "client went away"), config.close_timeout).await;
-                            return RelayEnd::ClientLost;
-                        }
-                    }
-                    Some(Ok(Message::Ping(p))) => {
-                        let _ = client.send(Message::Ping(p)).await;
-                    }
-                    Some(Ok(Message::Pong(p))) => {
-                        if p.as_ref() != KEEPALIVE {
-                            let _ = client.send(Message::Pong(p)).await;
-                        }
-                    }
-                    Some(Ok(Message::Close(frame))) => {
-                        let code = frame.as_ref().map(|f| u16::from(f.code));
-                        let _ = upstream.flush().await;
-                        finish_close(client, Message::Close(frame), config.close_timeout).await;
-                        return RelayEnd::BackendClosed(code);
-                    }
-                    Some(Ok(Message::Frame(_))) => {}
-                    Some(Err(_)) | None => return lose_backend(client, config).await,
-                }
-            }
-            // Keepalive: ping a quiet hop; close both when one is silent too long.
-            _ = keepalive.tick() => {
-                let now = Instant::now();
-                if now - client_heard >= config.idle_timeout || now - upstream_heard >= config.idle_timeout {
-                    finish_close(client, close_frame(1001, "idle timeout"), config.close_timeout).await;
-                    finish_close(upstream, close_frame(1001, "idle timeout"), config.close_timeout).await;
-                    return RelayEnd::Idle;
-                }
-                if now - client_heard >= config.ping_interval {
-                    let _ = client.send(Message::Ping(KEEPALIVE.into())).await;
-                }
-                if now - upstream_heard >= config.ping_interval {
-                    let _ = upstream.send(Message::Ping(KEEPALIVE.into())).await;
-                }
-            }
-            // Router shutdown.
-            _ = crate::app::stopped(shutdown) => {
-                finish_close(client, close_frame(1001, "router shutting down"), config.close_timeout).await;
-                finish_close(upstream, close_frame(1001, "router shutting down"), config.close_timeout).await;
-                return RelayEnd::Shutdown;
-            }
+            end = up => Stopped::Up(end),
+            end = down => Stopped::Down(end),
+            _ = crate::app::stopped(shutdown) => Stopped::Shutdown,
+        }
+    };
+
+    let timeout = config.close_timeout;
+    let going_away = || close_frame(1001, "client went away");
+    match stopped {
+        Stopped::Up(PumpEnd::Closed(frame)) => {
+            let code = frame.as_ref().map(|f| u16::from(f.code));
+            // tungstenite has queued the echo of the client's close.
+            let _ = client_tx.flush().await;
+            finish_close(
+                &mut upstream_tx,
+                &mut upstream_rx,
+                Message::Close(frame),
+                timeout,
+            )
+            .await;
+            RelayEnd::ClientClosed(code)
+        }
+        Stopped::Up(PumpEnd::SourceLost) | Stopped::Down(PumpEnd::DestinationLost) => {
+            finish_close(&mut upstream_tx, &mut upstream_rx, going_away(), timeout).await;
+            RelayEnd::ClientLost
+        }
+        Stopped::Up(PumpEnd::SourceViolation(code)) => {
+            let reason = match code {
+                1009 => "message too big",
+                1007 => "invalid UTF-8",
+                _ => "protocol error",
+            };
+            finish_close(
+                &mut client_tx,
+                &mut client_rx,
+                close_frame(code, reason),
+                timeout,
+            )
+            .await;
+            finish_close(&mut upstream_tx, &mut upstream_rx, going_away(), timeout).await;
+            RelayEnd::ClientViolation(code)
+        }
+        Stopped::Down(PumpEnd::Closed(frame)) => {
+            // tungstenite has queued the echo of the backend's close.
+            let _ = upstream_tx.flush().await;
+            RelayEnd::BackendClosed(frame)
+        }
+        Stopped::Down(PumpEnd::SourceLost | PumpEnd::SourceViolation(_))
+        | Stopped::Up(PumpEnd::DestinationLost) => RelayEnd::BackendLost,
+        Stopped::Up(PumpEnd::Idle) | Stopped::Down(PumpEnd::Idle) => {
+            finish_close(
+                &mut client_tx,
+                &mut client_rx,
+                close_frame(1001, "idle timeout"),
+                timeout,
+            )
+            .await;
+            finish_close(
+                &mut upstream_tx,
+                &mut upstream_rx,
+                close_frame(1001, "idle timeout"),
+                timeout,
+            )
+            .await;
+            RelayEnd::Idle
+        }
+        Stopped::Shutdown => {
+            let bye = || close_frame(1001, "router shutting down");
+            let client_side = finish_close(&mut client_tx, &mut client_rx, bye(), timeout);
+            let upstream_side = finish_close(&mut upstream_tx, &mut upstream_rx, bye(), timeout);
+            tokio::join!(client_side, upstream_side);
+            RelayEnd::Shutdown
         }
     }
 }
 
-/// The backend vanished without a close frame: tell the client.
-async fn lose_backend<C>(client: &mut C, config: &RelayConfig) -> RelayEnd
-where
-    C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-{
-    finish_close(
-        client,
-        close_frame(1011, "backend connection lost"),
-        config.close_timeout,
-    )
-    .await;
-    RelayEnd::BackendLost
-}
-
-/// The close code for a client error that is the client's fault.
-fn client_violation(e: &WsError) -> Option<u16> {
+/// The close code for a read error that is the peer's fault.
+fn violation_code(e: &WsError) -> Option<u16> {
     match e {
         WsError::Capacity(_) => Some(1009),
         WsError::Utf8(_) => Some(1007),
@@ -241,25 +319,18 @@ fn client_violation(e: &WsError) -> Option<u16> {
     }
 }
 
-fn violation_reason(code: u16) -> &'static str {
-    match code {
-        1009 => "message too big",
-        1007 => "invalid UTF-8",
-        _ => "protocol error",
-    }
-}
-
 /// Send a close frame (if the socket still takes one) and wait, bounded,
 /// for the peer's answer, discarding anything else it sends meanwhile.
-pub async fn finish_close<S>(ws: &mut S, close: Message, timeout: Duration)
+pub async fn finish_close<W, R>(tx: &mut W, rx: &mut R, close: Message, timeout: Duration)
 where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    W: Sink<Message, Error = WsError> + Unpin,
+    R: Stream<Item = Result<Message, WsError>> + Unpin,
 {
     let _ = tokio::time::timeout(timeout, async {
-        if ws.send(close).await.is_err() {
+        if tx.send(close).await.is_err() {
             return;
         }
-        while let Some(Ok(msg)) = ws.next().await {
+        while let Some(Ok(msg)) = rx.next().await {
             if msg.is_close() {
                 break;
             }
