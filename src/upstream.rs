@@ -141,8 +141,9 @@ fn build_request(backend: &Backend, request: &UpgradeRequest, client: &ClientInf
             }
         }
     }
-    // X-Forwarded-For: what a trusted proxy told us, plus the peer we saw;
-    // from anyone else, just the address we settled on.
+    // X-Forwarded-For and X-Real-IP carry the one client address we settled
+    // on (see handshake::client_ip), never the chain as received, so a
+    // backend cannot be fooled by entries a client wrote itself.
     let client_ip = client.ip.to_string();
     builder = builder
         .header("X-Forwarded-For", &client_ip)

@@ -1,0 +1,198 @@
+//! A minimal, fast WebSocket echo server: the backend of the benchmarks.
+//!
+//! ```text
+//! cargo run --release --example echo_backend -- --listen 127.0.0.1:19001
+//! ```
+//!
+//! Every text or binary message is sent back unchanged on the same
+//! connection, on any path. `GET /healthz` (without an upgrade) is answered
+//! `200 OK`, so the router's health checks pass. Replies are batched: all
+//! the messages already read are written, then flushed with one write.
+//!
+//! It raises its own open-files soft limit to the hard limit at start, and
+//! by default runs on one thread so that it leaves the second core to the
+//! proxy under test (`--threads` to change).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+#[derive(Parser, Debug)]
+#[command(about = "WebSocket echo server for wsrouter's benchmarks")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:19001")]
+    listen: SocketAddr,
+    /// Worker threads (1 = a single-threaded runtime).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Read buffer per connection, in bytes (tungstenite allocates it eagerly).
+    #[arg(long, default_value_t = 16 * 1024)]
+    read_buffer: usize,
+    /// Largest message accepted, in bytes.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    max_message: usize,
+}
+
+/// The request line prefix of a health check; the next byte must end the path.
+const HEALTH_PREFIX: &[u8] = b"GET /healthz";
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => eprintln!("echo_backend: open files limit {limit}"),
+        Err(e) => eprintln!("echo_backend: cannot raise the open files limit: {e}"),
+    }
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let socket = if args.listen.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(args.listen)
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener: TcpListener = socket.listen(4096)?;
+    eprintln!("echo_backend: listening on {}", args.listen);
+
+    let config = WebSocketConfig::default()
+        .read_buffer_size(args.read_buffer)
+        .max_message_size(Some(args.max_message))
+        .max_frame_size(Some(args.max_message));
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep serving.
+                eprintln!("echo_backend: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        tokio::spawn(connection(stream, config));
+    }
+}
+
+/// One accepted connection: a health check or a WebSocket echo session.
+async fn connection(stream: TcpStream, config: WebSocketConfig) {
+    let _ = stream.set_nodelay(true);
+    match is_health_check(&stream).await {
+        Ok(true) => {
+            let _ = answer_health(stream).await;
+        }
+        Ok(false) => {
+            if let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+            {
+                echo(ws).await;
+            }
+        }
+        Err(_) => {}
+    }
+}
+
+/// Peek at the first bytes, without consuming them, until they either are a
+/// health check's request line or cannot be one.
+async fn is_health_check(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut buf = [0u8; HEALTH_PREFIX.len() + 1];
+    for _ in 0..500 {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let seen = &buf[..n.min(HEALTH_PREFIX.len())];
+        if !HEALTH_PREFIX.starts_with(seen) {
+            return Ok(false);
+        }
+        if n == buf.len() {
+            return Ok(matches!(buf[HEALTH_PREFIX.len()], b' ' | b'?'));
+        }
+        // A request line split across segments: wait for the rest.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(false)
+}
+
+/// Read the request head (bounded) and answer 200.
+async fn answer_health(mut stream: TcpStream) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    let read_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&chunk[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), read_head)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    stream
+        .write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\
+              Connection: close\r\n\r\nok\n",
+        )
+        .await?;
+    stream.shutdown().await
+}
+
+/// Echo data messages until the peer closes. Pings are answered and close
+/// frames echoed by tungstenite itself.
+async fn echo(mut ws: tokio_tungstenite::WebSocketStream<TcpStream>) {
+    loop {
+        let Some(Ok(first)) = ws.next().await else {
+            return;
+        };
+        if !echo_one(&mut ws, first).await {
+            return;
+        }
+        // Everything already read goes out with the same flush.
+        while let Some(next) = ws.next().now_or_never() {
+            match next {
+                Some(Ok(msg)) => {
+                    if !echo_one(&mut ws, msg).await {
+                        return;
+                    }
+                }
+                _ => {
+                    let _ = ws.flush().await;
+                    return;
+                }
+            }
+        }
+        if ws.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Queue the echo of one message; false when the connection is gone.
+async fn echo_one(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, msg: Message) -> bool {
+    match msg {
+        Message::Text(_) | Message::Binary(_) => ws.feed(msg).await.is_ok(),
+        _ => true,
+    }
+}

@@ -1,0 +1,888 @@
+//! Test harness shared by the integration tests: real WebSocket backends,
+//! in-process routers, clients, and bounded waiting.
+//!
+//! Everything listens on `127.0.0.1:0`, so tests run in parallel without
+//! fixed ports. A [`TestBackend`] is a small WebSocket server that greets each
+//! session with what it was sent (so a test sees what the router forwarded),
+//! echoes, closes on request and records the closes it receives; it answers
+//! health checks on the same port. [`RouterBuilder`] writes a TOML file's worth
+//! of configuration, validates it with `Config::from_toml` and runs
+//! `wsrouter::run` on ephemeral listeners. Nothing here sleeps to wait for
+//! something: [`eventually`] polls a condition under a generous bound.
+//!
+//! This is a folder module (`tests/support/mod.rs`) so cargo does not build it
+//! as a test binary of its own; every test file has `mod support;`, and each
+//! uses only part of it.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Response;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The bound on every wait in these tests: long, because the machine that
+/// runs them may be slow and busy; a passing test never waits this long.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// Install a tracing subscriber for the current test (thread-local, so the
+/// output of parallel tests does not mix). `#[tokio::test]` runs the router,
+/// backends and client on the test's thread, so everything they log is
+/// captured with the test. `RUST_LOG` overrides the default filter.
+pub fn trace_init() -> tracing::subscriber::DefaultGuard {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("wsrouter=debug"));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::set_default(subscriber)
+}
+
+/// Poll `condition` every 50 ms until it holds; panic naming `what` when it
+/// still does not after `timeout`.
+pub async fn eventually<F>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: AsyncFnMut() -> bool,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Await `future`, failing the test if it takes longer than [`WAIT`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?}: {what}"))
+}
+
+/// The crate's directory; relative paths in test configs resolve against it.
+pub fn manifest_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The default GeoIP database (City schema, with coordinates).
+pub const CITY_DB: &str = "geoip/GeoLite2-City-Test.mmdb";
+/// A Country-schema database: country and continent, no coordinates.
+pub const COUNTRY_DB: &str = "tests/data/GeoLite2-Country-Test.mmdb";
+
+/// Addresses the test databases know (see the GeoIP fixture README).
+pub const LONDON: &str = "81.2.69.142"; // GB, EU
+pub const MILTON_US: &str = "216.160.83.56"; // US, NA
+pub const JAPAN: &str = "2001:218::1"; // JP, AS
+pub const NOT_IN_DB: &str = "1.1.1.1";
+
+// === test backend ===
+
+/// A refusal a backend answers upgrades with, instead of 101.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub status: u16,
+    pub set_cookie: Option<String>,
+    pub body: String,
+}
+
+/// How a [`TestBackend`] behaves; `Default` is a plain healthy echo server.
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    /// Answer every upgrade with this instead of 101.
+    pub refuse: Option<Refusal>,
+    /// Pick this subprotocol when the client offers it.
+    pub subprotocol: Option<String>,
+    /// A Set-Cookie header on the 101.
+    pub set_cookie: Option<String>,
+}
+
+/// What a backend's connection tasks share with the test.
+struct BackendShared {
+    id: String,
+    options: BackendOptions,
+    /// Status answered on `GET /healthz`; the test changes it at run time.
+    health: AtomicU16,
+    /// Requests that were not health checks (upgrades or anything else).
+    requests: AtomicUsize,
+    /// Health check requests answered.
+    health_checks: AtomicUsize,
+    /// WebSocket sessions accepted (101 sent).
+    sessions: AtomicUsize,
+    /// Close frames clients sent to this backend: (code, reason); 1005 when
+    /// the frame had no code.
+    closes: parking_lot::Mutex<Vec<(u16, String)>>,
+}
+
+/// A WebSocket backend on an ephemeral loopback port. On each session it
+/// sends a JSON welcome `{"backend", "headers", "path"}` with every request
+/// header (names lower-cased, repeated headers joined with ", "), then
+/// echoes text and binary messages. A text `close:CODE:reason` makes it close
+/// the session with that code and reason. `GET /healthz` on the same port
+/// answers the current health status. Dropping it stops it: the listener
+/// closes and its sessions are cut.
+pub struct TestBackend {
+    pub id: String,
+    pub addr: SocketAddr,
+    shared: Arc<BackendShared>,
+    task: JoinHandle<()>,
+}
+
+impl TestBackend {
+    /// A healthy echo backend.
+    pub async fn start(id: &str) -> TestBackend {
+        TestBackend::start_with(id, BackendOptions::default()).await
+    }
+
+    pub async fn start_with(id: &str, options: BackendOptions) -> TestBackend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind backend");
+        let addr = listener.local_addr().expect("backend address");
+        let shared = Arc::new(BackendShared {
+            id: id.to_string(),
+            options,
+            health: AtomicU16::new(200),
+            requests: AtomicUsize::new(0),
+            health_checks: AtomicUsize::new(0),
+            sessions: AtomicUsize::new(0),
+            closes: parking_lot::Mutex::new(Vec::new()),
+        });
+        let task_shared = Arc::clone(&shared);
+        let task = tokio::spawn(async move {
+            // Connection tasks live in this set, so aborting the accept task
+            // (drop/stop) cuts them too.
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                while connections.try_join_next().is_some() {}
+                connections.spawn(serve_backend_connection(stream, Arc::clone(&task_shared)));
+            }
+        });
+        TestBackend {
+            id: id.to_string(),
+            addr,
+            shared,
+            task,
+        }
+    }
+
+    /// The URL to put in a router config.
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Change the status `GET /healthz` answers from now on.
+    pub fn set_health(&self, status: u16) {
+        self.shared.health.store(status, Ordering::SeqCst);
+    }
+
+    /// Requests other than health checks that reached this backend.
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Health check requests this backend answered.
+    pub fn health_checks(&self) -> usize {
+        self.shared.health_checks.load(Ordering::SeqCst)
+    }
+
+    /// WebSocket sessions this backend accepted.
+    pub fn sessions(&self) -> usize {
+        self.shared.sessions.load(Ordering::SeqCst)
+    }
+
+    /// Close frames received from the router, in order.
+    pub fn closes(&self) -> Vec<(u16, String)> {
+        self.shared.closes.lock().clone()
+    }
+
+    /// Stop listening and cut every session.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A request head as the backend saw it.
+struct Head {
+    method: String,
+    target: String,
+    /// Lower-cased names, in order.
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Read one request head; returns it and whatever came after it.
+async fn read_head(stream: &mut TcpStream) -> Option<(Head, Vec<u8>)> {
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf).ok()? {
+            httparse::Status::Partial if buf.len() < 64 * 1024 => continue,
+            httparse::Status::Partial => return None,
+            httparse::Status::Complete(len) => {
+                let head = Head {
+                    method: request.method.unwrap_or_default().to_string(),
+                    target: request.path.unwrap_or_default().to_string(),
+                    headers: request
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_ascii_lowercase(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect(),
+                };
+                return Some((head, buf.split_off(len)));
+            }
+        }
+    }
+}
+
+async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShared>) {
+    let Some((head, leftover)) = read_head(&mut stream).await else {
+        return;
+    };
+    let is_upgrade = head
+        .header("upgrade")
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+
+    if head.method == "GET" && !is_upgrade && head.target.split('?').next() == Some("/healthz") {
+        shared.health_checks.fetch_add(1, Ordering::SeqCst);
+        let status = shared.health.load(Ordering::SeqCst);
+        let answer =
+            format!("HTTP/1.1 {status} Health\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
+    shared.requests.fetch_add(1, Ordering::SeqCst);
+
+    if let Some(refusal) = &shared.options.refuse {
+        let mut answer = format!("HTTP/1.1 {} Refused\r\n", refusal.status);
+        if let Some(cookie) = &refusal.set_cookie {
+            answer.push_str(&format!("Set-Cookie: {cookie}\r\n"));
+        }
+        answer.push_str(&format!(
+            "Content-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+            refusal.body.len(),
+            refusal.body
+        ));
+        let _ = stream.write_all(answer.as_bytes()).await;
+        let _ = stream.shutdown().await;
+        return;
+    }
+    let Some(key) = head.header("sec-websocket-key").filter(|_| is_upgrade) else {
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .await;
+        return;
+    };
+
+    let mut answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
+        derive_accept_key(key.trim().as_bytes())
+    );
+    if let Some(protocol) = &shared.options.subprotocol {
+        let offered = head
+            .header("sec-websocket-protocol")
+            .is_some_and(|list| list.split(',').any(|p| p.trim() == protocol));
+        if offered {
+            answer.push_str(&format!("Sec-WebSocket-Protocol: {protocol}\r\n"));
+        }
+    }
+    if let Some(cookie) = &shared.options.set_cookie {
+        answer.push_str(&format!("Set-Cookie: {cookie}\r\n"));
+    }
+    answer.push_str("\r\n");
+    if stream.write_all(answer.as_bytes()).await.is_err() {
+        return;
+    }
+    shared.sessions.fetch_add(1, Ordering::SeqCst);
+    let mut ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, None).await;
+
+    let mut headers: HashMap<String, String> = HashMap::new();
+    for (name, value) in &head.headers {
+        headers
+            .entry(name.clone())
+            .and_modify(|v| {
+                v.push_str(", ");
+                v.push_str(value);
+            })
+            .or_insert_with(|| value.clone());
+    }
+    let welcome = serde_json::json!({
+        "backend": shared.id,
+        "headers": headers,
+        "path": head.target,
+    });
+    if ws.send(Message::text(welcome.to_string())).await.is_err() {
+        return;
+    }
+
+    let mut closing = false;
+    while let Some(message) = ws.next().await {
+        let result = match message {
+            Ok(Message::Text(text)) => match text.as_str().strip_prefix("close:") {
+                Some(rest) => {
+                    let (code, reason) = rest.split_once(':').unwrap_or((rest, ""));
+                    let code: u16 = code.parse().expect("close:CODE:reason with a numeric code");
+                    closing = true;
+                    ws.close(Some(CloseFrame {
+                        code: CloseCode::from(code),
+                        reason: reason.to_string().into(),
+                    }))
+                    .await
+                }
+                None => ws.send(Message::Text(text)).await,
+            },
+            Ok(Message::Binary(data)) => ws.send(Message::Binary(data)).await,
+            Ok(Message::Close(frame)) => {
+                // The answer to our own close is not a close the client sent.
+                if !closing {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    shared.closes.lock().push((code, reason));
+                }
+                Ok(())
+            }
+            // tungstenite answers pings itself.
+            Ok(_) => Ok(()),
+            Err(_) => break,
+        };
+        if result.is_err() {
+            break;
+        }
+    }
+}
+
+/// A loopback port that refuses connections: a socket is bound to it but
+/// never listens. Holding the binding keeps any other test from being given
+/// the port while this one relies on it being dead.
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl ClosedPort {
+    /// A backend URL nothing answers at.
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+}
+
+pub fn closed_port() -> ClosedPort {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().unwrap()).expect("bind");
+    let port = socket.local_addr().expect("address").port();
+    ClosedPort {
+        _socket: socket,
+        port,
+    }
+}
+
+// === router ===
+
+/// One `[[backends]]` entry.
+#[derive(Debug, Clone)]
+pub struct BackendEntry {
+    pub id: String,
+    pub url: String,
+    pub region: String,
+    pub weight: Option<u32>,
+    pub max_sessions: Option<u32>,
+}
+
+/// Writes a router configuration and starts the router. Defaults: regions
+/// eu (Frankfurt), us (Virginia), ap (Singapore), default region eu, the City
+/// test database, listener path `/chat`, session key from `?session=`, no
+/// trusted proxies, and health checks too slow to flip during a test (the
+/// first probe still runs at start); [`RouterBuilder::fast_health_checks`]
+/// turns them up for tests about health.
+#[derive(Debug, Clone)]
+pub struct RouterBuilder {
+    pub regions: Vec<(String, f64, f64)>,
+    pub default_region: String,
+    pub backends: Vec<BackendEntry>,
+    pub trusted_proxies: Vec<String>,
+    pub geoip: String,
+    pub countries: Vec<(String, Vec<String>)>,
+    pub handshake_timeout: String,
+    pub health_interval: String,
+    pub health_timeout: String,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// A router configuration with the defaults described at [`RouterBuilder`].
+pub fn router() -> RouterBuilder {
+    RouterBuilder {
+        regions: vec![
+            ("eu".into(), 50.11, 8.68),
+            ("us".into(), 38.9, -77.0),
+            ("ap".into(), 1.35, 103.8),
+        ],
+        default_region: "eu".into(),
+        backends: Vec::new(),
+        trusted_proxies: Vec::new(),
+        geoip: CITY_DB.into(),
+        countries: Vec::new(),
+        handshake_timeout: "10s".into(),
+        health_interval: "60s".into(),
+        health_timeout: "5s".into(),
+        rise: 2,
+        fall: 3,
+    }
+}
+
+impl RouterBuilder {
+    pub fn default_region(mut self, region: &str) -> Self {
+        self.default_region = region.into();
+        self
+    }
+
+    /// Replace the regions: (name, latitude, longitude).
+    pub fn regions(mut self, regions: &[(&str, f64, f64)]) -> Self {
+        self.regions = regions
+            .iter()
+            .map(|&(n, lat, lon)| (n.to_string(), lat, lon))
+            .collect();
+        self
+    }
+
+    /// A backend with default weight and session cap.
+    pub fn backend(self, backend: &TestBackend, region: &str) -> Self {
+        let url = backend.url();
+        self.backend_entry(&backend.id, &url, region, None, None)
+    }
+
+    pub fn weighted(self, backend: &TestBackend, region: &str, weight: u32) -> Self {
+        let url = backend.url();
+        self.backend_entry(&backend.id, &url, region, Some(weight), None)
+    }
+
+    /// Any `[[backends]]` entry, including ones no [`TestBackend`] serves.
+    pub fn backend_entry(
+        mut self,
+        id: &str,
+        url: &str,
+        region: &str,
+        weight: Option<u32>,
+        max_sessions: Option<u32>,
+    ) -> Self {
+        self.backends.push(BackendEntry {
+            id: id.into(),
+            url: url.into(),
+            region: region.into(),
+            weight,
+            max_sessions,
+        });
+        self
+    }
+
+    pub fn trust(mut self, cidr: &str) -> Self {
+        self.trusted_proxies.push(cidr.into());
+        self
+    }
+
+    pub fn geoip(mut self, path: &str) -> Self {
+        self.geoip = path.into();
+        self
+    }
+
+    /// `[steering.countries] CODE = [regions...]`.
+    pub fn country(mut self, code: &str, regions: &[&str]) -> Self {
+        self.countries
+            .push((code.into(), regions.iter().map(|r| r.to_string()).collect()));
+        self
+    }
+
+    pub fn handshake_timeout(mut self, timeout: &str) -> Self {
+        self.handshake_timeout = timeout.into();
+        self
+    }
+
+    /// Consecutive check results that bring a backend back / take it out.
+    pub fn rise_fall(mut self, rise: u32, fall: u32) -> Self {
+        self.rise = rise;
+        self.fall = fall;
+        self
+    }
+
+    /// Health checks every 500 ms (timeout 500 ms); two results in a row
+    /// flip a backend. Generous for loopback, so a busy machine does not flap.
+    pub fn fast_health_checks(mut self) -> Self {
+        self.health_interval = "500ms".into();
+        self.health_timeout = "500ms".into();
+        self.rise = 2;
+        self.fall = 2;
+        self
+    }
+
+    /// The configuration file's text.
+    pub fn toml(&self) -> String {
+        let q = |s: &str| format!("{s:?}");
+        let list = |items: &[String]| items.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ");
+        let mut out = String::new();
+        out.push_str(&format!(
+            "[listener]\npublic = \"127.0.0.1:0\"\npaths = [\"/chat\"]\nhandshake_timeout = {}\n\n",
+            q(&self.handshake_timeout)
+        ));
+        out.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n\n");
+        out.push_str(&format!(
+            "[client_address]\ntrusted_proxies = [{}]\n\n",
+            list(&self.trusted_proxies)
+        ));
+        out.push_str(&format!("[geoip]\ndatabase = {}\n\n", q(&self.geoip)));
+        out.push_str("[session_key]\nsource = \"query\"\nname = \"session\"\n\n");
+        out.push_str(&format!(
+            "[steering]\ndefault_region = {}\ndial_timeout = \"5s\"\n\n",
+            q(&self.default_region)
+        ));
+        if !self.countries.is_empty() {
+            out.push_str("[steering.countries]\n");
+            for (code, regions) in &self.countries {
+                out.push_str(&format!("{code} = [{}]\n", list(regions)));
+            }
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "[health_check]\npath = \"/healthz\"\ninterval = {}\ntimeout = {}\nrise = {}\nfall = {}\n\n",
+            q(&self.health_interval),
+            q(&self.health_timeout),
+            self.rise,
+            self.fall
+        ));
+        for (name, lat, lon) in &self.regions {
+            out.push_str(&format!(
+                "[[regions]]\nname = {}\nlatitude = {lat}\nlongitude = {lon}\n\n",
+                q(name)
+            ));
+        }
+        for b in &self.backends {
+            out.push_str(&format!(
+                "[[backends]]\nid = {}\nurl = {}\nregion = {}\n",
+                q(&b.id),
+                q(&b.url),
+                q(&b.region)
+            ));
+            if let Some(weight) = b.weight {
+                out.push_str(&format!("weight = {weight}\n"));
+            }
+            if let Some(max) = b.max_sessions {
+                out.push_str(&format!("max_sessions = {max}\n"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Validate the configuration (relative paths resolve against the crate).
+    pub fn config(&self) -> Result<wsrouter::Config, wsrouter::config::ConfigError> {
+        wsrouter::Config::from_toml(&self.toml(), manifest_dir(), Path::new("test-router.toml"))
+    }
+
+    /// Start a router on ephemeral loopback ports. The listeners are bound
+    /// before this returns, so clients can connect at once.
+    pub async fn start(&self) -> RouterHandle {
+        let config = self
+            .config()
+            .unwrap_or_else(|e| panic!("test router config is invalid: {e}\n{}", self.toml()));
+        let public = TcpListener::bind("127.0.0.1:0").await.expect("bind public");
+        let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+        let public_addr = public.local_addr().expect("public address");
+        let admin_addr = admin.local_addr().expect("admin address");
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(wsrouter::run(
+            config,
+            wsrouter::Listeners { public, admin },
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        RouterHandle {
+            public: public_addr,
+            admin: admin_addr,
+            stop: Some(stop_tx),
+            task: Some(task),
+        }
+    }
+}
+
+/// A running router; dropping it asks it to stop.
+pub struct RouterHandle {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl RouterHandle {
+    /// The client URL for a session key.
+    pub fn url(&self, key: &str) -> String {
+        format!("ws://{}/chat?session={key}", self.public)
+    }
+
+    /// Stop the router and wait (bounded) for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            within("router shutdown", task)
+                .await
+                .expect("router task")
+                .expect("router run");
+        }
+    }
+
+    /// A session through this router: connect with `key` and extra request
+    /// headers, and read the backend's welcome.
+    pub async fn connect(&self, key: &str, headers: &[(&str, &str)]) -> (Client, Welcome) {
+        let (mut client, _) = try_connect(&self.url(key), headers)
+            .await
+            .unwrap_or_else(|e| panic!("connect through the router with key {key:?}: {e}"));
+        let welcome = read_welcome(&mut client).await;
+        (client, welcome)
+    }
+
+    /// GET an admin path: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path).await
+    }
+
+    /// `/api/backends`, parsed.
+    pub async fn backends_api(&self) -> Vec<serde_json::Value> {
+        let (status, body) = self.admin_get("/api/backends").await;
+        assert_eq!(status, 200, "/api/backends: {body}");
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("/api/backends is not JSON ({e}): {body}"))
+    }
+
+    /// A backend's `state` in `/api/backends`.
+    pub async fn backend_state(&self, id: &str) -> String {
+        self.backends_api()
+            .await
+            .iter()
+            .find(|b| b["id"] == id)
+            .unwrap_or_else(|| panic!("backend {id} missing from /api/backends"))["state"]
+            .as_str()
+            .expect("state is a string")
+            .to_string()
+    }
+}
+
+impl Drop for RouterHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+// === clients ===
+
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What a [`TestBackend`] tells each new session.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Welcome {
+    pub backend: String,
+    /// Request headers as the backend received them (lower-case names).
+    pub headers: HashMap<String, String>,
+    /// Path and query as the backend received them.
+    pub path: String,
+}
+
+impl Welcome {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// A WebSocket handshake to `url` with extra request headers.
+pub async fn try_connect(
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Client, Response), WsError> {
+    let mut request = url.into_client_request()?;
+    for (name, value) in headers {
+        request.headers_mut().append(
+            HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+            HeaderValue::from_str(value).expect("header value"),
+        );
+    }
+    within(
+        "WebSocket handshake",
+        tokio_tungstenite::connect_async(request),
+    )
+    .await
+}
+
+/// The next message of any kind (pings and pongs included).
+pub async fn recv(client: &mut Client) -> Message {
+    within("a message from the router", client.next())
+        .await
+        .expect("the connection ended before a message arrived")
+        .expect("the connection failed")
+}
+
+/// The next text or binary message, or close frame, skipping pings and pongs.
+pub async fn recv_data(client: &mut Client) -> Message {
+    loop {
+        match recv(client).await {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// The backend's welcome, parsed.
+pub async fn read_welcome(client: &mut Client) -> Welcome {
+    match recv_data(client).await {
+        Message::Text(text) => serde_json::from_str(text.as_str())
+            .unwrap_or_else(|e| panic!("the welcome is not the backend's JSON ({e}): {text}")),
+        other => panic!("expected the backend's welcome, got {other:?}"),
+    }
+}
+
+/// Wait for a close frame from the router: (code, reason). Data before it
+/// is an error.
+pub async fn expect_close(client: &mut Client) -> (u16, String) {
+    match recv_data(client).await {
+        Message::Close(Some(frame)) => (u16::from(frame.code), frame.reason.to_string()),
+        Message::Close(None) => (1005, String::new()),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+/// Close a session politely and wait (bounded) for the router to finish it.
+pub async fn close(mut client: Client) {
+    let _ = client.close(None).await;
+    within("the close handshake", async {
+        while let Some(Ok(_)) = client.next().await {}
+    })
+    .await;
+}
+
+/// A session key for `i`, unique to a test by `prefix`.
+pub fn key(prefix: &str, i: usize) -> String {
+    format!("{prefix}-{i}")
+}
+
+// === raw HTTP ===
+
+/// An HTTP answer read from a raw socket.
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    /// The status code, `None` when the connection closed without an answer.
+    pub status: Option<u16>,
+    /// The head, lower-cased, for header checks.
+    pub head: String,
+    pub body: String,
+}
+
+/// Send `bytes` on a fresh connection and read until the server closes it
+/// (bounded).
+pub async fn raw_exchange(addr: SocketAddr, bytes: &[u8]) -> RawAnswer {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(bytes).await.expect("send request");
+    read_answer(&mut stream).await
+}
+
+/// Read until the server closes the connection (bounded) and parse what
+/// came as an HTTP answer. A reset counts as a close.
+pub async fn read_answer(stream: &mut TcpStream) -> RawAnswer {
+    let mut buf = Vec::new();
+    within("the server to answer and close", async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .or_else(|| head.strip_prefix("HTTP/1.0 "))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok());
+    RawAnswer {
+        status,
+        head: head.to_ascii_lowercase(),
+        body: body.to_string(),
+    }
+}
+
+/// `GET path` over HTTP/1.1 with `Connection: close`: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let answer = raw_exchange(addr, request.as_bytes()).await;
+    let status = answer
+        .status
+        .unwrap_or_else(|| panic!("no HTTP answer to GET {path}: {answer:?}"));
+    (status, answer.body)
+}
+
+/// A unique path in the temp directory for a test file.
+pub fn temp_file(name: &str) -> PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    std::env::temp_dir().join(format!("wsrouter-test-{}-{n}-{name}", std::process::id()))
+}
