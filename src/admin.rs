@@ -7,7 +7,12 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when at least one backend is healthy, else 503 |
 //! | `GET /api/backends` | JSON: id, region, url, state, sessions, weight, last check |
+//! | `POST /api/backends/{id}/drain` | stop new sessions there and move its sessions away, paced |
+//! | `POST /api/backends/{id}/undrain` | take new sessions again |
+//! | `POST /api/reload` | re-read the config file (as SIGHUP does) |
 //!
+//! Mutating (POST) calls need `Authorization: Bearer <admin.token>` when a
+//! token is configured, and get 401 without it. The token is never logged.
 //! Served with hyper (HTTP/1.1), one task per connection.
 
 use std::convert::Infallible;
@@ -24,12 +29,13 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::backend::Backends;
+use crate::app::{Operator, ReloadError};
+use crate::backend::Backend;
 
-/// What the admin endpoints read.
+/// What the admin endpoints read and act on.
 #[derive(Clone)]
 pub struct AdminState {
-    pub backends: Backends,
+    pub operator: Operator,
     pub metrics: PrometheusHandle,
 }
 
@@ -61,8 +67,14 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Re
 }
 
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST {
+        return mutate(state, &req);
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use GET, or POST for actions\n",
+        );
     }
     match req.uri().path() {
         "/metrics" => {
@@ -75,15 +87,78 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if state.backends.load().any_healthy() {
+            if state.operator.is_shutting_down() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            } else if state.operator.backends().load().any_healthy() {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n")
             }
         }
-        "/api/backends" => json(StatusCode::OK, &backends_json(&state.backends)),
+        "/api/backends" => {
+            let set = state.operator.backends().load();
+            let list: Vec<BackendJson> = set.backends.iter().map(|b| backend_json(b)).collect();
+            json(StatusCode::OK, &list)
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// POST endpoints, behind the bearer token when one is configured.
+fn mutate(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(token) = &state.operator.config().admin.token {
+        let presented = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same_secret(presented.trim().as_bytes(), token.as_bytes()) {
+            let mut response = text(
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is required\n",
+            );
+            response.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer realm=\"wsrouter\""),
+            );
+            return response;
+        }
+    }
+    let path = req.uri().path();
+    if path == "/api/reload" {
+        return match state.operator.reload() {
+            Ok(summary) => json(StatusCode::OK, &summary),
+            Err(ReloadError::NoFile) => {
+                text(StatusCode::CONFLICT, format!("{}\n", ReloadError::NoFile))
+            }
+            Err(ReloadError::Invalid(e)) => {
+                tracing::error!("reload refused, the running configuration stays: {e}");
+                let problems: Vec<String> = e.problems().iter().map(|p| p.to_string()).collect();
+                json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &serde_json::json!({ "error": "invalid configuration; nothing changed", "problems": problems }),
+                )
+            }
+        };
+    }
+    let action = path
+        .strip_prefix("/api/backends/")
+        .and_then(|rest| rest.rsplit_once('/'));
+    let backend = match action {
+        Some((id, "drain")) => state.operator.drain(id),
+        Some((id, "undrain")) => state.operator.undrain(id),
+        _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    match backend {
+        Some(b) => json(StatusCode::OK, &backend_json(&b)),
+        None => text(StatusCode::NOT_FOUND, "no such backend\n"),
+    }
+}
+
+/// Compare secrets without stopping at the first difference.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Serialize)]
@@ -108,31 +183,26 @@ struct LastCheckJson {
     detail: String,
 }
 
-fn backends_json(backends: &Backends) -> Vec<BackendJson> {
-    backends
-        .load()
-        .backends
-        .iter()
-        .map(|b| BackendJson {
-            id: b.id.clone(),
-            region: b.region_name.clone(),
-            url: b.url.raw.clone(),
-            state: b.state().as_str(),
-            sessions: b.sessions(),
-            max_sessions: b.max_sessions,
-            weight: b.weight,
-            last_check: b.last_check().map(|c| LastCheckJson {
-                at: c
-                    .at
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs_f64())
-                    .unwrap_or(0.0),
-                time: humantime::format_rfc3339_millis(c.at).to_string(),
-                ok: c.ok,
-                detail: c.detail,
-            }),
-        })
-        .collect()
+fn backend_json(b: &Backend) -> BackendJson {
+    BackendJson {
+        id: b.id.clone(),
+        region: b.region_name.clone(),
+        url: b.url.raw.clone(),
+        state: b.state().as_str(),
+        sessions: b.sessions(),
+        max_sessions: b.max_sessions(),
+        weight: b.weight(),
+        last_check: b.last_check().map(|c| LastCheckJson {
+            at: c
+                .at
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            time: humantime::format_rfc3339_millis(c.at).to_string(),
+            ok: c.ok,
+            detail: c.detail,
+        }),
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

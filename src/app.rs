@@ -1,25 +1,32 @@
 //! Wiring: bind the listeners, start health checks and the admin server,
-//! run the accept loop, and own the shutdown sequence.
+//! run the accept loop, apply reloads and operator actions, and own the
+//! shutdown sequence.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind
 //! port 0 and stop the router when they like, and `main` passes the
 //! addresses from the config and a signal handler. Shutdown order: stop
-//! accepting, tell every session (they close both sides with 1001), wait,
+//! accepting (and fail `/readyz`), let sessions keep relaying for the grace
+//! period, then tell every session to close both sides with 1001, and wait,
 //! bounded, until every session's completion guard is dropped.
 
 use std::future::Future;
 use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
 use crate::admin::{self, AdminState};
-use crate::backend::{BackendSet, Backends};
-use crate::config::Config;
+use crate::backend::{Backend, BackendSet, Backends};
+use crate::config::{Config, ConfigError};
 use crate::health;
 use crate::metrics;
+use crate::session::migrate::MigrationReason;
 use crate::session::relay::TrafficCounters;
 use crate::session::{self, Router};
 
@@ -53,33 +60,70 @@ impl Listeners {
     }
 }
 
+/// Optional run-time behaviour.
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// The file reloads read (SIGHUP and `POST /api/reload`). Without it,
+    /// reloads are refused.
+    pub config_path: Option<PathBuf>,
+    /// Reload on SIGHUP (the binary does; tests that run several routers in
+    /// one process do not).
+    pub reload_on_sighup: bool,
+}
+
 /// Run the router until `shutdown` completes, then drain and return.
 pub async fn run(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    run_with(config, listeners, shutdown, Options::default()).await
+}
+
+/// [`run`], with reloads from a file.
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    options: Options,
+) -> io::Result<()> {
     let metrics = metrics::install();
-    let config = Arc::new(config);
     let backends = Backends::new(BackendSet::from_config(&config));
+    let config = Arc::new(ArcSwap::from_pointee(config));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
 
-    health::spawn_checks(
-        &backends.load().backends,
-        &config.health_check,
-        stop_rx.clone(),
-    );
+    let operator = Operator {
+        shared: Arc::new(OperatorShared {
+            config: Arc::clone(&config),
+            backends: backends.clone(),
+            config_path: options.config_path.clone(),
+            stop: stop_rx.clone(),
+            shutting_down: AtomicBool::new(false),
+        }),
+    };
+    {
+        let current = config.load();
+        health::spawn_checks(
+            &backends.load().backends,
+            &current.health_check,
+            current.migration.max_rate_per_backend,
+            &stop_rx,
+        );
+    }
     let admin_state = AdminState {
-        backends: backends.clone(),
+        operator: operator.clone(),
         metrics,
     };
     tokio::spawn(admin::serve(listeners.admin, admin_state, stop_rx.clone()));
+    if options.reload_on_sighup {
+        spawn_sighup_reload(operator.clone(), stop_rx.clone());
+    }
 
     tracing::info!(
         public = %listeners.public.local_addr()?,
-        backends = config.backends.len(),
-        geoip = %config.geoip.db.kind(),
+        backends = config.load().backends.len(),
+        geoip = %config.load().geoip.db.kind(),
         "wsrouter listening"
     );
     let router = Router {
@@ -88,17 +132,28 @@ pub async fn run(
         shutdown: stop_rx,
         session_done: done_tx,
         counters: TrafficCounters::new(),
+        next_session_id: Arc::new(AtomicU64::new(1)),
     };
     accept_loop(&listeners.public, &router, shutdown).await;
 
-    // Stop accepting, signal every session, wait for them (bounded).
+    // Stop accepting; sessions keep relaying for the grace period.
     drop(listeners.public);
-    let _ = stop_tx.send(true);
     drop(router);
-    let grace = config.relay.close_timeout * 2 + Duration::from_secs(1);
-    if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
-        tracing::warn!("some sessions did not finish closing in time");
+    operator.shared.shutting_down.store(true, Ordering::Relaxed);
+    let current = config.load_full();
+    tracing::info!(grace = ?current.shutdown_grace, "shutting down: no new sessions, waiting for live ones");
+    let finished_early = tokio::time::timeout(current.shutdown_grace, done_rx.recv())
+        .await
+        .is_ok();
+    if !finished_early {
+        // Then close what is left with 1001, and wait for the closes (bounded).
+        let _ = stop_tx.send(true);
+        let closing = current.relay.close_timeout * 2 + Duration::from_secs(1);
+        if tokio::time::timeout(closing, done_rx.recv()).await.is_err() {
+            tracing::warn!("some sessions did not finish closing in time");
+        }
     }
+    let _ = stop_tx.send(true);
     tracing::info!("wsrouter stopped");
     Ok(())
 }
@@ -136,4 +191,167 @@ fn is_connection_error(e: &io::Error) -> bool {
 /// Resolves once the router's stop flag is set (or its sender is gone).
 pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
+}
+
+fn spawn_sighup_reload(operator: Operator, mut stop: watch::Receiver<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reload through the admin API");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {}
+                _ = stopped(&mut stop) => return,
+            }
+            tracing::info!("SIGHUP: reloading the configuration");
+            match operator.reload() {
+                Ok(summary) => tracing::info!(?summary, "configuration reloaded"),
+                Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
+            }
+        }
+    });
+}
+
+/// Operator actions: drain, undrain, reload. A cheap-clone handle shared by
+/// the admin API and the signal handler.
+#[derive(Clone)]
+pub struct Operator {
+    shared: Arc<OperatorShared>,
+}
+
+struct OperatorShared {
+    config: Arc<ArcSwap<Config>>,
+    backends: Backends,
+    config_path: Option<PathBuf>,
+    /// Health checkers of backends added by a reload stop with this.
+    stop: watch::Receiver<bool>,
+    /// Set once SIGTERM arrived: `/readyz` fails so balancers move on.
+    shutting_down: AtomicBool,
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub reconfigured: Vec<String>,
+}
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the router was started without a config file, so there is nothing to reload")]
+    NoFile,
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+impl Operator {
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.config.load_full()
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.shared.backends
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutting_down.load(Ordering::Relaxed)
+    }
+
+    /// Stop new sessions on a backend and move its sessions away, paced.
+    pub fn drain(&self, id: &str) -> Option<Arc<Backend>> {
+        let backend = Arc::clone(self.shared.backends.load().get(id)?);
+        backend.set_draining(true);
+        backend.evacuate(
+            MigrationReason::Drain,
+            self.config().migration.max_rate_per_backend,
+        );
+        tracing::info!(backend = id, "backend draining");
+        Some(backend)
+    }
+
+    /// Let a drained backend take new sessions again (moved ones stay moved).
+    pub fn undrain(&self, id: &str) -> Option<Arc<Backend>> {
+        let backend = Arc::clone(self.shared.backends.load().get(id)?);
+        backend.set_draining(false);
+        tracing::info!(backend = id, "backend undrained");
+        Some(backend)
+    }
+
+    /// Re-read the config file and apply it: backends added, removed (their
+    /// sessions move, paced) and reweighted, no session dropped. A file that
+    /// fails validation changes nothing.
+    pub fn reload(&self) -> Result<ReloadSummary, ReloadError> {
+        let path = self
+            .shared
+            .config_path
+            .as_ref()
+            .ok_or(ReloadError::NoFile)?;
+        let new = Config::from_file(path)?;
+        Ok(self.apply(new))
+    }
+
+    fn apply(&self, new: Config) -> ReloadSummary {
+        let old = self.config();
+        if new.listener.public != old.listener.public || new.admin.listen != old.admin.listen {
+            tracing::warn!(
+                "listener addresses changed in the file; they apply at the next restart"
+            );
+        }
+        let old_set = self.shared.backends.load();
+        let mut summary = ReloadSummary::default();
+        let mut backends = Vec::with_capacity(new.backends.len());
+        for (i, b) in new.backends.iter().enumerate() {
+            let same = old_set.get(&b.id).filter(|e| {
+                e.url == b.url
+                    && e.region == b.region
+                    && e.region_name == new.regions[b.region].name
+            });
+            match same {
+                Some(existing) => {
+                    if existing.weight() != b.weight || existing.max_sessions() != b.max_sessions {
+                        existing.reconfigure(b.weight, b.max_sessions);
+                        summary.reconfigured.push(b.id.clone());
+                    }
+                    backends.push(Arc::clone(existing));
+                }
+                None => {
+                    let backend = BackendSet::new_backend(&new, i);
+                    health::spawn_check(
+                        Arc::clone(&backend),
+                        new.health_check.clone(),
+                        new.migration.max_rate_per_backend,
+                        self.shared.stop.clone(),
+                    );
+                    summary.added.push(b.id.clone());
+                    backends.push(backend);
+                }
+            }
+        }
+        let rate = new.migration.max_rate_per_backend;
+        let removed: Vec<Arc<Backend>> = old_set
+            .backends
+            .iter()
+            .filter(|old| !backends.iter().any(|b| Arc::ptr_eq(b, old)))
+            .cloned()
+            .collect();
+        // Publish the new set before moving anyone, so moved sessions steer
+        // by the new configuration.
+        self.shared
+            .backends
+            .store(BackendSet::with_backends(&new, backends));
+        self.shared.config.store(Arc::new(new));
+        for backend in removed {
+            backend.set_removed();
+            backend.evacuate(MigrationReason::Removed, rate);
+            summary.removed.push(backend.id.clone());
+        }
+        summary
+    }
 }

@@ -3,20 +3,27 @@
 //!
 //! A [`Backend`] is shared (`Arc`) between the health checker that flips its
 //! state, the sessions that hold a [`SessionSlot`] on it, and the admin API
-//! that reports it. The set is held in an `ArcSwap` so that readers take a
+//! that reports it. Each slot registers its session's control channel, so
+//! the backend can ask its sessions to move ([`Backend::evacuate`], paced).
+//! Passive health (failed dials, abrupt failures) ejects a backend for a
+//! cool-down. The set is held in an `ArcSwap` so that readers take a
 //! consistent snapshot without locking and a reload can replace it whole.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::time::SystemTime;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
+use dashmap::DashMap;
 use metrics::Gauge;
 use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 
-use crate::config::{BackendUrl, Config};
+use crate::config::{BackendUrl, Config, PassiveHealthConfig};
 use crate::geo::{Code, Location};
 use crate::metrics as m;
+use crate::session::migrate::{Control, MigrationReason};
 use crate::steer::{self, BackendView, Policy};
 
 /// What the admin API and steering see of a backend's condition.
@@ -24,6 +31,8 @@ use crate::steer::{self, BackendView, Policy};
 pub enum BackendState {
     Healthy,
     Unhealthy,
+    /// Failed dials or abrupt failures took it out for a cool-down.
+    Ejected,
     Draining,
 }
 
@@ -32,6 +41,7 @@ impl BackendState {
         match self {
             BackendState::Healthy => "healthy",
             BackendState::Unhealthy => "unhealthy",
+            BackendState::Ejected => "ejected",
             BackendState::Draining => "draining",
         }
     }
@@ -54,16 +64,28 @@ pub struct Backend {
     /// Index into the config's regions.
     pub region: usize,
     pub region_name: String,
-    pub weight: u32,
-    pub max_sessions: u32,
+    /// Share of its region's keys; a reload may change it.
+    weight: AtomicU32,
+    /// Session cap; a reload may change it.
+    max_sessions: AtomicU32,
     /// Stable rendezvous identity, from the id.
     id_hash: u64,
     /// Set by active health checks; starts healthy (see README).
     healthy: AtomicBool,
     /// Set by an operator; no new sessions while set.
     draining: AtomicBool,
+    /// Set when a reload removed the backend; its checker stops.
+    removed: AtomicBool,
+    /// Consecutive failures seen by sessions (passive health).
+    passive_failures: AtomicU32,
+    /// Ejected until this many milliseconds after [`epoch`]; 0 when not.
+    ejected_until_ms: AtomicU64,
     /// Sessions currently holding a slot.
     sessions: AtomicU32,
+    /// The control channel of every session on this backend, by session id.
+    registry: DashMap<u64, mpsc::Sender<Control>>,
+    /// Set while an evacuation task runs, so triggers do not stack up.
+    evacuating: AtomicBool,
     /// `wsrouter_sessions_active{backend,region}`, resolved once.
     sessions_gauge: Gauge,
     /// `wsrouter_backend_up{backend,region}`, resolved once.
@@ -83,12 +105,17 @@ impl Backend {
             url: b.url.clone(),
             region: b.region,
             region_name,
-            weight: b.weight,
-            max_sessions: b.max_sessions,
+            weight: AtomicU32::new(b.weight),
+            max_sessions: AtomicU32::new(b.max_sessions),
             id_hash: steer::id_hash(&b.id),
             healthy: AtomicBool::new(true),
             draining: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            passive_failures: AtomicU32::new(0),
+            ejected_until_ms: AtomicU64::new(0),
             sessions: AtomicU32::new(0),
+            registry: DashMap::new(),
+            evacuating: AtomicBool::new(false),
             sessions_gauge: metrics::gauge!(m::SESSIONS_ACTIVE, &labels),
             up_gauge,
             last_check: Mutex::new(None),
@@ -96,12 +123,67 @@ impl Backend {
     }
 
     pub fn state(&self) -> BackendState {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.draining.load(Ordering::Relaxed) || self.is_removed() {
             BackendState::Draining
-        } else if self.healthy.load(Ordering::Relaxed) {
-            BackendState::Healthy
-        } else {
+        } else if !self.healthy.load(Ordering::Relaxed) {
             BackendState::Unhealthy
+        } else if self.is_ejected() {
+            BackendState::Ejected
+        } else {
+            BackendState::Healthy
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn max_sessions(&self) -> u32 {
+        self.max_sessions.load(Ordering::Relaxed)
+    }
+
+    /// Apply a reload's new weight and cap (identity and address unchanged).
+    pub fn reconfigure(&self, weight: u32, max_sessions: u32) {
+        self.weight.store(weight, Ordering::Relaxed);
+        self.max_sessions.store(max_sessions, Ordering::Relaxed);
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    pub fn set_removed(&self) {
+        self.removed.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
+    /// A session failed to dial this backend or lost it abruptly. Enough of
+    /// these in a row eject it for the cool-down. Returns true when this
+    /// report ejected it.
+    pub fn report_failure(&self, passive: &PassiveHealthConfig) -> bool {
+        let failures = self.passive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= passive.max_failures && !self.is_ejected() {
+            let until = now_ms() + passive.cooldown.as_millis() as u64;
+            self.ejected_until_ms.store(until.max(1), Ordering::Relaxed);
+            self.passive_failures.store(0, Ordering::Relaxed);
+            tracing::warn!(backend = %self.id, cooldown = ?passive.cooldown, "backend ejected after repeated failures");
+            return true;
+        }
+        false
+    }
+
+    /// A dial succeeded: the failure streak is over.
+    pub fn report_success(&self) {
+        if self.passive_failures.load(Ordering::Relaxed) != 0 {
+            self.passive_failures.store(0, Ordering::Relaxed);
         }
     }
 
@@ -126,7 +208,7 @@ impl Backend {
 
     /// Whether steering may place a new session here.
     pub fn accepts_sessions(&self) -> bool {
-        self.state() == BackendState::Healthy && self.sessions() < self.max_sessions
+        self.state() == BackendState::Healthy && self.sessions() < self.max_sessions()
     }
 
     pub fn record_check(&self, check: LastCheck) {
@@ -137,18 +219,81 @@ impl Backend {
         self.last_check.lock().clone()
     }
 
-    /// Take one of the backend's session slots, unless it is full.
-    pub fn try_acquire(self: &Arc<Self>) -> Option<SessionSlot> {
+    /// Take one of the backend's session slots, unless it is full, and
+    /// register the session's control channel with it.
+    pub fn try_acquire(
+        self: &Arc<Self>,
+        session_id: u64,
+        control: &mpsc::Sender<Control>,
+    ) -> Option<SessionSlot> {
+        let max = self.max_sessions();
         self.sessions
             .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                (n < self.max_sessions).then_some(n + 1)
+                (n < max).then_some(n + 1)
             })
             .ok()?;
         self.sessions_gauge.increment(1.0);
+        self.registry.insert(session_id, control.clone());
         Some(SessionSlot {
             backend: Arc::clone(self),
+            session_id,
         })
     }
+
+    /// Ask every session on this backend to move, at most `rate` per second
+    /// with jitter, for as long as `reason` still holds (a backend that is
+    /// undrained or healthy again keeps the sessions not yet moved). Sessions
+    /// that could not move are asked again after a pause.
+    pub fn evacuate(self: &Arc<Self>, reason: MigrationReason, rate: u32) {
+        if self.evacuating.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let backend = Arc::clone(self);
+        tokio::spawn(async move {
+            let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+            tracing::info!(backend = %backend.id, reason = reason.as_label(), sessions = backend.sessions(), "moving sessions off backend");
+            while backend.still_leaving(reason) && !backend.registry.is_empty() {
+                let targets: Vec<(u64, mpsc::Sender<Control>)> = backend
+                    .registry
+                    .iter()
+                    .map(|e| (*e.key(), e.value().clone()))
+                    .collect();
+                for (id, control) in targets {
+                    if !backend.still_leaving(reason) {
+                        break;
+                    }
+                    if !backend.registry.contains_key(&id) {
+                        continue;
+                    }
+                    if control.try_send(Control::Migrate(reason)).is_ok() {
+                        // Jitter in [0.5, 1.5) of the interval: an even pace on
+                        // average, without lock-step reconnect waves.
+                        let jitter = 0.5 + rand::random::<f64>();
+                        tokio::time::sleep(interval.mul_f64(jitter)).await;
+                    }
+                }
+                // Give the last sessions time to move before looking again.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            backend.evacuating.store(false, Ordering::Release);
+        });
+    }
+
+    fn still_leaving(&self, reason: MigrationReason) -> bool {
+        match reason {
+            MigrationReason::Drain => self.is_draining(),
+            MigrationReason::Removed => self.is_removed(),
+            MigrationReason::Health => !self.is_healthy(),
+            MigrationReason::UpstreamLost | MigrationReason::UpstreamClosed => false,
+        }
+    }
+}
+
+/// Milliseconds since the first call, on tokio's clock (so paused-time
+/// tests control it).
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// A session's claim on a backend: counted while it lives, released on drop,
@@ -156,6 +301,7 @@ impl Backend {
 #[derive(Debug)]
 pub struct SessionSlot {
     backend: Arc<Backend>,
+    session_id: u64,
 }
 
 impl SessionSlot {
@@ -166,6 +312,7 @@ impl SessionSlot {
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
+        self.backend.registry.remove(&self.session_id);
         self.backend.sessions.fetch_sub(1, Ordering::AcqRel);
         self.backend.sessions_gauge.decrement(1.0);
     }
@@ -183,6 +330,11 @@ impl BackendSet {
         let backends = (0..config.backends.len())
             .map(|i| Arc::new(Backend::new(config, i)))
             .collect();
+        BackendSet::with_backends(config, backends)
+    }
+
+    /// A set of existing backends under `config`'s steering policy.
+    pub fn with_backends(config: &Config, backends: Vec<Arc<Backend>>) -> BackendSet {
         let codes = |map: &std::collections::HashMap<String, Vec<usize>>| {
             map.iter()
                 .filter_map(|(k, v)| Some((Code::new(k)?, v.clone())))
@@ -201,6 +353,11 @@ impl BackendSet {
         BackendSet { backends, policy }
     }
 
+    /// A new backend for `config.backends[index]`.
+    pub fn new_backend(config: &Config, index: usize) -> Arc<Backend> {
+        Arc::new(Backend::new(config, index))
+    }
+
     /// Backends that may take a new session for this client, best first.
     pub fn rank(&self, location: &Location, key: &str) -> Vec<Arc<Backend>> {
         let views: Vec<BackendView> = self
@@ -208,7 +365,7 @@ impl BackendSet {
             .iter()
             .map(|b| BackendView {
                 region: b.region,
-                weight: b.weight,
+                weight: b.weight(),
                 id_hash: b.id_hash,
                 available: b.accepts_sessions(),
             })
@@ -247,5 +404,10 @@ impl Backends {
     /// A consistent snapshot of the set.
     pub fn load(&self) -> Arc<BackendSet> {
         self.current.load_full()
+    }
+
+    /// Publish a new set (a reload).
+    pub fn store(&self, set: BackendSet) {
+        self.current.store(Arc::new(set));
     }
 }

@@ -40,6 +40,14 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_QUEUE_MAX_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_REPLAY_MAX_MESSAGES: usize = 256;
+pub const DEFAULT_REPLAY_MAX_AGE: Duration = Duration::from_secs(30);
+pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MIGRATION_RATE: u32 = 200;
+pub const DEFAULT_PASSIVE_FAILURES: u32 = 3;
+pub const DEFAULT_PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// One problem in a configuration file: which field, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,6 +128,12 @@ struct FileConfig {
     #[serde(default)]
     relay: FileRelay,
     #[serde(default)]
+    migration: FileMigration,
+    #[serde(default)]
+    passive_health: FilePassiveHealth,
+    #[serde(default)]
+    shutdown: FileShutdown,
+    #[serde(default)]
     regions: Vec<FileRegion>,
     #[serde(default)]
     backends: Vec<FileBackend>,
@@ -138,6 +152,8 @@ struct FileListener {
 #[serde(deny_unknown_fields)]
 struct FileAdmin {
     listen: Option<String>,
+    token: Option<String>,
+    token_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -192,6 +208,29 @@ struct FileRelay {
     close_timeout: Option<String>,
 }
 
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileMigration {
+    queue_max_bytes: Option<usize>,
+    replay_max_messages: Option<usize>,
+    replay_max_age: Option<String>,
+    timeout: Option<String>,
+    max_rate_per_backend: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FilePassiveHealth {
+    max_failures: Option<u32>,
+    cooldown: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileShutdown {
+    grace_period: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileRegion {
@@ -225,6 +264,11 @@ pub struct Config {
     pub steering: SteeringConfig,
     pub health_check: HealthCheckConfig,
     pub relay: RelayConfig,
+    pub migration: MigrationConfig,
+    pub passive_health: PassiveHealthConfig,
+    /// After SIGTERM, sessions keep relaying this long before they are
+    /// closed with 1001.
+    pub shutdown_grace: Duration,
     pub regions: Vec<RegionConfig>,
     pub backends: Vec<BackendConfig>,
 }
@@ -252,10 +296,22 @@ pub struct ListenerConfig {
     pub max_request_header_bytes: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminConfig {
     /// Admin listener (metrics, health, API); loopback by default.
     pub listen: SocketAddr,
+    /// Bearer token mutating admin calls must carry; `None` allows them
+    /// from anyone who reaches the admin listener.
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 #[derive(Clone)]
@@ -309,6 +365,30 @@ pub struct RelayConfig {
     pub max_message_bytes: usize,
     /// How long to wait for the other side to answer a close frame.
     pub close_timeout: Duration,
+}
+
+/// How sessions move when their backend fails, drains or is removed.
+#[derive(Debug, Clone)]
+pub struct MigrationConfig {
+    /// Client bytes queued while a session re-dials; over this, close 1013.
+    pub queue_max_bytes: usize,
+    /// Client messages kept for replay after an abrupt backend failure.
+    pub replay_max_messages: usize,
+    /// Messages older than this are not replayed.
+    pub replay_max_age: Duration,
+    /// A session that finds no new backend within this is closed with 1013.
+    pub timeout: Duration,
+    /// Planned moves (drain, health, removal) per second per backend.
+    pub max_rate_per_backend: u32,
+}
+
+/// Passive health: failures seen by sessions eject a backend for a while.
+#[derive(Debug, Clone)]
+pub struct PassiveHealthConfig {
+    /// Consecutive failed dials or abrupt failures that eject a backend.
+    pub max_failures: u32,
+    /// How long an ejected backend gets no new sessions.
+    pub cooldown: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -529,6 +609,30 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
     );
     if admin == public && public.port() != 0 {
         p.add("admin.listen", "must differ from listener.public");
+    }
+    let token = match (&file.admin.token, &file.admin.token_file) {
+        (Some(_), Some(_)) => {
+            p.add(
+                "admin.token_file",
+                "set either admin.token or admin.token_file, not both",
+            );
+            None
+        }
+        (Some(t), None) => Some(t.clone()),
+        (None, Some(path)) => match std::fs::read_to_string(base.join(path)) {
+            Ok(t) => Some(t.trim().to_string()),
+            Err(e) => {
+                p.add("admin.token_file", format!("cannot read {path:?}: {e}"));
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    if token.as_deref() == Some("") {
+        p.add(
+            "admin.token",
+            "must not be empty (leave it out to disable the check)",
+        );
     }
 
     // client address
@@ -835,6 +939,55 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         );
     }
 
+    // migration, passive health, shutdown
+    let mg = &file.migration;
+    let migration = MigrationConfig {
+        queue_max_bytes: mg.queue_max_bytes.unwrap_or(DEFAULT_QUEUE_MAX_BYTES),
+        replay_max_messages: mg
+            .replay_max_messages
+            .unwrap_or(DEFAULT_REPLAY_MAX_MESSAGES),
+        replay_max_age: p.duration(
+            "migration.replay_max_age",
+            mg.replay_max_age.as_ref(),
+            DEFAULT_REPLAY_MAX_AGE,
+        ),
+        timeout: p.duration(
+            "migration.timeout",
+            mg.timeout.as_ref(),
+            DEFAULT_MIGRATION_TIMEOUT,
+        ),
+        max_rate_per_backend: mg.max_rate_per_backend.unwrap_or(DEFAULT_MIGRATION_RATE),
+    };
+    if migration.queue_max_bytes == 0 {
+        p.add("migration.queue_max_bytes", "must be at least 1");
+    }
+    if migration.max_rate_per_backend == 0 {
+        p.add(
+            "migration.max_rate_per_backend",
+            "must be at least 1 session per second",
+        );
+    }
+    let ph = &file.passive_health;
+    let passive_health = PassiveHealthConfig {
+        max_failures: ph.max_failures.unwrap_or(DEFAULT_PASSIVE_FAILURES),
+        cooldown: p.duration(
+            "passive_health.cooldown",
+            ph.cooldown.as_ref(),
+            DEFAULT_PASSIVE_COOLDOWN,
+        ),
+    };
+    if passive_health.max_failures == 0 {
+        p.add("passive_health.max_failures", "must be at least 1");
+    }
+    let shutdown_grace = match &file.shutdown.grace_period {
+        Some(text) if text.trim() == "0s" || text.trim() == "0" => Duration::ZERO,
+        other => p.duration(
+            "shutdown.grace_period",
+            other.as_ref(),
+            DEFAULT_SHUTDOWN_GRACE,
+        ),
+    };
+
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -845,7 +998,10 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             handshake_timeout,
             max_request_header_bytes,
         },
-        admin: AdminConfig { listen: admin },
+        admin: AdminConfig {
+            listen: admin,
+            token,
+        },
         trusted_proxies,
         geoip: geoip.expect("no problems means the database opened"),
         session_key,
@@ -865,6 +1021,9 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             consecutive_failure: fall,
         },
         relay,
+        migration,
+        passive_health,
+        shutdown_grace,
         regions,
         backends,
     })

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::backend::{Backend, LastCheck};
 use crate::config::HealthCheckConfig;
 use crate::metrics as m;
+use crate::session::migrate::MigrationReason;
 
 /// Counts consecutive results and decides when a backend flips.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,59 +63,78 @@ impl Thresholds {
     }
 }
 
-/// Start one checker task per backend; they stop when `stop` changes.
+/// Start one checker task per backend; see [`spawn_check`].
 pub fn spawn_checks(
     backends: &[Arc<Backend>],
     config: &HealthCheckConfig,
-    stop: watch::Receiver<bool>,
+    migration_rate: u32,
+    stop: &watch::Receiver<bool>,
 ) {
     for backend in backends {
-        let backend = Arc::clone(backend);
-        let config = config.clone();
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let mut thresholds = Thresholds::new(
-                backend.is_healthy(),
-                config.consecutive_success,
-                config.consecutive_failure,
-            );
-            let mut interval = tokio::time::interval(config.interval);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = interval.tick() => {}
-                    _ = stop.changed() => return,
-                }
-                let result = probe(&backend, &config).await;
-                let ok = result.is_ok();
-                let label = match &result {
-                    Ok(()) => "success",
-                    Err(ProbeFailure::Timeout) => "timeout",
-                    Err(ProbeFailure::Connect(_)) => "connect_error",
-                    Err(ProbeFailure::Status(_)) => "bad_status",
-                    Err(ProbeFailure::Http(_)) => "http_error",
-                };
-                metrics::counter!(m::HEALTH_CHECKS_TOTAL, "backend" => backend.id.clone(), "result" => label)
-                    .increment(1);
-                backend.record_check(LastCheck {
-                    at: SystemTime::now(),
-                    ok,
-                    detail: match &result {
-                        Ok(()) => format!("status {}", config.expected_status),
-                        Err(e) => e.to_string(),
-                    },
-                });
-                if let Some(healthy) = thresholds.observe(ok) {
-                    backend.set_healthy(healthy);
-                    if healthy {
-                        tracing::info!(backend = %backend.id, "backend is healthy again");
-                    } else {
-                        tracing::warn!(backend = %backend.id, reason = %result.unwrap_err(), "backend is unhealthy");
-                    }
+        spawn_check(
+            Arc::clone(backend),
+            config.clone(),
+            migration_rate,
+            stop.clone(),
+        );
+    }
+}
+
+/// Check one backend until the router stops or a reload removes the
+/// backend. When it goes down, its sessions are moved, `migration_rate` per
+/// second.
+pub fn spawn_check(
+    backend: Arc<Backend>,
+    config: HealthCheckConfig,
+    migration_rate: u32,
+    mut stop: watch::Receiver<bool>,
+) {
+    tokio::spawn(async move {
+        let mut thresholds = Thresholds::new(
+            backend.is_healthy(),
+            config.consecutive_success,
+            config.consecutive_failure,
+        );
+        let mut interval = tokio::time::interval(config.interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = crate::app::stopped(&mut stop) => return,
+            }
+            if backend.is_removed() {
+                return;
+            }
+            let result = probe(&backend, &config).await;
+            let ok = result.is_ok();
+            let label = match &result {
+                Ok(()) => "success",
+                Err(ProbeFailure::Timeout) => "timeout",
+                Err(ProbeFailure::Connect(_)) => "connect_error",
+                Err(ProbeFailure::Status(_)) => "bad_status",
+                Err(ProbeFailure::Http(_)) => "http_error",
+            };
+            metrics::counter!(m::HEALTH_CHECKS_TOTAL, "backend" => backend.id.clone(), "result" => label)
+                .increment(1);
+            backend.record_check(LastCheck {
+                at: SystemTime::now(),
+                ok,
+                detail: match &result {
+                    Ok(()) => format!("status {}", config.expected_status),
+                    Err(e) => e.to_string(),
+                },
+            });
+            if let Some(healthy) = thresholds.observe(ok) {
+                backend.set_healthy(healthy);
+                if healthy {
+                    tracing::info!(backend = %backend.id, "backend is healthy again");
+                } else {
+                    tracing::warn!(backend = %backend.id, reason = %result.unwrap_err(), "backend is unhealthy");
+                    backend.evacuate(MigrationReason::Health, migration_rate);
                 }
             }
-        });
-    }
+        }
+    });
 }
 
 #[derive(Debug, thiserror::Error)]

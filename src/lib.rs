@@ -7,7 +7,7 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | [`app`] | listeners, background tasks, the accept loop and shutdown |
+//! | [`app`] | listeners, background tasks, the accept loop, reload, drain and shutdown |
 //! | [`config`] | the TOML file, validation into [`config::Config`], errors naming fields |
 //! | [`handshake`] | the client's HTTP/1.1 upgrade: paths, 400/404/426, client address, session key |
 //! | [`geo`] | MaxMind DB lookups to a [`geo::Location`] |
@@ -15,7 +15,7 @@
 //! | [`backend`] | backends at run time: state, session slots, the set snapshot |
 //! | [`health`] | active health checks and their thresholds |
 //! | [`upstream`] | dialing a backend WebSocket with the forwarded headers |
-//! | [`session`] | one connection from accept to close; [`session::relay`] moves messages |
+//! | [`session`] | one connection from accept to close; [`session::relay`] moves messages, [`session::migrate`] holds the replay window and queue |
 //! | [`admin`] | the admin listener: metrics, health, readiness, backends API |
 //! | [`metrics`] | metric names, descriptions and the Prometheus recorder |
 
@@ -31,5 +31,5 @@ pub mod session;
 pub mod steer;
 pub mod upstream;
 
-pub use app::{Listeners, run};
+pub use app::{Listeners, Options, run, run_with};
 pub use config::Config;

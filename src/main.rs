@@ -74,7 +74,11 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let listeners = Listeners::bind(&config).await?;
-        wsrouter::run(config, listeners, shutdown_signal()).await
+        let options = wsrouter::Options {
+            config_path: Some(path.clone()),
+            reload_on_sighup: true,
+        };
+        wsrouter::run_with(config, listeners, shutdown_signal(), options).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -24,12 +24,15 @@ pub const UPSTREAM_CONNECT_SECONDS: &str = "wsrouter_upstream_connect_seconds";
 pub const GEOIP_LOOKUPS_TOTAL: &str = "wsrouter_geoip_lookups_total";
 pub const REJECTED_CONNECTIONS_TOTAL: &str = "wsrouter_rejected_connections_total";
 pub const CLOSES_TOTAL: &str = "wsrouter_closes_total";
+pub const MIGRATIONS_TOTAL: &str = "wsrouter_migrations_total";
+pub const MIGRATION_DURATION_SECONDS: &str = "wsrouter_migration_duration_seconds";
+pub const REPLAYED_MESSAGES_TOTAL: &str = "wsrouter_replayed_messages_total";
 
 /// `direction` label values.
 pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
 pub const BACKEND_TO_CLIENT: &str = "backend_to_client";
 
-/// Buckets for connect latencies: 1 ms to 10 s.
+/// Buckets for connect and migration latencies: 1 ms to 10 s.
 const CONNECT_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -44,6 +47,11 @@ pub fn install() -> PrometheusHandle {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full(UPSTREAM_CONNECT_SECONDS.to_string()),
+                    CONNECT_BUCKETS,
+                )
+                .expect("buckets are not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full(MIGRATION_DURATION_SECONDS.to_string()),
                     CONNECT_BUCKETS,
                 )
                 .expect("buckets are not empty")
@@ -106,4 +114,17 @@ fn describe() {
         "Connections refused before the upgrade, by reason."
     );
     describe_counter!(CLOSES_TOTAL, "Sessions ended, by reason.");
+    describe_counter!(
+        MIGRATIONS_TOTAL,
+        "Sessions moved to another backend, by from, to and reason."
+    );
+    describe_histogram!(
+        MIGRATION_DURATION_SECONDS,
+        Unit::Seconds,
+        "Time from a session leaving its backend to relaying on the new one."
+    );
+    describe_counter!(
+        REPLAYED_MESSAGES_TOTAL,
+        "Client messages sent again to a new backend after a failure."
+    );
 }

@@ -1,22 +1,27 @@
 //! One client connection from accept to close: the upgrade under its
 //! deadline, GeoIP and steering, the backend dial (before the client gets its
-//! answer), the 101, and the relay.
+//! answer), the 101, the relay, and moving the session to another backend
+//! when its backend fails, drains or is removed.
 //!
-//! Each connection is one task that owns its state. It talks to the rest of
-//! the router only through the shared [`Router`] handle: the backend set
-//! snapshot, the configuration, and the shutdown signal. Its
-//! [`SessionSlot`](crate::backend::SessionSlot) keeps the backend's session
-//! count exact whichever way the task ends.
+//! Each connection is one task that owns its state ([`Session`]). It talks
+//! to the rest of the router through the shared [`Router`] handle and its
+//! own control channel, registered with whichever backend it is on. Its
+//! [`SessionSlot`] keeps the backend's session count exact whichever way the
+//! task ends.
 
+pub mod migrate;
 pub mod relay;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures_util::StreamExt;
+use arc_swap::ArcSwap;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -25,10 +30,12 @@ use tracing::Instrument;
 
 use crate::backend::{Backends, SessionSlot};
 use crate::config::{Config, SessionKeySource};
+use crate::geo::Location;
 use crate::handshake::{self, HandshakeError, UpgradeRequest, plain_response};
 use crate::metrics as m;
 use crate::upstream::{self, ClientInfo, DialError, Upstream};
-use relay::{RelayEnd, TrafficCounters};
+use migrate::{Control, MigrationReason, PendingQueue, ReplayWindow, is_migrating_close};
+use relay::{RelayContext, RelayEnd, TrafficCounters, close_frame, finish_close};
 
 /// Response headers of a backend refusal that are handed to the client.
 const REFUSAL_HEADERS: &[&str] = &[
@@ -38,29 +45,51 @@ const REFUSAL_HEADERS: &[&str] = &[
     "content-type",
 ];
 
+/// Control messages a session can have waiting; the evacuator never needs
+/// more than one.
+const CONTROL_QUEUE: usize = 2;
+
 /// What every session needs from the router; cheap to clone.
 #[derive(Clone)]
 pub struct Router {
-    pub config: Arc<Config>,
+    /// The current configuration; a reload swaps it.
+    pub config: Arc<ArcSwap<Config>>,
     pub backends: Backends,
-    /// True once the router is shutting down.
+    /// Becomes true when sessions must close (after the shutdown grace).
     pub shutdown: watch::Receiver<bool>,
     /// Held by every session; the router knows all sessions ended when
     /// every clone is dropped.
     pub session_done: mpsc::Sender<()>,
     pub counters: TrafficCounters,
+    /// Source of session ids (registry keys, never exported).
+    pub next_session_id: Arc<AtomicU64>,
 }
 
 impl Router {
-    /// tungstenite settings for both hops.
-    fn ws_config(&self) -> WebSocketConfig {
-        let max = self.config.relay.max_message_bytes;
-        WebSocketConfig::default()
-            .read_buffer_size(8 * 1024)
-            .write_buffer_size(0)
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max))
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
     }
+}
+
+/// tungstenite settings for both hops.
+fn ws_config(config: &Config) -> WebSocketConfig {
+    let max = config.relay.max_message_bytes;
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// Everything needed to (re)dial a backend for this client.
+struct Placement {
+    /// The client's request (path, query, forwarded headers).
+    request: UpgradeRequest,
+    client_ip: IpAddr,
+    location: Location,
+    key: String,
+    /// The subprotocol the first backend chose; a new backend must agree.
+    subprotocol: Option<String>,
 }
 
 /// Serve one accepted connection to completion.
@@ -70,31 +99,51 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
         tracing::debug_span!("session", client.addr = %peer, backend = tracing::field::Empty);
     async move {
         let _ = stream.set_nodelay(true);
-        let request = match read_upgrade(&router, &mut stream).await {
+        let config = router.config();
+        let request = match read_upgrade(&config, &mut stream).await {
             Ok(request) => request,
             Err(e) => {
                 reject(&mut stream, &e).await;
                 return;
             }
         };
-        match connect(&router, &request, peer).await {
-            Ok((upstream, slot, key_cookie)) => {
-                tracing::Span::current().record("backend", slot.backend().id.as_str());
-                let Some(client) = answer_upgrade(&router, stream, &request, &upstream, key_cookie).await else {
-                    metrics::counter!(m::UPGRADES_TOTAL, "result" => "client_gone").increment(1);
-                    return;
-                };
-                metrics::counter!(m::UPGRADES_TOTAL, "result" => "ok").increment(1);
-                metrics::counter!(m::SESSIONS_TOTAL, "region" => slot.backend().region_name.clone()).increment(1);
-                run_relay(&router, client, upstream.ws).await;
-                drop(slot);
-            }
-            Err(refusal) => {
-                metrics::counter!(m::UPGRADES_TOTAL, "result" => refusal.result).increment(1);
-                let _ = stream.write_all(&refusal.response).await;
-                let _ = stream.shutdown().await;
-            }
-        }
+        let (mut placement, key_cookie) = match place(&config, request, peer) {
+            Ok(placed) => placed,
+            Err(refusal) => return refusal.send(&mut stream).await,
+        };
+        let id = router.next_session_id.fetch_add(1, Ordering::Relaxed);
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (upstream, slot) =
+            match dial_candidates(&router, &config, &placement, None, id, &control_tx).await {
+                Ok(connected) => connected,
+                Err(refusal) => return refusal.send(&mut stream).await,
+            };
+        tracing::Span::current().record("backend", slot.backend().id.as_str());
+        placement.subprotocol = protocol_of(&upstream);
+        let Some(client) =
+            answer_upgrade(&config, stream, &placement.request, &upstream, key_cookie).await
+        else {
+            metrics::counter!(m::UPGRADES_TOTAL, "result" => "client_gone").increment(1);
+            return;
+        };
+        metrics::counter!(m::UPGRADES_TOTAL, "result" => "ok").increment(1);
+        metrics::counter!(m::SESSIONS_TOTAL, "region" => slot.backend().region_name.clone())
+            .increment(1);
+        let session = Session {
+            window: ReplayWindow::new(
+                config.migration.replay_max_messages,
+                config.migration.replay_max_age,
+            ),
+            router,
+            client,
+            upstream,
+            slot,
+            placement: Arc::new(placement),
+            id,
+            control_tx,
+            control_rx,
+        };
+        session.run().await;
     }
     .instrument(span)
     .await
@@ -102,10 +151,10 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
 
 /// Read and check the upgrade request under the handshake deadline.
 async fn read_upgrade(
-    router: &Router,
+    config: &Config,
     stream: &mut TcpStream,
 ) -> Result<UpgradeRequest, HandshakeError> {
-    let listener = &router.config.listener;
+    let listener = &config.listener;
     let (head, leftover) = tokio::time::timeout(
         listener.handshake_timeout,
         handshake::read_request(stream, listener.max_request_header_bytes),
@@ -146,19 +195,24 @@ struct Refusal {
     response: Vec<u8>,
 }
 
-/// Place the client and dial backends until one accepts, within the
-/// configured number of attempts. Returns the connected backend, its slot,
-/// and a Set-Cookie line when the router generated a cookie session key.
-async fn connect(
-    router: &Router,
-    request: &UpgradeRequest,
+impl Refusal {
+    async fn send(self, stream: &mut TcpStream) {
+        metrics::counter!(m::UPGRADES_TOTAL, "result" => self.result).increment(1);
+        let _ = stream.write_all(&self.response).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+/// Work out who and where the client is and its session key. Returns the
+/// placement and a Set-Cookie line when the router generated a cookie key.
+fn place(
+    config: &Config,
+    request: UpgradeRequest,
     peer: SocketAddr,
-) -> Result<(Upstream, SessionSlot, Option<String>), Refusal> {
-    let config = &router.config;
-    let client_ip = handshake::client_ip(peer.ip(), request, &config.trusted_proxies);
+) -> Result<(Placement, Option<String>), Refusal> {
+    let client_ip = handshake::client_ip(peer.ip(), &request, &config.trusted_proxies);
     let (location, lookup) = config.geoip.db.lookup(client_ip);
     metrics::counter!(m::GEOIP_LOOKUPS_TOTAL, "result" => lookup.as_label()).increment(1);
-
     let (key, key_cookie) = match request.session_key(&config.session_key) {
         Ok(Some(key)) => (key, None),
         Ok(None) => {
@@ -179,9 +233,41 @@ async fn connect(
             });
         }
     };
+    let placement = Placement {
+        request,
+        client_ip,
+        location,
+        key,
+        subprotocol: None,
+    };
+    Ok((placement, key_cookie))
+}
 
+/// A migration's facts for the new backend.
+#[derive(Clone, Copy)]
+struct MigrationDial<'a> {
+    from: &'a str,
+    replayed: usize,
+}
+
+/// Dial the ranked backends until one accepts, within the configured number
+/// of attempts. A first dial hands a backend's 4xx to the client; a
+/// migration skips the failed backend, and any candidate that refuses or
+/// picks another subprotocol.
+async fn dial_candidates(
+    router: &Router,
+    config: &Config,
+    placement: &Placement,
+    migration: Option<MigrationDial<'_>>,
+    session_id: u64,
+    control: &mpsc::Sender<Control>,
+) -> Result<(Upstream, SessionSlot), Refusal> {
     let set = router.backends.load();
-    let candidates = set.rank(&location, &key);
+    let candidates: Vec<_> = set
+        .rank(&placement.location, &placement.key)
+        .into_iter()
+        .filter(|b| migration.is_none_or(|m| b.id != m.from))
+        .collect();
     if candidates.is_empty() {
         tracing::warn!("no backend available");
         return Err(Refusal {
@@ -200,37 +286,51 @@ async fn connect(
         .iter()
         .take(config.steering.max_dial_attempts as usize)
     {
-        let Some(slot) = backend.try_acquire() else {
+        let Some(slot) = backend.try_acquire(session_id, control) else {
             continue;
         };
         let client = ClientInfo {
-            ip: client_ip,
+            ip: placement.client_ip,
             tls: false,
-            session_key: key.clone(),
+            session_key: placement.key.clone(),
             region: backend.region_name.clone(),
-            country: location.country.map(|c| c.as_str().to_string()),
+            country: placement.location.country.map(|c| c.as_str().to_string()),
+            migrated_from: migration.map(|m| m.from.to_string()),
+            replayed: migration.map(|m| m.replayed),
         };
         match upstream::dial(
             backend,
-            request,
+            &placement.request,
             &client,
-            router.ws_config(),
+            ws_config(config),
             config.steering.dial_timeout,
         )
         .await
         {
-            Ok(upstream) => return Ok((upstream, slot, key_cookie)),
-            Err(e) if e.try_next() => {
-                tracing::warn!(backend = %backend.id, error = %e, "dial failed; trying the next backend");
-                last_error = Some(e);
+            Ok(upstream)
+                if migration.is_some() && protocol_of(&upstream) != placement.subprotocol =>
+            {
+                tracing::warn!(backend = %backend.id, "backend chose another subprotocol; not moving there");
             }
-            Err(DialError::Refused(response)) => {
+            Ok(upstream) => {
+                backend.report_success();
+                return Ok((upstream, slot));
+            }
+            Err(DialError::Refused(response))
+                if migration.is_none() && !response.status().is_server_error() =>
+            {
                 return Err(Refusal {
                     result: "upstream_refused",
                     response: refusal_response(&response),
                 });
             }
-            Err(e) => last_error = Some(e),
+            Err(e) => {
+                tracing::warn!(backend = %backend.id, error = %e, "dial failed; trying the next backend");
+                if e.try_next() {
+                    backend.report_failure(&config.passive_health);
+                }
+                last_error = Some(e);
+            }
         }
     }
     let timed_out = matches!(last_error, Some(DialError::Timeout));
@@ -258,6 +358,16 @@ async fn connect(
             )
         },
     })
+}
+
+/// The subprotocol a backend chose, if any.
+fn protocol_of(upstream: &Upstream) -> Option<String> {
+    upstream
+        .response
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// The backend's refusal, re-issued to the client with its status, the
@@ -292,7 +402,7 @@ fn refusal_response(response: &upstream::RefusedResponse) -> Vec<u8> {
 
 /// Send the 101 with what the backend chose, and wrap the client socket.
 async fn answer_upgrade(
-    router: &Router,
+    config: &Config,
     mut stream: TcpStream,
     request: &UpgradeRequest,
     upstream: &Upstream,
@@ -322,40 +432,246 @@ async fn answer_upgrade(
             stream,
             request.leftover.clone(),
             Role::Server,
-            Some(router.ws_config()),
+            Some(ws_config(config)),
         )
         .await,
     )
 }
 
-async fn run_relay(
-    router: &Router,
-    mut client: WebSocketStream<TcpStream>,
-    mut upstream: WebSocketStream<TcpStream>,
-) {
-    let mut shutdown = router.shutdown.clone();
-    let relay_config = &router.config.relay;
-    let end = relay::relay(
-        &mut client,
-        &mut upstream,
-        relay_config,
-        &router.counters,
-        &mut shutdown,
-    )
-    .await;
-    metrics::counter!(m::CLOSES_TOTAL, "reason" => end.reason()).increment(1);
-    // Backend-caused ends: the client has not been told yet.
-    let to_client = match &end {
-        RelayEnd::BackendClosed(frame) => Some(Message::Close(frame.clone())),
-        RelayEnd::BackendLost => Some(relay::close_frame(1011, "backend connection lost")),
-        _ => None,
+/// An established session: the client, its current backend, and what it
+/// needs to move.
+struct Session {
+    router: Router,
+    client: WebSocketStream<TcpStream>,
+    upstream: Upstream,
+    /// The claim on the current backend (and its control registration).
+    slot: SessionSlot,
+    placement: Arc<Placement>,
+    id: u64,
+    control_tx: mpsc::Sender<Control>,
+    control_rx: mpsc::Receiver<Control>,
+    window: ReplayWindow,
+}
+
+/// Why a session ended without being moved (`wsrouter_closes_total`).
+type CloseReason = &'static str;
+
+impl Session {
+    /// Relay, moving to another backend whenever the current one fails or
+    /// is drained, until the session ends.
+    async fn run(mut self) {
+        let mut shutdown = self.router.shutdown.clone();
+        loop {
+            let config = self.router.config();
+            let end = relay::relay(
+                &mut self.client,
+                &mut self.upstream.ws,
+                RelayContext {
+                    config: &config.relay,
+                    counters: &self.router.counters,
+                    shutdown: &mut shutdown,
+                    control: &mut self.control_rx,
+                    window: &mut self.window,
+                },
+            )
+            .await;
+            let reason = match end {
+                RelayEnd::BackendLost => MigrationReason::UpstreamLost,
+                RelayEnd::BackendClosed(Some(ref frame))
+                    if is_migrating_close(u16::from(frame.code)) =>
+                {
+                    MigrationReason::UpstreamClosed
+                }
+                RelayEnd::MigrateRequested(reason) => reason,
+                RelayEnd::BackendClosed(frame) => {
+                    // 1000, 1008 and the rest end the session, as the backend meant.
+                    let (mut tx, mut rx) = (&mut self.client).split();
+                    finish_close(
+                        &mut tx,
+                        &mut rx,
+                        Message::Close(frame),
+                        config.relay.close_timeout,
+                    )
+                    .await;
+                    metrics::counter!(m::CLOSES_TOTAL, "reason" => "backend_close").increment(1);
+                    return;
+                }
+                end => {
+                    tracing::debug!(?end, "session ended");
+                    metrics::counter!(m::CLOSES_TOTAL, "reason" => end.reason()).increment(1);
+                    return;
+                }
+            };
+            if !reason.is_planned() {
+                self.slot.backend().report_failure(&config.passive_health);
+            }
+            if let Err(close_reason) = self.migrate(reason, &config).await {
+                metrics::counter!(m::CLOSES_TOTAL, "reason" => close_reason).increment(1);
+                return;
+            }
+        }
+    }
+
+    /// Move to another backend. Client messages that arrive meanwhile are
+    /// queued; after an abrupt failure the replay window goes first. A
+    /// planned move that finds no backend stays where it is; an abrupt one
+    /// closes the client with 1013.
+    async fn migrate(
+        &mut self,
+        reason: MigrationReason,
+        config: &Config,
+    ) -> Result<(), CloseReason> {
+        let started = Instant::now();
+        let from = self.slot.backend().id.clone();
+        let replay = if reason.replays() {
+            self.window.take_fresh(started)
+        } else {
+            self.window.clear();
+            Vec::new()
+        };
+        tracing::info!(backend = %from, reason = reason.as_label(), replay = replay.len(), "moving session");
+        let mut queue = PendingQueue::new(config.migration.queue_max_bytes);
+        let deadline = started + config.migration.timeout;
+        let dial = redial(
+            self.router.clone(),
+            Arc::clone(&self.placement),
+            from.clone(),
+            replay.len(),
+            deadline,
+            self.id,
+            self.control_tx.clone(),
+        );
+        tokio::pin!(dial);
+        let close_timeout = config.relay.close_timeout;
+
+        let moved = {
+            let (mut client_tx, mut client_rx) = (&mut self.client).split();
+            loop {
+                tokio::select! {
+                    result = &mut dial => break result,
+                    msg = client_rx.next() => match msg {
+                        Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                            if queue.push(msg).is_err() {
+                                tracing::warn!("client sent more than the migration queue holds");
+                                finish_close(&mut client_tx, &mut client_rx, close_frame(1013, "try again later"), close_timeout).await;
+                                if reason.is_planned() {
+                                    close_upstream(&mut self.upstream, close_frame(1001, "client went away"), close_timeout).await;
+                                }
+                                return Err("migration_queue_full");
+                            }
+                        }
+                        Some(Ok(Message::Close(frame))) => {
+                            let _ = client_tx.flush().await;
+                            if reason.is_planned() {
+                                close_upstream(&mut self.upstream, Message::Close(frame), close_timeout).await;
+                            }
+                            return Err("client_close");
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => {
+                            if reason.is_planned() {
+                                close_upstream(&mut self.upstream, close_frame(1001, "client went away"), close_timeout).await;
+                            }
+                            return Err("client_lost");
+                        }
+                    },
+                }
+            }
+        };
+
+        let Some((upstream, slot)) = moved else {
+            if reason.is_planned() {
+                tracing::warn!(backend = %from, reason = reason.as_label(), "no other backend took the session; it stays");
+                for msg in queue.drain() {
+                    self.window.push(msg.clone());
+                    if self.upstream.ws.feed(msg).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = self.upstream.ws.flush().await;
+                return Ok(());
+            }
+            tracing::warn!(backend = %from, "no backend took the session in time");
+            let (mut tx, mut rx) = (&mut self.client).split();
+            finish_close(
+                &mut tx,
+                &mut rx,
+                close_frame(1013, "no backend available"),
+                close_timeout,
+            )
+            .await;
+            return Err("migration_failed");
+        };
+
+        let old = std::mem::replace(&mut self.upstream, upstream);
+        self.slot = slot;
+        if reason.is_planned() {
+            let mut old = old;
+            tokio::spawn(async move {
+                close_upstream(&mut old, close_frame(1001, "session moved"), close_timeout).await;
+            });
+        }
+        let to = self.slot.backend().id.clone();
+        tracing::Span::current().record("backend", to.as_str());
+        metrics::counter!(m::MIGRATIONS_TOTAL, "from" => from.clone(), "to" => to.clone(), "reason" => reason.as_label())
+            .increment(1);
+        metrics::counter!(m::REPLAYED_MESSAGES_TOTAL).increment(replay.len() as u64);
+        metrics::histogram!(m::MIGRATION_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
+        tracing::info!(from = %from, to = %to, reason = reason.as_label(), elapsed = ?started.elapsed(), "session moved");
+
+        // Replays first, then what queued up, in order. A failure here is
+        // noticed by the relay, and the window replays these again.
+        for msg in replay.into_iter().chain(queue.drain()) {
+            self.window.push(msg.clone());
+            if self.upstream.ws.feed(msg).await.is_err() {
+                break;
+            }
+        }
+        let _ = self.upstream.ws.flush().await;
+        Ok(())
+    }
+}
+
+/// Close a backend connection the session is leaving, bounded.
+async fn close_upstream(upstream: &mut Upstream, close: Message, timeout: std::time::Duration) {
+    let (mut tx, mut rx) = (&mut upstream.ws).split();
+    finish_close(&mut tx, &mut rx, close, timeout).await;
+}
+
+/// Dial rounds with backoff until a backend other than `from` accepts, or
+/// `deadline` passes.
+async fn redial(
+    router: Router,
+    placement: Arc<Placement>,
+    from: String,
+    replayed: usize,
+    deadline: Instant,
+    session_id: u64,
+    control: mpsc::Sender<Control>,
+) -> Option<(Upstream, SessionSlot)> {
+    let attempt = async {
+        let mut pause = std::time::Duration::from_millis(50);
+        loop {
+            let config = router.config();
+            let migration = MigrationDial {
+                from: &from,
+                replayed,
+            };
+            if let Ok(connected) = dial_candidates(
+                &router,
+                &config,
+                &placement,
+                Some(migration),
+                session_id,
+                &control,
+            )
+            .await
+            {
+                return connected;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(std::time::Duration::from_secs(1));
+        }
     };
-    if let Some(close) = to_client {
-        let (mut tx, mut rx) = (&mut client).split();
-        relay::finish_close(&mut tx, &mut rx, close, relay_config.close_timeout).await;
-    }
-    match end {
-        RelayEnd::BackendLost => tracing::warn!("backend connection lost"),
-        end => tracing::debug!(?end, "session ended"),
-    }
+    tokio::time::timeout_at(deadline, attempt).await.ok()
 }

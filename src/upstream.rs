@@ -46,6 +46,10 @@ pub struct ClientInfo {
     pub session_key: String,
     pub region: String,
     pub country: Option<String>,
+    /// The backend this session left (only when migrating).
+    pub migrated_from: Option<String>,
+    /// How many of the first messages are replays (only when migrating).
+    pub replayed: Option<usize>,
 }
 
 /// A dial that did not produce a WebSocket.
@@ -156,6 +160,12 @@ fn build_request(backend: &Backend, request: &UpgradeRequest, client: &ClientInf
         .header("X-Wsrouter-Region", client.region.as_str());
     if let Some(country) = &client.country {
         builder = builder.header("X-Wsrouter-Client-Country", country.as_str());
+    }
+    if let Some(from) = &client.migrated_from {
+        builder = builder.header("X-Wsrouter-Migrated-From", from.as_str());
+    }
+    if let Some(replayed) = client.replayed {
+        builder = builder.header("X-Wsrouter-Replayed", replayed.to_string());
     }
     builder
         .body(())

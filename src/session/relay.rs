@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use metrics::Counter;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::Message;
@@ -27,6 +27,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::config::RelayConfig;
 use crate::metrics as m;
+use crate::session::migrate::{Control, MigrationReason, ReplayWindow};
 
 /// Payload of the router's own keepalive pings; their pongs are not relayed.
 const KEEPALIVE: &[u8] = b"wsrouter-keepalive";
@@ -52,6 +53,8 @@ pub enum RelayEnd {
     ClientViolation(u16),
     /// The router is shutting down; both sides were closed with 1001.
     Shutdown,
+    /// The router asked the session to move; both sides are untouched.
+    MigrateRequested(MigrationReason),
 }
 
 impl RelayEnd {
@@ -67,6 +70,7 @@ impl RelayEnd {
             RelayEnd::ClientViolation(1007) => "invalid_utf8",
             RelayEnd::ClientViolation(_) => "protocol_error",
             RelayEnd::Shutdown => "shutdown",
+            RelayEnd::MigrateRequested(_) => "migrate",
         }
     }
 }
@@ -136,6 +140,7 @@ async fn pump<R, W>(
     config: &RelayConfig,
     messages: &Counter,
     bytes: &Counter,
+    mut window: Option<&mut ReplayWindow>,
 ) -> PumpEnd
 where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -154,6 +159,9 @@ where
                     Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
                         messages.increment(1);
                         bytes.increment(msg.len() as u64);
+                        if let Some(window) = window.as_deref_mut() {
+                            window.push(msg.clone());
+                        }
                         msg
                     }
                     Some(Ok(Message::Pong(p))) if p.as_ref() == KEEPALIVE => continue,
@@ -187,15 +195,22 @@ where
     }
 }
 
-/// Relay until one side closes or fails, a hop goes idle, or `shutdown`
-/// becomes true. See the module doc for who has been told what.
-pub async fn relay<C, U>(
-    client: &mut C,
-    upstream: &mut U,
-    config: &RelayConfig,
-    counters: &TrafficCounters,
-    shutdown: &mut watch::Receiver<bool>,
-) -> RelayEnd
+/// The session-owned state a relay works with.
+pub struct RelayContext<'a> {
+    pub config: &'a RelayConfig,
+    pub counters: &'a TrafficCounters,
+    /// Becomes true when sessions must close (end of the shutdown grace).
+    pub shutdown: &'a mut watch::Receiver<bool>,
+    /// Requests to move the session.
+    pub control: &'a mut mpsc::Receiver<Control>,
+    /// Every client data message is recorded here before it is forwarded.
+    pub window: &'a mut ReplayWindow,
+}
+
+/// Relay until one side closes or fails, a hop goes idle, the session is
+/// asked to move, or `shutdown` becomes true. See the module doc for who has
+/// been told what.
+pub async fn relay<C, U>(client: &mut C, upstream: &mut U, cx: RelayContext<'_>) -> RelayEnd
 where
     C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
     U: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
@@ -206,10 +221,18 @@ where
     let client_heard = AtomicU64::new(0);
     let upstream_heard = AtomicU64::new(0);
 
+    let RelayContext {
+        config,
+        counters,
+        shutdown,
+        control,
+        window,
+    } = cx;
     enum Stopped {
         Up(PumpEnd),
         Down(PumpEnd),
         Shutdown,
+        Migrate(MigrationReason),
     }
     let stopped = {
         let up = pump(
@@ -221,6 +244,7 @@ where
             config,
             &counters.messages_up,
             &counters.bytes_up,
+            Some(window),
         );
         let down = pump(
             &mut upstream_rx,
@@ -231,11 +255,13 @@ where
             config,
             &counters.messages_down,
             &counters.bytes_down,
+            None,
         );
         tokio::select! {
             end = up => Stopped::Up(end),
             end = down => Stopped::Down(end),
             _ = crate::app::stopped(shutdown) => Stopped::Shutdown,
+            Some(Control::Migrate(reason)) = control.recv() => Stopped::Migrate(reason),
         }
     };
 
@@ -299,6 +325,7 @@ where
             .await;
             RelayEnd::Idle
         }
+        Stopped::Migrate(reason) => RelayEnd::MigrateRequested(reason),
         Stopped::Shutdown => {
             let bye = || close_frame(1001, "router shutting down");
             let client_side = finish_close(&mut client_tx, &mut client_rx, bye(), timeout);

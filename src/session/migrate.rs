@@ -1,0 +1,216 @@
+//! Migration bookkeeping: why a session moves, the replay window of client
+//! messages already forwarded, and the queue of client messages that arrive
+//! while the session re-dials.
+//!
+//! Both buffers are pure data structures with their own bounds; the session
+//! task decides when to fill and empty them. See DESIGN.md, "Migration: the
+//! contract".
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Why a session leaves its backend (`wsrouter_migrations_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationReason {
+    /// The backend connection failed without a close frame.
+    UpstreamLost,
+    /// The backend closed with 1001, 1011, 1012, 1013 or 1014.
+    UpstreamClosed,
+    /// Active health checks marked the backend down.
+    Health,
+    /// An operator drained the backend.
+    Drain,
+    /// A reload removed the backend from the configuration.
+    Removed,
+}
+
+impl MigrationReason {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            MigrationReason::UpstreamLost => "upstream_lost",
+            MigrationReason::UpstreamClosed => "upstream_closed",
+            MigrationReason::Health => "health",
+            MigrationReason::Drain => "drain",
+            MigrationReason::Removed => "removed",
+        }
+    }
+
+    /// Planned moves are the router's decision while the backend connection
+    /// still works: the old connection is closed cleanly once the new one is
+    /// ready, and when no other backend takes the session it stays.
+    pub fn is_planned(self) -> bool {
+        matches!(
+            self,
+            MigrationReason::Drain | MigrationReason::Removed | MigrationReason::Health
+        )
+    }
+
+    /// Whether the last forwarded messages may have died with the backend:
+    /// after a failure, or when health checks say it is broken.
+    pub fn replays(self) -> bool {
+        !matches!(self, MigrationReason::Drain | MigrationReason::Removed)
+    }
+}
+
+/// Backend close codes that move the session instead of ending it.
+pub fn is_migrating_close(code: u16) -> bool {
+    matches!(code, 1001 | 1011 | 1012 | 1013 | 1014)
+}
+
+/// Messages sent to a session's task by the rest of the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Leave the current backend for this reason.
+    Migrate(MigrationReason),
+}
+
+/// The last client messages forwarded to the backend, bounded by count and
+/// age, kept so they can be sent again after an abrupt failure.
+#[derive(Debug)]
+pub struct ReplayWindow {
+    items: VecDeque<(Instant, Message)>,
+    max_messages: usize,
+    max_age: Duration,
+}
+
+impl ReplayWindow {
+    pub fn new(max_messages: usize, max_age: Duration) -> ReplayWindow {
+        ReplayWindow {
+            items: VecDeque::new(),
+            max_messages,
+            max_age,
+        }
+    }
+
+    /// Remember a message about to be forwarded (a cheap clone: payloads are
+    /// reference-counted).
+    pub fn push(&mut self, message: Message) {
+        if self.max_messages == 0 {
+            return;
+        }
+        if self.items.len() == self.max_messages {
+            self.items.pop_front();
+        }
+        self.items.push_back((Instant::now(), message));
+    }
+
+    /// The messages still young enough to replay, oldest first, leaving the
+    /// window empty: they are pushed again as they are re-sent.
+    pub fn take_fresh(&mut self, now: Instant) -> Vec<Message> {
+        let max_age = self.max_age;
+        self.items
+            .drain(..)
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= max_age)
+            .map(|(_, m)| m)
+            .collect()
+    }
+
+    pub fn clear(&mut self) {
+        self.items.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// Client messages held while the session has no backend, bounded in bytes.
+#[derive(Debug, Default)]
+pub struct PendingQueue {
+    items: VecDeque<Message>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+/// The queue's byte bound was crossed: the client gets 1013.
+#[derive(Debug, PartialEq, Eq)]
+pub struct QueueFull;
+
+impl PendingQueue {
+    pub fn new(max_bytes: usize) -> PendingQueue {
+        PendingQueue {
+            items: VecDeque::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    pub fn push(&mut self, message: Message) -> Result<(), QueueFull> {
+        let len = message.len();
+        if self.bytes + len > self.max_bytes {
+            return Err(QueueFull);
+        }
+        self.bytes += len;
+        self.items.push_back(message);
+        Ok(())
+    }
+
+    pub fn drain(&mut self) -> impl Iterator<Item = Message> + '_ {
+        self.bytes = 0;
+        self.items.drain(..)
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn replay_window_is_bounded_by_count_and_age() {
+        let mut w = ReplayWindow::new(3, Duration::from_secs(10));
+        for i in 0..5 {
+            w.push(Message::text(format!("m{i}")));
+        }
+        assert_eq!(w.len(), 3);
+        let fresh = w.take_fresh(Instant::now());
+        assert_eq!(
+            fresh,
+            vec![
+                Message::text("m2"),
+                Message::text("m3"),
+                Message::text("m4")
+            ]
+        );
+        assert!(w.is_empty());
+
+        w.push(Message::text("old"));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        w.push(Message::text("new"));
+        assert_eq!(w.take_fresh(Instant::now()), vec![Message::text("new")]);
+    }
+
+    #[test]
+    fn pending_queue_refuses_past_its_byte_bound() {
+        let mut q = PendingQueue::new(10);
+        assert_eq!(q.push(Message::text("12345")), Ok(()));
+        assert_eq!(q.push(Message::text("12345")), Ok(()));
+        assert_eq!(q.push(Message::text("1")), Err(QueueFull));
+        assert_eq!(q.drain().count(), 2);
+        assert_eq!(q.push(Message::text("1234567890")), Ok(()));
+    }
+
+    #[test]
+    fn which_closes_migrate() {
+        for code in [1001, 1011, 1012, 1013, 1014] {
+            assert!(is_migrating_close(code));
+        }
+        for code in [1000, 1008, 1002, 4000] {
+            assert!(!is_migrating_close(code));
+        }
+    }
+}
