@@ -18,15 +18,25 @@
 //! The router's configuration is `examples/demo.toml`; it trusts
 //! X-Forwarded-For from loopback so `chat_client --forwarded-for` can play a
 //! visitor from London, the US or Tokyo.
+//!
+//! Type commands on the demo's standard input to break things and watch
+//! sessions move without reconnecting: `kill eu-1` (drops its listener and
+//! every connection at once, like a crash), `start eu-1` (brings it back),
+//! and `drain eu-1` / `undrain eu-1` (through the router's admin API).
 
+// The demo uses `serve_shared`; `serve` is for the standalone backend.
+#[allow(dead_code)]
 #[path = "chat_backend/chat.rs"]
 mod chat;
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use wsrouter::{Config, Listeners};
 
 const BACKENDS: &[(&str, &str, &str)] = &[
@@ -49,28 +59,104 @@ async fn main() -> anyhow::Result<()> {
     let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo.toml");
     let config = Config::from_file(&config_path)?;
 
-    for &(id, region, addr) in BACKENDS {
-        let listener = TcpListener::bind(addr).await.with_context(|| {
-            format!("bind chat backend {id} on {addr} (is another demo running?)")
-        })?;
-        tokio::spawn(async move {
-            if let Err(e) = chat::serve(listener, id.to_string(), region.to_string()).await {
-                tracing::error!(backend = id, error = %e, "chat backend stopped");
-            }
-        });
+    let seen = Arc::new(chat::SeenIds::default());
+    let mut running = HashMap::new();
+    for &(id, _, _) in BACKENDS {
+        running.insert(id, start_backend(id, &seen).await?);
     }
     let widget = TcpListener::bind(WIDGET_ADDR)
         .await
         .with_context(|| format!("bind widget server on {WIDGET_ADDR}"))?;
     tokio::spawn(serve_widget(widget));
 
+    let admin = config.admin.listen;
     let listeners = Listeners::bind(&config).await?;
     print_banner();
+    tokio::spawn(commands(running, seen, admin));
     wsrouter::run(config, listeners, async {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
     Ok(())
+}
+
+/// Start one regional chat backend; aborting the handle kills it.
+async fn start_backend(
+    id: &'static str,
+    seen: &Arc<chat::SeenIds>,
+) -> anyhow::Result<JoinHandle<()>> {
+    let &(_, region, addr) = BACKENDS
+        .iter()
+        .find(|b| b.0 == id)
+        .context("unknown backend")?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind chat backend {id} on {addr} (is another demo running?)"))?;
+    let seen = Arc::clone(seen);
+    Ok(tokio::spawn(async move {
+        if let Err(e) = chat::serve_shared(listener, id.to_string(), region.to_string(), seen).await
+        {
+            tracing::error!(backend = id, error = %e, "chat backend stopped");
+        }
+    }))
+}
+
+/// Read `kill|start|drain|undrain <backend>` lines from stdin.
+async fn commands(
+    mut running: HashMap<&'static str, JoinHandle<()>>,
+    seen: Arc<chat::SeenIds>,
+    admin: std::net::SocketAddr,
+) {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut words = line.split_whitespace();
+        let (Some(command), Some(name)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Some(&(id, _, _)) = BACKENDS.iter().find(|b| b.0 == name) else {
+            tracing::warn!("unknown backend {name:?}; try eu-1, us-1 or ap-1");
+            continue;
+        };
+        match command {
+            "kill" => match running.remove(id) {
+                Some(handle) => {
+                    handle.abort();
+                    tracing::warn!(
+                        backend = id,
+                        "killed: listener and every connection dropped"
+                    );
+                }
+                None => tracing::warn!(backend = id, "already dead"),
+            },
+            "start" if !running.contains_key(id) => match start_backend(id, &seen).await {
+                Ok(handle) => {
+                    running.insert(id, handle);
+                    tracing::info!(backend = id, "started again");
+                }
+                Err(e) => tracing::error!("{e:#}"),
+            },
+            "start" => tracing::warn!(backend = id, "already running"),
+            "drain" | "undrain" => {
+                match admin_post(admin, &format!("/api/backends/{id}/{command}")).await {
+                    Ok(status) => tracing::info!(backend = id, %status, "{command} requested"),
+                    Err(e) => tracing::error!("admin call failed: {e}"),
+                }
+            }
+            other => tracing::warn!("unknown command {other:?}; try kill, start, drain, undrain"),
+        }
+    }
+}
+
+/// A bare POST to the router's admin API; returns the status line.
+async fn admin_post(admin: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(admin).await?;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    Ok(response.lines().next().unwrap_or_default().to_string())
 }
 
 /// Serve the widget page to any GET, so a browser can open it.
@@ -113,6 +199,13 @@ Try, in another terminal:
   # what the router sees
   curl -s http://127.0.0.1:9090/api/backends
   curl -s http://127.0.0.1:9090/metrics | grep wsrouter_
+
+Then, while a client is connected, type here (in this terminal):
+
+  kill eu-1        crash eu-1: its sessions move to the next-closest region, sockets stay open
+  start eu-1       bring it back: new sessions go there again, moved ones stay where they are
+  drain us-1       move us-1's sessions away, paced (same as POST /api/backends/us-1/drain)
+  undrain us-1
 "#
     );
 }

@@ -25,10 +25,17 @@
 //! Rooms are per backend: two clients only see each other when the router
 //! placed them on the same backend. Pings are answered by tungstenite.
 //!
+//! Migration: a session the router moved here is greeted as `resumed`, and
+//! among the first `X-Wsrouter-Replayed` messages, any whose client `id` the
+//! chat service has already seen for that `X-Wsrouter-Session` is dropped.
+//! The record of seen ids is a [`SeenIds`] store; backends that share one
+//! (as the demo's three do, standing in for a shared message log) drop the
+//! duplicates of a backend that died.
+//!
 //! The entry point is [`serve`]; it is a module (not a binary) so that tests
 //! can start backends in-process on ephemeral ports.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -49,6 +56,36 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Messages a slow client may fall behind in its room before it skips some.
 const ROOM_BUFFER: usize = 256;
+/// Message ids remembered per session key, for dropping replayed duplicates.
+const SEEN_PER_SESSION: usize = 1024;
+/// Session keys remembered before the record starts over.
+const SEEN_SESSIONS: usize = 100_000;
+
+/// Client message ids seen per session key: what lets a backend drop the
+/// replays of messages the chat service already has.
+#[derive(Default)]
+pub struct SeenIds {
+    by_session: Mutex<HashMap<String, VecDeque<String>>>,
+}
+
+impl SeenIds {
+    /// Record `id` for `session`; returns whether it was already there.
+    fn check_and_record(&self, session: &str, id: &str) -> bool {
+        let mut map = self.by_session.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= SEEN_SESSIONS && !map.contains_key(session) {
+            map.clear();
+        }
+        let ids = map.entry(session.to_owned()).or_default();
+        if ids.iter().any(|seen| seen == id) {
+            return true;
+        }
+        if ids.len() == SEEN_PER_SESSION {
+            ids.pop_front();
+        }
+        ids.push_back(id.to_owned());
+        false
+    }
+}
 
 /// Serves the chat on `listener` until an unrecoverable accept error.
 ///
@@ -56,23 +93,40 @@ const ROOM_BUFFER: usize = 256;
 /// client can see where the router placed it. Each connection runs in its
 /// own task; per-connection failures are logged and never end the server.
 pub async fn serve(listener: TcpListener, id: String, region: String) -> io::Result<()> {
+    serve_shared(listener, id, region, Arc::default()).await
+}
+
+/// [`serve`], with a record of seen message ids shared with other backends.
+/// Dropping (or aborting) this future drops every connection at once, as a
+/// crashed server would.
+pub async fn serve_shared(
+    listener: TcpListener,
+    id: String,
+    region: String,
+    seen: Arc<SeenIds>,
+) -> io::Result<()> {
     let backend = Arc::new(Backend {
         id,
         region,
         rooms: Mutex::new(HashMap::new()),
+        seen,
     });
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) if is_transient_accept_error(&e) => {
-                tracing::warn!(error = %e, "accept failed; retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-            Err(e) => return Err(e),
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) if is_transient_accept_error(&e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            },
+            Some(_) = connections.join_next() => continue,
         };
         let backend = Arc::clone(&backend);
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = backend.handle_connection(stream, peer).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -94,6 +148,15 @@ struct Backend {
     region: String,
     /// One broadcast channel per room; a room is removed when its last client leaves.
     rooms: Mutex<HashMap<String, broadcast::Sender<String>>>,
+    /// Message ids already seen, per session key.
+    seen: Arc<SeenIds>,
+}
+
+/// What a connection needs to recognise replayed duplicates.
+struct Replay {
+    session: Option<String>,
+    /// How many of the first messages the router marked as replays.
+    replayed: usize,
 }
 
 /// What the handshake callback saw of the upgrade request.
@@ -178,9 +241,25 @@ impl Backend {
             welcome["migrated_from"] = Value::String(from);
         }
 
+        let header = |name: &str| {
+            upgrade
+                .headers
+                .get(name)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let replay = Replay {
+            session: header("x-wsrouter-session"),
+            replayed: header("x-wsrouter-replayed")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+        };
+
         // Subscribe before the welcome so nothing said after it is missed.
         let (room_tx, mut room_rx) = self.join(&room);
-        let result = self.chat(ws, welcome, &room, &room_tx, &mut room_rx).await;
+        let result = self
+            .chat(ws, welcome, &room, &room_tx, &mut room_rx, replay)
+            .await;
         drop(room_rx);
         self.leave(&room, &room_tx);
         tracing::info!(%peer, %room, "client left");
@@ -195,11 +274,13 @@ impl Backend {
         room: &str,
         room_tx: &broadcast::Sender<String>,
         room_rx: &mut broadcast::Receiver<String>,
+        replay: Replay,
     ) -> io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let (mut sink, mut stream) = ws.split();
+        let mut received = 0usize;
         sink.send(Message::text(welcome.to_string()))
             .await
             .map_err(io::Error::other)?;
@@ -211,6 +292,11 @@ impl Backend {
                     None => return Ok(()),
                     Some(Err(e)) => return Err(io::Error::other(e)),
                     Some(Ok(Message::Text(text))) => {
+                        received += 1;
+                        if self.is_duplicate(&replay, received, text.as_str()) {
+                            tracing::info!(%room, "dropped a replayed duplicate");
+                            continue;
+                        }
                         // No receivers only means everyone left; nothing to do.
                         let _ = room_tx.send(self.render(room, text.as_str()));
                     }
@@ -232,6 +318,20 @@ impl Backend {
                 },
             }
         }
+    }
+
+    /// Whether the `nth` message (from 1) of this connection is a replay of
+    /// one already seen. Every message's id is recorded.
+    fn is_duplicate(&self, replay: &Replay, nth: usize, raw: &str) -> bool {
+        let Some(session) = &replay.session else {
+            return false;
+        };
+        let Ok(ClientMessage { id: Some(id), .. }) = serde_json::from_str::<ClientMessage>(raw)
+        else {
+            return false;
+        };
+        let seen = self.seen.check_and_record(session, &id.to_string());
+        seen && nth <= replay.replayed
     }
 
     /// The broadcast form of one client text message.
