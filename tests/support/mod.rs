@@ -136,6 +136,11 @@ struct BackendShared {
     /// Close frames clients sent to this backend: (code, reason); 1005 when
     /// the frame had no code.
     closes: parking_lot::Mutex<Vec<(u16, String)>>,
+    /// Every text message received, in arrival order per session; with the
+    /// session key (X-Wsrouter-Session) it came under.
+    received: parking_lot::Mutex<Vec<(String, String)>>,
+    /// Binary messages received: (session key, length, first byte).
+    received_binary: parking_lot::Mutex<Vec<(String, usize, u8)>>,
 }
 
 /// A WebSocket backend on an ephemeral loopback port. On each session it
@@ -159,9 +164,12 @@ impl TestBackend {
     }
 
     pub async fn start_with(id: &str, options: BackendOptions) -> TestBackend {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind backend");
+        TestBackend::start_on(id, options, "127.0.0.1:0".parse().expect("address")).await
+    }
+
+    /// Start on a given address: `restart` a stopped backend on its port.
+    pub async fn start_on(id: &str, options: BackendOptions, addr: SocketAddr) -> TestBackend {
+        let listener = TcpListener::bind(addr).await.expect("bind backend");
         let addr = listener.local_addr().expect("backend address");
         let shared = Arc::new(BackendShared {
             id: id.to_string(),
@@ -171,6 +179,8 @@ impl TestBackend {
             health_checks: AtomicUsize::new(0),
             sessions: AtomicUsize::new(0),
             closes: parking_lot::Mutex::new(Vec::new()),
+            received: parking_lot::Mutex::new(Vec::new()),
+            received_binary: parking_lot::Mutex::new(Vec::new()),
         });
         let task_shared = Arc::clone(&shared);
         let task = tokio::spawn(async move {
@@ -226,6 +236,21 @@ impl TestBackend {
     /// Stop listening and cut every session.
     pub fn stop(&self) {
         self.task.abort();
+    }
+
+    /// Text messages received: (session key, text), in arrival order.
+    pub fn received(&self) -> Vec<(String, String)> {
+        self.shared.received.lock().clone()
+    }
+
+    /// Binary messages received: (session key, length, first byte).
+    pub fn received_binary(&self) -> Vec<(String, usize, u8)> {
+        self.shared.received_binary.lock().clone()
+    }
+
+    /// Come back on the same port (after [`TestBackend::stop`]), empty.
+    pub async fn restart(&self) -> TestBackend {
+        TestBackend::start_on(&self.id, self.shared.options.clone(), self.addr).await
     }
 }
 
@@ -371,9 +396,28 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
         return;
     }
 
+    let session = head
+        .header("x-wsrouter-session")
+        .unwrap_or_default()
+        .to_string();
     let mut closing = false;
     while let Some(message) = ws.next().await {
         let result = match message {
+            Ok(Message::Text(text)) if !text.as_str().starts_with("close:") => {
+                shared
+                    .received
+                    .lock()
+                    .push((session.clone(), text.as_str().to_string()));
+                ws.send(Message::Text(text)).await
+            }
+            Ok(Message::Binary(data)) => {
+                let first = data.first().copied().unwrap_or(0);
+                shared
+                    .received_binary
+                    .lock()
+                    .push((session.clone(), data.len(), first));
+                ws.send(Message::Binary(data)).await
+            }
             Ok(Message::Text(text)) => match text.as_str().strip_prefix("close:") {
                 Some(rest) => {
                     let (code, reason) = rest.split_once(':').unwrap_or((rest, ""));
@@ -387,7 +431,6 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
                 }
                 None => ws.send(Message::Text(text)).await,
             },
-            Ok(Message::Binary(data)) => ws.send(Message::Binary(data)).await,
             Ok(Message::Close(frame)) => {
                 // The answer to our own close is not a close the client sent.
                 if !closing {
@@ -464,6 +507,10 @@ pub struct RouterBuilder {
     pub health_timeout: String,
     pub rise: u32,
     pub fall: u32,
+    /// `[shutdown] grace_period`; "0s" so stopping a test router is quick.
+    pub shutdown_grace: String,
+    /// Whole TOML sections appended as they are (e.g. `[migration]`).
+    pub extra: String,
 }
 
 /// A router configuration with the defaults described at [`RouterBuilder`].
@@ -484,6 +531,8 @@ pub fn router() -> RouterBuilder {
         health_timeout: "5s".into(),
         rise: 2,
         fall: 3,
+        shutdown_grace: "0s".into(),
+        extra: String::new(),
     }
 }
 
@@ -549,6 +598,18 @@ impl RouterBuilder {
         self
     }
 
+    /// Append whole TOML sections, e.g. `"[migration]\ntimeout = \"2s\"\n"`.
+    pub fn extra(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    pub fn shutdown_grace(mut self, grace: &str) -> Self {
+        self.shutdown_grace = grace.into();
+        self
+    }
+
     pub fn handshake_timeout(mut self, timeout: &str) -> Self {
         self.handshake_timeout = timeout.into();
         self
@@ -605,6 +666,12 @@ impl RouterBuilder {
             self.rise,
             self.fall
         ));
+        out.push_str(&format!(
+            "[shutdown]\ngrace_period = {}\n\n",
+            q(&self.shutdown_grace)
+        ));
+        out.push_str(&self.extra);
+        out.push('\n');
         for (name, lat, lon) in &self.regions {
             out.push_str(&format!(
                 "[[regions]]\nname = {}\nlatitude = {lat}\nlongitude = {lon}\n\n",
@@ -637,20 +704,47 @@ impl RouterBuilder {
     /// Start a router on ephemeral loopback ports. The listeners are bound
     /// before this returns, so clients can connect at once.
     pub async fn start(&self) -> RouterHandle {
-        let config = self
-            .config()
-            .unwrap_or_else(|e| panic!("test router config is invalid: {e}\n{}", self.toml()));
+        self.start_with_file(None).await
+    }
+
+    /// Start a router whose configuration is read from `path` (written from
+    /// this builder first), so that `POST /api/reload` re-reads that file.
+    pub async fn start_from_file(&self, path: &Path) -> RouterHandle {
+        self.write_to(path);
+        self.start_with_file(Some(path.to_path_buf())).await
+    }
+
+    /// Write the configuration to `path`, with the GeoIP path made absolute.
+    pub fn write_to(&self, path: &Path) {
+        let mut builder = self.clone();
+        if Path::new(&builder.geoip).is_relative() {
+            builder.geoip = manifest_dir().join(&builder.geoip).display().to_string();
+        }
+        std::fs::write(path, builder.toml()).expect("write the router config file");
+    }
+
+    async fn start_with_file(&self, path: Option<PathBuf>) -> RouterHandle {
+        let config = match &path {
+            Some(path) => wsrouter::Config::from_file(path),
+            None => self.config(),
+        }
+        .unwrap_or_else(|e| panic!("test router config is invalid: {e}\n{}", self.toml()));
         let public = TcpListener::bind("127.0.0.1:0").await.expect("bind public");
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let public_addr = public.local_addr().expect("public address");
         let admin_addr = admin.local_addr().expect("admin address");
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(wsrouter::run(
+        let options = wsrouter::Options {
+            config_path: path,
+            reload_on_sighup: false,
+        };
+        let task = tokio::spawn(wsrouter::run_with(
             config,
             wsrouter::Listeners { public, admin },
             async move {
                 let _ = stop_rx.await;
             },
+            options,
         ));
         RouterHandle {
             public: public_addr,
@@ -701,6 +795,22 @@ impl RouterHandle {
     /// GET an admin path: (status, body).
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         http_get(self.admin, path).await
+    }
+
+    /// POST an admin path, with a bearer token when given: (status, body).
+    pub async fn admin_post(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        http_post(self.admin, path, token).await
+    }
+
+    /// A backend's `sessions` count in `/api/backends`.
+    pub async fn backend_sessions(&self, id: &str) -> u64 {
+        self.backends_api()
+            .await
+            .iter()
+            .find(|b| b["id"] == id)
+            .unwrap_or_else(|| panic!("backend {id} missing from /api/backends"))["sessions"]
+            .as_u64()
+            .expect("sessions is a number")
     }
 
     /// `/api/backends`, parsed.
@@ -878,6 +988,29 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .status
         .unwrap_or_else(|| panic!("no HTTP answer to GET {path}: {answer:?}"));
     (status, answer.body)
+}
+
+/// POST an admin path with an optional bearer token: (status, body).
+pub async fn http_post(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let answer = raw_exchange(addr, request.as_bytes()).await;
+    let status = answer
+        .status
+        .unwrap_or_else(|| panic!("no HTTP answer to POST {path}: {answer:?}"));
+    (status, answer.body)
+}
+
+/// Raise this process's open-files soft limit to its hard limit, for tests
+/// that hold hundreds of sessions (four descriptors each in one process).
+pub fn raise_fd_limit() {
+    if let Ok((_, hard)) = rlimit::Resource::NOFILE.get() {
+        let _ = rlimit::Resource::NOFILE.set(hard, hard);
+    }
 }
 
 /// A unique path in the temp directory for a test file.
