@@ -141,6 +141,8 @@ struct BackendShared {
     received: parking_lot::Mutex<Vec<(String, String)>>,
     /// Binary messages received: (session key, length, first byte).
     received_binary: parking_lot::Mutex<Vec<(String, usize, u8)>>,
+    /// [`TestBackend::close_all`] sends (code, reason) to every session.
+    closer: tokio::sync::broadcast::Sender<(u16, String)>,
 }
 
 /// A WebSocket backend on an ephemeral loopback port. On each session it
@@ -181,6 +183,7 @@ impl TestBackend {
             closes: parking_lot::Mutex::new(Vec::new()),
             received: parking_lot::Mutex::new(Vec::new()),
             received_binary: parking_lot::Mutex::new(Vec::new()),
+            closer: tokio::sync::broadcast::channel(4).0,
         });
         let task_shared = Arc::clone(&shared);
         let task = tokio::spawn(async move {
@@ -246,6 +249,12 @@ impl TestBackend {
     /// Binary messages received: (session key, length, first byte).
     pub fn received_binary(&self) -> Vec<(String, usize, u8)> {
         self.shared.received_binary.lock().clone()
+    }
+
+    /// Close every open session with this code and reason (a backend that
+    /// restarts or sheds load says so with 1012 or 1013).
+    pub fn close_all(&self, code: u16, reason: &str) {
+        let _ = self.shared.closer.send((code, reason.to_string()));
     }
 
     /// Come back on the same port (after [`TestBackend::stop`]), empty.
@@ -401,7 +410,22 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
         .unwrap_or_default()
         .to_string();
     let mut closing = false;
-    while let Some(message) = ws.next().await {
+    let mut close_all = shared.closer.subscribe();
+    loop {
+        let message = tokio::select! {
+            message = ws.next() => match message {
+                Some(message) => message,
+                None => break,
+            },
+            Ok((code, reason)) = close_all.recv(), if !closing => {
+                closing = true;
+                let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+                if ws.close(Some(frame)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+        };
         let result = match message {
             Ok(Message::Text(text)) if !text.as_str().starts_with("close:") => {
                 shared
@@ -511,6 +535,8 @@ pub struct RouterBuilder {
     pub shutdown_grace: String,
     /// Whole TOML sections appended as they are (e.g. `[migration]`).
     pub extra: String,
+    /// `[admin] token`: mutating admin calls need it as a bearer token.
+    pub admin_token: Option<String>,
 }
 
 /// A router configuration with the defaults described at [`RouterBuilder`].
@@ -533,6 +559,7 @@ pub fn router() -> RouterBuilder {
         fall: 3,
         shutdown_grace: "0s".into(),
         extra: String::new(),
+        admin_token: None,
     }
 }
 
@@ -641,7 +668,11 @@ impl RouterBuilder {
             "[listener]\npublic = \"127.0.0.1:0\"\npaths = [\"/chat\"]\nhandshake_timeout = {}\n\n",
             q(&self.handshake_timeout)
         ));
-        out.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n\n");
+        out.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n");
+        if let Some(token) = &self.admin_token {
+            out.push_str(&format!("token = {}\n", q(token)));
+        }
+        out.push('\n');
         out.push_str(&format!(
             "[client_address]\ntrusted_proxies = [{}]\n\n",
             list(&self.trusted_proxies)
@@ -1018,4 +1049,13 @@ pub fn temp_file(name: &str) -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     std::env::temp_dir().join(format!("wsrouter-test-{}-{n}-{name}", std::process::id()))
+}
+
+impl RouterBuilder {
+    /// `[admin] token`: POST calls to the admin API need
+    /// `Authorization: Bearer <token>`.
+    pub fn admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(token.into());
+        self
+    }
 }
