@@ -76,7 +76,9 @@ fn ws_config(config: &Config) -> WebSocketConfig {
     let max = config.relay.max_message_bytes;
     WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
-        .write_buffer_size(0)
+        // Frames collect in the write buffer until the relay flushes a
+        // batch (or it passes this size): one write per burst.
+        .write_buffer_size(64 * 1024)
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
 }

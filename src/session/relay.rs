@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use metrics::Counter;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -123,6 +123,23 @@ enum PumpEnd {
     Idle,
 }
 
+/// Most messages forwarded before one flush.
+const MAX_BATCH: usize = 64;
+
+/// How a pump ends on a read that is not a message to forward.
+fn source_end(read: Option<Result<Message, WsError>>) -> PumpEnd {
+    match read {
+        Some(Ok(Message::Close(frame))) => PumpEnd::Closed(frame),
+        Some(Err(e)) => match violation_code(&e) {
+            Some(code) => PumpEnd::SourceViolation(code),
+            None => PumpEnd::SourceLost,
+        },
+        // Forwardable messages never get here (the caller handles them);
+        // anything else unexpected counts as losing the source.
+        None | Some(Ok(_)) => PumpEnd::SourceLost,
+    }
+}
+
 /// Milliseconds since `epoch`, for "last heard" stamps shared by the pumps.
 fn stamp(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
@@ -155,28 +172,41 @@ where
         tokio::select! {
             msg = source.next() => {
                 source_heard.store(stamp(epoch), Ordering::Relaxed);
-                let forward = match msg {
-                    Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                        messages.increment(1);
-                        bytes.increment(msg.len() as u64);
-                        if let Some(window) = window.as_deref_mut() {
-                            window.push(msg.clone());
+                // Forward this message and whatever else is already readable
+                // (bounded), then flush once: one write for a burst instead
+                // of one per message.
+                let mut next = Some(msg);
+                let mut batched = 0;
+                while let Some(msg) = next.take() {
+                    let forward = match msg {
+                        Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                            messages.increment(1);
+                            bytes.increment(msg.len() as u64);
+                            if let Some(window) = window.as_deref_mut() {
+                                window.push(msg.clone());
+                            }
+                            Some(msg)
                         }
-                        msg
+                        Some(Ok(Message::Pong(p))) if p.as_ref() == KEEPALIVE => None,
+                        Some(Ok(msg @ (Message::Ping(_) | Message::Pong(_)))) => Some(msg),
+                        Some(Ok(Message::Frame(_))) => None,
+                        end => {
+                            // What was fed so far still goes out first.
+                            let _ = destination.flush().await;
+                            return source_end(end);
+                        }
+                    };
+                    if let Some(forward) = forward
+                        && destination.feed(forward).await.is_err()
+                    {
+                        return PumpEnd::DestinationLost;
                     }
-                    Some(Ok(Message::Pong(p))) if p.as_ref() == KEEPALIVE => continue,
-                    Some(Ok(msg @ (Message::Ping(_) | Message::Pong(_)))) => msg,
-                    Some(Ok(Message::Close(frame))) => return PumpEnd::Closed(frame),
-                    Some(Ok(Message::Frame(_))) => continue,
-                    Some(Err(e)) => {
-                        return match violation_code(&e) {
-                            Some(code) => PumpEnd::SourceViolation(code),
-                            None => PumpEnd::SourceLost,
-                        };
+                    batched += 1;
+                    if batched < MAX_BATCH {
+                        next = source.next().now_or_never();
                     }
-                    None => return PumpEnd::SourceLost,
-                };
-                if destination.send(forward).await.is_err() {
+                }
+                if destination.flush().await.is_err() {
                     return PumpEnd::DestinationLost;
                 }
             }
