@@ -349,7 +349,7 @@ async fn order_holds_and_a_message_in_flight_arrives_whole() {
     let expected_len = |first: u8, length: usize| {
         (0..MESSAGES).any(|n| (n % 256) as u8 == first && len(n) == length)
     };
-    let mut delivered = vec![false; MESSAGES];
+    let mut delivered = [false; MESSAGES];
     for (who, log) in [
         ("doomed", doomed.received_binary()),
         ("spare", spare.received_binary()),
