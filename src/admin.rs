@@ -10,6 +10,8 @@
 //! | `POST /api/backends/{id}/drain` | stop new sessions there and move its sessions away, paced |
 //! | `POST /api/backends/{id}/undrain` | take new sessions again |
 //! | `POST /api/reload` | re-read the config file (as SIGHUP does) |
+//! | `GET /api/attack-mode` | `{"under_attack": bool}` |
+//! | `POST /api/attack-mode/on`, `/off` | switch "under attack" mode |
 //!
 //! Mutating (POST) calls need `Authorization: Bearer <admin.token>` when a
 //! token is configured, and get 401 without it. The token is never logged.
@@ -95,6 +97,10 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 text(StatusCode::SERVICE_UNAVAILABLE, "no healthy backend\n")
             }
         }
+        "/api/attack-mode" => json(
+            StatusCode::OK,
+            &serde_json::json!({ "under_attack": state.operator.limits().is_under_attack() }),
+        ),
         "/api/backends" => {
             let set = state.operator.backends().load();
             let list: Vec<BackendJson> = set.backends.iter().map(|b| backend_json(b)).collect();
@@ -141,6 +147,15 @@ fn mutate(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                 )
             }
         };
+    }
+    if let Some(switch) = path.strip_prefix("/api/attack-mode/") {
+        let on = match switch {
+            "on" => true,
+            "off" => false,
+            _ => return text(StatusCode::NOT_FOUND, "use /api/attack-mode/on or /off\n"),
+        };
+        state.operator.limits().set_under_attack(on);
+        return json(StatusCode::OK, &serde_json::json!({ "under_attack": on }));
     }
     let action = path
         .strip_prefix("/api/backends/")

@@ -25,6 +25,7 @@ use crate::admin::{self, AdminState};
 use crate::backend::{Backend, BackendSet, Backends};
 use crate::config::{Config, ConfigError};
 use crate::health;
+use crate::limits::Limits;
 use crate::metrics;
 use crate::session::migrate::MigrationReason;
 use crate::session::relay::TrafficCounters;
@@ -93,8 +94,11 @@ pub async fn run_with(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
 
+    let limits = Limits::new(&config.load().limits);
+    spawn_limit_upkeep(limits.clone(), stop_rx.clone());
     let operator = Operator {
         shared: Arc::new(OperatorShared {
+            limits: limits.clone(),
             config: Arc::clone(&config),
             backends: backends.clone(),
             config_path: options.config_path.clone(),
@@ -133,6 +137,7 @@ pub async fn run_with(
         session_done: done_tx,
         counters: TrafficCounters::new(),
         next_session_id: Arc::new(AtomicU64::new(1)),
+        limits,
     };
     accept_loop(&listeners.public, &router, shutdown).await;
 
@@ -193,6 +198,19 @@ pub(crate) async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stop| *stop).await;
 }
 
+/// Drop rate-limiter state of addresses not seen lately, now and then.
+fn spawn_limit_upkeep(limits: Limits, mut stop: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(crate::limits::FORGET_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => limits.forget_idle_addresses(),
+                _ = stopped(&mut stop) => return,
+            }
+        }
+    });
+}
+
 fn spawn_sighup_reload(operator: Operator, mut stop: watch::Receiver<bool>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = match signal(SignalKind::hangup()) {
@@ -226,6 +244,7 @@ pub struct Operator {
 
 struct OperatorShared {
     config: Arc<ArcSwap<Config>>,
+    limits: Limits,
     backends: Backends,
     config_path: Option<PathBuf>,
     /// Health checkers of backends added by a reload stop with this.
@@ -258,6 +277,10 @@ impl Operator {
 
     pub fn backends(&self) -> &Backends {
         &self.shared.backends
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -303,6 +326,9 @@ impl Operator {
             tracing::warn!(
                 "listener addresses changed in the file; they apply at the next restart"
             );
+        }
+        if format!("{:?}", new.limits) != format!("{:?}", old.limits) {
+            tracing::warn!("[limits] changed in the file; they apply at the next restart");
         }
         let old_set = self.shared.backends.load();
         let mut summary = ReloadSummary::default();

@@ -48,6 +48,9 @@ pub const DEFAULT_MIGRATION_RATE: u32 = 200;
 pub const DEFAULT_PASSIVE_FAILURES: u32 = 3;
 pub const DEFAULT_PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_ATTACK_CONNECTION_RATE: u32 = 2;
+pub const DEFAULT_ATTACK_CONNECTION_BURST: u32 = 5;
+pub const DEFAULT_ATTACK_MAX_SESSIONS: u32 = 10;
 
 /// One problem in a configuration file: which field, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +136,8 @@ struct FileConfig {
     passive_health: FilePassiveHealth,
     #[serde(default)]
     shutdown: FileShutdown,
+    #[serde(default)]
+    limits: FileLimits,
     #[serde(default)]
     regions: Vec<FileRegion>,
     #[serde(default)]
@@ -227,6 +232,32 @@ struct FilePassiveHealth {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_sessions: Option<usize>,
+    per_ip_connection_rate: Option<u32>,
+    per_ip_connection_burst: Option<u32>,
+    per_ip_max_sessions: Option<u32>,
+    allowed_origins: Option<Vec<String>>,
+    require_origin: Option<bool>,
+    session_message_rate: Option<u64>,
+    session_message_burst: Option<u64>,
+    session_byte_rate: Option<u64>,
+    session_byte_burst: Option<u64>,
+    #[serde(default)]
+    under_attack: FileUnderAttack,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileUnderAttack {
+    enabled: Option<bool>,
+    per_ip_connection_rate: Option<u32>,
+    per_ip_connection_burst: Option<u32>,
+    per_ip_max_sessions: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct FileShutdown {
     grace_period: Option<String>,
 }
@@ -269,6 +300,7 @@ pub struct Config {
     /// After SIGTERM, sessions keep relaying this long before they are
     /// closed with 1001.
     pub shutdown_grace: Duration,
+    pub limits: LimitsConfig,
     pub regions: Vec<RegionConfig>,
     pub backends: Vec<BackendConfig>,
 }
@@ -380,6 +412,41 @@ pub struct MigrationConfig {
     pub timeout: Duration,
     /// Planned moves (drain, health, removal) per second per backend.
     pub max_rate_per_backend: u32,
+}
+
+/// Edge limits; 0 turns a limit off.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Sessions in all; past it, 503 before the upgrade.
+    pub max_sessions: usize,
+    /// Per client address, normally.
+    pub per_ip: PerIpLimits,
+    /// Per client address, in "under attack" mode.
+    pub under_attack: PerIpLimits,
+    /// Start in "under attack" mode.
+    pub start_under_attack: bool,
+    /// Origins allowed to open sessions (exact, case-insensitive); empty
+    /// allows any.
+    pub allowed_origins: Vec<String>,
+    /// Refuse requests without an Origin header (always, under attack).
+    pub require_origin: bool,
+    /// Client messages per second per session, and the burst above it.
+    pub session_message_rate: u64,
+    pub session_message_burst: u64,
+    /// Client bytes per second per session, and the burst above it.
+    pub session_byte_rate: u64,
+    pub session_byte_burst: u64,
+}
+
+/// Limits applied to each client address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PerIpLimits {
+    /// New connections per second (token bucket).
+    pub connection_rate: u32,
+    /// Bucket size: connections allowed at once after a quiet spell.
+    pub connection_burst: u32,
+    /// Concurrent sessions.
+    pub max_sessions: u32,
 }
 
 /// Passive health: failures seen by sessions eject a backend for a while.
@@ -988,6 +1055,52 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         ),
     };
 
+    // limits
+    let l = &file.limits;
+    let ua = &l.under_attack;
+    let per_ip = PerIpLimits {
+        connection_rate: l.per_ip_connection_rate.unwrap_or(0),
+        connection_burst: l.per_ip_connection_burst.unwrap_or(0),
+        max_sessions: l.per_ip_max_sessions.unwrap_or(0),
+    };
+    let under_attack = PerIpLimits {
+        connection_rate: ua
+            .per_ip_connection_rate
+            .unwrap_or(DEFAULT_ATTACK_CONNECTION_RATE),
+        connection_burst: ua
+            .per_ip_connection_burst
+            .unwrap_or(DEFAULT_ATTACK_CONNECTION_BURST),
+        max_sessions: ua
+            .per_ip_max_sessions
+            .unwrap_or(DEFAULT_ATTACK_MAX_SESSIONS),
+    };
+    let allowed_origins = l.allowed_origins.clone().unwrap_or_default();
+    for (i, origin) in allowed_origins.iter().enumerate() {
+        let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
+            && !origin
+                .trim_end_matches('/')
+                .contains(|c: char| c.is_whitespace())
+            && origin.matches('/').count() == 2;
+        if !valid {
+            p.add(
+                format!("limits.allowed_origins[{i}]"),
+                format!("{origin:?} must be an origin like \"https://chat.example.com\" (scheme, host, optional port; no path)"),
+            );
+        }
+    }
+    let limits = LimitsConfig {
+        max_sessions: l.max_sessions.unwrap_or(0),
+        per_ip,
+        under_attack,
+        start_under_attack: ua.enabled.unwrap_or(false),
+        allowed_origins,
+        require_origin: l.require_origin.unwrap_or(false),
+        session_message_rate: l.session_message_rate.unwrap_or(0),
+        session_message_burst: l.session_message_burst.unwrap_or(0),
+        session_byte_rate: l.session_byte_rate.unwrap_or(0),
+        session_byte_burst: l.session_byte_burst.unwrap_or(0),
+    };
+
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -1024,6 +1137,7 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         migration,
         passive_health,
         shutdown_grace,
+        limits,
         regions,
         backends,
     })

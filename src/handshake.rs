@@ -315,7 +315,7 @@ fn percent_decode(s: &str) -> Option<String> {
 /// that are whatever the client wrote and are never believed. An entry that
 /// is not an address stops the walk at the last trusted hop.
 pub fn client_ip(peer: IpAddr, request: &UpgradeRequest, trusted: &[IpNet]) -> IpAddr {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(&ip.to_canonical()));
+    let is_trusted = |ip: &IpAddr| is_trusted_proxy(*ip, trusted);
     let peer = peer.to_canonical();
     if !is_trusted(&peer) {
         return peer;
@@ -346,6 +346,12 @@ pub fn client_ip(peer: IpAddr, request: &UpgradeRequest, trusted: &[IpNet]) -> I
         }
     }
     current
+}
+
+/// Whether `ip` is one of the configured trusted proxies.
+pub fn is_trusted_proxy(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    let ip = ip.to_canonical();
+    trusted.iter().any(|net| net.contains(&ip))
 }
 
 /// The `for=` value of one Forwarded element, quotes removed.

@@ -14,6 +14,7 @@
 //! | [`steer`] | pure ranking: region order and weighted rendezvous hashing |
 //! | [`backend`] | backends at run time: state, session slots, the set snapshot |
 //! | [`health`] | active health checks and their thresholds |
+//! | [`limits`] | per-IP rate and concurrency, global cap, Origin allow-list, message rates, under-attack mode |
 //! | [`upstream`] | dialing a backend WebSocket with the forwarded headers |
 //! | [`session`] | one connection from accept to close; [`session::relay`] moves messages, [`session::migrate`] holds the replay window and queue |
 //! | [`admin`] | the admin listener: metrics, health, readiness, backends API |
@@ -26,6 +27,7 @@ pub mod config;
 pub mod geo;
 pub mod handshake;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod session;
 pub mod steer;

@@ -32,6 +32,7 @@ use crate::backend::{Backends, SessionSlot};
 use crate::config::{Config, SessionKeySource};
 use crate::geo::Location;
 use crate::handshake::{self, HandshakeError, UpgradeRequest, plain_response};
+use crate::limits::{Admission, Limits, MessageBudget, Refused};
 use crate::metrics as m;
 use crate::upstream::{self, ClientInfo, DialError, Upstream};
 use migrate::{Control, MigrationReason, PendingQueue, ReplayWindow, is_migrating_close};
@@ -63,6 +64,8 @@ pub struct Router {
     pub counters: TrafficCounters,
     /// Source of session ids (registry keys, never exported).
     pub next_session_id: Arc<AtomicU64>,
+    /// Edge limits shared by every connection.
+    pub limits: Limits,
 }
 
 impl Router {
@@ -102,6 +105,12 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
     async move {
         let _ = stream.set_nodelay(true);
         let config = router.config();
+        // A peer that is not a trusted proxy is rate-limited before we
+        // read a byte; behind a trusted proxy, once we know the client.
+        let peer_is_proxy = handshake::is_trusted_proxy(peer.ip(), &config.trusted_proxies);
+        if !peer_is_proxy && let Err(refused) = router.limits.check_rate(peer.ip().to_canonical()) {
+            return Refusal::from(refused).send(&mut stream).await;
+        }
         let request = match read_upgrade(&config, &mut stream).await {
             Ok(request) => request,
             Err(e) => {
@@ -109,9 +118,19 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
                 return;
             }
         };
+        if let Err(refused) = router.limits.check_origin(request.header("origin")) {
+            return Refusal::from(refused).send(&mut stream).await;
+        }
         let (mut placement, key_cookie) = match place(&config, request, peer) {
             Ok(placed) => placed,
             Err(refusal) => return refusal.send(&mut stream).await,
+        };
+        if peer_is_proxy && let Err(refused) = router.limits.check_rate(placement.client_ip) {
+            return Refusal::from(refused).send(&mut stream).await;
+        }
+        let admission = match router.limits.admit(placement.client_ip) {
+            Ok(admission) => admission,
+            Err(refused) => return Refusal::from(refused).send(&mut stream).await,
         };
         let id = router.next_session_id.fetch_add(1, Ordering::Relaxed);
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -132,6 +151,8 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
         metrics::counter!(m::SESSIONS_TOTAL, "region" => slot.backend().region_name.clone())
             .increment(1);
         let session = Session {
+            budget: router.limits.message_budget(),
+            _admission: admission,
             window: ReplayWindow::new(
                 config.migration.replay_max_messages,
                 config.migration.replay_max_age,
@@ -195,6 +216,23 @@ struct Refusal {
     /// `wsrouter_upgrades_total{result}`.
     result: &'static str,
     response: Vec<u8>,
+}
+
+impl From<Refused> for Refusal {
+    /// An edge limit's answer, counted by reason.
+    fn from(refused: Refused) -> Refusal {
+        metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => refused.reason()).increment(1);
+        let (status, phrase) = refused.status();
+        let extra: &[(&str, &str)] = if status == 403 {
+            &[]
+        } else {
+            &[("Retry-After", "1")]
+        };
+        Refusal {
+            result: "rejected",
+            response: plain_response(status, phrase, extra, &format!("{refused}\n")),
+        }
+    }
 }
 
 impl Refusal {
@@ -453,6 +491,10 @@ struct Session {
     control_tx: mpsc::Sender<Control>,
     control_rx: mpsc::Receiver<Control>,
     window: ReplayWindow,
+    /// Per-session message and byte rates, when configured.
+    budget: Option<MessageBudget>,
+    /// This session's place under the per-IP and global caps.
+    _admission: Admission,
 }
 
 /// Why a session ended without being moved (`wsrouter_closes_total`).
@@ -474,6 +516,7 @@ impl Session {
                     shutdown: &mut shutdown,
                     control: &mut self.control_rx,
                     window: &mut self.window,
+                    budget: self.budget.as_mut(),
                 },
             )
             .await;

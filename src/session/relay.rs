@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::config::RelayConfig;
+use crate::limits::MessageBudget;
 use crate::metrics as m;
 use crate::session::migrate::{Control, MigrationReason, ReplayWindow};
 
@@ -68,6 +69,7 @@ impl RelayEnd {
             RelayEnd::Idle => "idle_timeout",
             RelayEnd::ClientViolation(1009) => "message_too_big",
             RelayEnd::ClientViolation(1007) => "invalid_utf8",
+            RelayEnd::ClientViolation(1008) => "message_rate",
             RelayEnd::ClientViolation(_) => "protocol_error",
             RelayEnd::Shutdown => "shutdown",
             RelayEnd::MigrateRequested(_) => "migrate",
@@ -158,6 +160,7 @@ async fn pump<R, W>(
     messages: &Counter,
     bytes: &Counter,
     mut window: Option<&mut ReplayWindow>,
+    mut budget: Option<&mut MessageBudget>,
 ) -> PumpEnd
 where
     R: Stream<Item = Result<Message, WsError>> + Unpin,
@@ -180,6 +183,12 @@ where
                 while let Some(msg) = next.take() {
                     let forward = match msg {
                         Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                            if let Some(budget) = budget.as_deref_mut()
+                                && !budget.spend(msg.len())
+                            {
+                                let _ = destination.flush().await;
+                                return PumpEnd::SourceViolation(1008);
+                            }
                             messages.increment(1);
                             bytes.increment(msg.len() as u64);
                             if let Some(window) = window.as_deref_mut() {
@@ -235,6 +244,8 @@ pub struct RelayContext<'a> {
     pub control: &'a mut mpsc::Receiver<Control>,
     /// Every client data message is recorded here before it is forwarded.
     pub window: &'a mut ReplayWindow,
+    /// The client's message and byte rate limits, when configured.
+    pub budget: Option<&'a mut MessageBudget>,
 }
 
 /// Relay until one side closes or fails, a hop goes idle, the session is
@@ -257,6 +268,7 @@ where
         shutdown,
         control,
         window,
+        budget,
     } = cx;
     enum Stopped {
         Up(PumpEnd),
@@ -275,6 +287,7 @@ where
             &counters.messages_up,
             &counters.bytes_up,
             Some(window),
+            budget,
         );
         let down = pump(
             &mut upstream_rx,
@@ -285,6 +298,7 @@ where
             config,
             &counters.messages_down,
             &counters.bytes_down,
+            None,
             None,
         );
         tokio::select! {
@@ -319,6 +333,7 @@ where
             let reason = match code {
                 1009 => "message too big",
                 1007 => "invalid UTF-8",
+                1008 => "message rate limit",
                 _ => "protocol error",
             };
             finish_close(
