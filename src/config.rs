@@ -151,6 +151,8 @@ struct FileListener {
     paths: Option<Vec<String>>,
     handshake_timeout: Option<String>,
     max_request_header_bytes: Option<usize>,
+    #[serde(default)]
+    proxy_protocol_from: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -326,6 +328,9 @@ pub struct ListenerConfig {
     pub handshake_timeout: Duration,
     /// Request line plus headers larger than this get 431.
     pub max_request_header_bytes: usize,
+    /// Peers that must open with a PROXY protocol (v1 or v2) header, whose
+    /// address then stands for the client. Empty: PROXY protocol is off.
+    pub proxy_protocol_from: Vec<IpNet>,
 }
 
 #[derive(Clone)]
@@ -625,6 +630,24 @@ impl Problems {
     }
 }
 
+/// Parse a list of addresses or CIDRs, naming each bad entry.
+fn cidrs(p: &mut Problems, field: &str, list: &[String]) -> Vec<IpNet> {
+    let mut out = Vec::new();
+    for (i, cidr) in list.iter().enumerate() {
+        let parsed = cidr
+            .parse::<IpNet>()
+            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(net) => out.push(net.trunc()),
+            Err(_) => p.add(
+                format!("{field}[{i}]"),
+                format!("{cidr:?} is not an address or CIDR, e.g. \"10.0.0.0/8\""),
+            ),
+        }
+    }
+    out
+}
+
 fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
     let mut p = Problems::default();
 
@@ -668,6 +691,12 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         );
     }
 
+    let proxy_protocol_from = cidrs(
+        &mut p,
+        "listener.proxy_protocol_from",
+        &file.listener.proxy_protocol_from,
+    );
+
     // admin
     let admin = p.addr(
         "admin.listen",
@@ -703,19 +732,11 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
     }
 
     // client address
-    let mut trusted_proxies = Vec::new();
-    for (i, cidr) in file.client_address.trusted_proxies.iter().enumerate() {
-        let parsed = cidr
-            .parse::<IpNet>()
-            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from));
-        match parsed {
-            Ok(net) => trusted_proxies.push(net.trunc()),
-            Err(_) => p.add(
-                format!("client_address.trusted_proxies[{i}]"),
-                format!("{cidr:?} is not an address or CIDR, e.g. \"10.0.0.0/8\""),
-            ),
-        }
-    }
+    let trusted_proxies = cidrs(
+        &mut p,
+        "client_address.trusted_proxies",
+        &file.client_address.trusted_proxies,
+    );
 
     // geoip
     let geoip = match &file.geoip {
@@ -1110,6 +1131,7 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             paths,
             handshake_timeout,
             max_request_header_bytes,
+            proxy_protocol_from,
         },
         admin: AdminConfig {
             listen: admin,

@@ -9,6 +9,7 @@
 //! | --- | --- |
 //! | [`app`] | listeners, background tasks, the accept loop, reload, drain and shutdown |
 //! | [`config`] | the TOML file, validation into [`config::Config`], errors naming fields |
+//! | [`proxy_protocol`] | PROXY protocol v1/v2 headers from trusted L4 balancers |
 //! | [`handshake`] | the client's HTTP/1.1 upgrade: paths, 400/404/426, client address, session key |
 //! | [`geo`] | MaxMind DB lookups to a [`geo::Location`] |
 //! | [`steer`] | pure ranking: region order and weighted rendezvous hashing |
@@ -29,6 +30,7 @@ pub mod handshake;
 pub mod health;
 pub mod limits;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod session;
 pub mod steer;
 pub mod upstream;

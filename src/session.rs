@@ -34,6 +34,7 @@ use crate::geo::Location;
 use crate::handshake::{self, HandshakeError, UpgradeRequest, plain_response};
 use crate::limits::{Admission, Limits, MessageBudget, Refused};
 use crate::metrics as m;
+use crate::proxy_protocol;
 use crate::upstream::{self, ClientInfo, DialError, Upstream};
 use migrate::{Control, MigrationReason, PendingQueue, ReplayWindow, is_migrating_close};
 use relay::{RelayContext, RelayEnd, TrafficCounters, close_frame, finish_close};
@@ -105,13 +106,37 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
     async move {
         let _ = stream.set_nodelay(true);
         let config = router.config();
+        // Behind an L4 balancer that speaks PROXY protocol, its header names
+        // the client; from anyone else a PROXY line is just a bad request.
+        let mut peer = peer;
+        let mut early = Vec::new();
+        if handshake::is_trusted_proxy(peer.ip(), &config.listener.proxy_protocol_from) {
+            let deadline = config.listener.handshake_timeout;
+            match tokio::time::timeout(deadline, proxy_protocol::read_header(&mut stream)).await {
+                Ok(Ok((header, rest))) => {
+                    if let proxy_protocol::Header::Proxied { source } = header {
+                        peer = source;
+                    }
+                    early = rest;
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "PROXY protocol header refused");
+                    metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => "proxy_protocol").increment(1);
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => "handshake_timeout").increment(1);
+                    return;
+                }
+            }
+        }
         // A peer that is not a trusted proxy is rate-limited before we
         // read a byte; behind a trusted proxy, once we know the client.
         let peer_is_proxy = handshake::is_trusted_proxy(peer.ip(), &config.trusted_proxies);
         if !peer_is_proxy && let Err(refused) = router.limits.check_rate(peer.ip().to_canonical()) {
             return Refusal::from(refused).send(&mut stream).await;
         }
-        let request = match read_upgrade(&config, &mut stream).await {
+        let request = match read_upgrade(&config, &mut stream, early).await {
             Ok(request) => request,
             Err(e) => {
                 reject(&mut stream, &e).await;
@@ -176,11 +201,12 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
 async fn read_upgrade(
     config: &Config,
     stream: &mut TcpStream,
+    early: Vec<u8>,
 ) -> Result<UpgradeRequest, HandshakeError> {
     let listener = &config.listener;
     let (head, leftover) = tokio::time::timeout(
         listener.handshake_timeout,
-        handshake::read_request(stream, listener.max_request_header_bytes),
+        handshake::read_request(stream, listener.max_request_header_bytes, early),
     )
     .await
     .unwrap_or(Err(HandshakeError::Timeout))?;

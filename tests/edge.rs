@@ -649,3 +649,120 @@ async fn raw_upgrade_status_target(router: SocketAddr, target: &str) -> Option<u
         .await
         .status
 }
+
+/// Send `prefix` then an upgrade request from `from`; return the status
+/// line's code and, after a 101, the backend's welcome.
+async fn proxied_session(
+    from: &str,
+    router: SocketAddr,
+    prefix: &[u8],
+) -> (Option<u16>, Option<serde_json::Value>) {
+    let mut stream = tcp_from(from, router).await;
+    let request = format!(
+        "GET /chat?session=proxied HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{KEY_HEADER}\r\n\r\n"
+    );
+    let _ = stream
+        .write_all(&[prefix, request.as_bytes()].concat())
+        .await;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        match within("an answer", stream.read(&mut byte)).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return (None, None),
+        }
+    }
+    let status = std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|s| s.parse().ok());
+    if status != Some(101) {
+        return (status, None);
+    }
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        stream,
+        tokio_tungstenite::tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    use futures_util::StreamExt;
+    let welcome = match within("the welcome", ws.next()).await {
+        Some(Ok(Message::Text(text))) => serde_json::from_str(text.as_str()).ok(),
+        _ => None,
+    };
+    (status, welcome)
+}
+
+fn proxy_v2(ip: [u8; 4], port: u16) -> Vec<u8> {
+    let mut out = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    out.extend_from_slice(&[0x21, 0x11, 0x00, 12]);
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&[127, 0, 0, 1]);
+    out.extend_from_slice(&port.to_be_bytes());
+    out.extend_from_slice(&8080u16.to_be_bytes());
+    out
+}
+
+#[tokio::test]
+async fn proxy_protocol_from_a_trusted_peer_sets_the_client_address() {
+    let _trace = trace_init();
+    let eu = TestBackend::start("edge-pp-eu").await;
+    let us = TestBackend::start("edge-pp-us").await;
+    let router = router()
+        .backend(&eu, "eu")
+        .backend(&us, "us")
+        .default_region("us")
+        .proxy_protocol_from("127.0.0.1")
+        .start()
+        .await;
+    // v1 from the trusted balancer: London, so eu.
+    let (status, welcome) = proxied_session(
+        "127.0.0.1",
+        router.public,
+        b"PROXY TCP4 81.2.69.142 127.0.0.1 40000 8080\r\n",
+    )
+    .await;
+    assert_eq!(status, Some(101));
+    let welcome = welcome.expect("welcome");
+    assert_eq!(welcome["backend"], "edge-pp-eu");
+    assert_eq!(welcome["headers"]["x-forwarded-for"], "81.2.69.142");
+    assert_eq!(welcome["headers"]["x-wsrouter-client-country"], "GB");
+    // v2: London again, in binary.
+    let (status, welcome) = proxied_session(
+        "127.0.0.1",
+        router.public,
+        &proxy_v2([81, 2, 69, 142], 40001),
+    )
+    .await;
+    assert_eq!(status, Some(101));
+    assert_eq!(
+        welcome.expect("welcome")["headers"]["x-forwarded-for"],
+        "81.2.69.142"
+    );
+    // From a peer that is not the balancer, a PROXY line is a bad request.
+    let (status, _) = proxied_session(
+        "127.0.0.2",
+        router.public,
+        b"PROXY TCP4 81.2.69.142 127.0.0.1 40000 8080\r\n",
+    )
+    .await;
+    assert_eq!(status, Some(400));
+    // A malformed header closes only that connection.
+    // (127.0.0.1 must open with a header, so the bystander comes from .2.)
+    let mut bystander = connect_from("127.0.0.2", router.public, "pp-0", &[])
+        .await
+        .unwrap();
+    read_welcome(&mut bystander).await;
+    let (status, _) = proxied_session("127.0.0.1", router.public, b"PROXY TCP4 banana\r\n").await;
+    assert_eq!(
+        status, None,
+        "a malformed header gets no answer, just a close"
+    );
+    bystander.send(Message::text("fine")).await.unwrap();
+    assert_eq!(recv_data(&mut bystander).await, Message::text("fine"));
+    let counted = metric(
+        router.admin,
+        r#"wsrouter_rejected_connections_total{reason="proxy_protocol"}"#,
+    )
+    .await;
+    assert!(counted >= 1.0);
+}

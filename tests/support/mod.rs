@@ -531,6 +531,8 @@ pub struct RouterBuilder {
     pub health_timeout: String,
     pub rise: u32,
     pub fall: u32,
+    /// `[listener] proxy_protocol_from`: peers that send PROXY headers.
+    pub proxy_protocol_from: Vec<String>,
     /// `[shutdown] grace_period`; "0s" so stopping a test router is quick.
     pub shutdown_grace: String,
     /// Whole TOML sections appended as they are (e.g. `[migration]`).
@@ -558,6 +560,7 @@ pub fn router() -> RouterBuilder {
         rise: 2,
         fall: 3,
         shutdown_grace: "0s".into(),
+        proxy_protocol_from: Vec::new(),
         extra: String::new(),
         admin_token: None,
     }
@@ -632,6 +635,12 @@ impl RouterBuilder {
         self
     }
 
+    /// Expect PROXY protocol headers from these peers.
+    pub fn proxy_protocol_from(mut self, cidr: &str) -> Self {
+        self.proxy_protocol_from.push(cidr.into());
+        self
+    }
+
     pub fn shutdown_grace(mut self, grace: &str) -> Self {
         self.shutdown_grace = grace.into();
         self
@@ -665,8 +674,9 @@ impl RouterBuilder {
         let list = |items: &[String]| items.iter().map(|s| q(s)).collect::<Vec<_>>().join(", ");
         let mut out = String::new();
         out.push_str(&format!(
-            "[listener]\npublic = \"127.0.0.1:0\"\npaths = [\"/chat\"]\nhandshake_timeout = {}\n\n",
-            q(&self.handshake_timeout)
+            "[listener]\npublic = \"127.0.0.1:0\"\npaths = [\"/chat\"]\nhandshake_timeout = {}\nproxy_protocol_from = [{}]\n\n",
+            q(&self.handshake_timeout),
+            list(&self.proxy_protocol_from)
         ));
         out.push_str("[admin]\nlisten = \"127.0.0.1:0\"\n");
         if let Some(token) = &self.admin_token {
