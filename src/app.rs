@@ -27,7 +27,6 @@ use crate::config::{Config, ConfigError};
 use crate::health;
 use crate::limits::Limits;
 use crate::metrics;
-use crate::session::migrate::MigrationReason;
 use crate::session::relay::TrafficCounters;
 use crate::session::{self, Router};
 
@@ -291,10 +290,7 @@ impl Operator {
     pub fn drain(&self, id: &str) -> Option<Arc<Backend>> {
         let backend = Arc::clone(self.shared.backends.load().get(id)?);
         backend.set_draining(true);
-        backend.evacuate(
-            MigrationReason::Drain,
-            self.config().migration.max_rate_per_backend,
-        );
+        backend.evacuate(self.config().migration.max_rate_per_backend);
         tracing::info!(backend = id, "backend draining");
         Some(backend)
     }
@@ -375,7 +371,7 @@ impl Operator {
         self.shared.config.store(Arc::new(new));
         for backend in removed {
             backend.set_removed();
-            backend.evacuate(MigrationReason::Removed, rate);
+            backend.evacuate(rate);
             summary.removed.push(backend.id.clone());
         }
         summary

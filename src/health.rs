@@ -19,7 +19,6 @@ use tokio::sync::watch;
 use crate::backend::{Backend, LastCheck};
 use crate::config::HealthCheckConfig;
 use crate::metrics as m;
-use crate::session::migrate::MigrationReason;
 
 /// Counts consecutive results and decides when a backend flips.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,7 +129,7 @@ pub fn spawn_check(
                     tracing::info!(backend = %backend.id, "backend is healthy again");
                 } else {
                     tracing::warn!(backend = %backend.id, reason = %result.unwrap_err(), "backend is unhealthy");
-                    backend.evacuate(MigrationReason::Health, migration_rate);
+                    backend.evacuate(migration_rate);
                 }
             }
         }

@@ -47,6 +47,9 @@ const REFUSAL_HEADERS: &[&str] = &[
     "content-type",
 ];
 
+/// `wsrouter_upgrades_total{result}` when steering found no candidate.
+const NO_BACKEND: &str = "no_backend";
+
 /// Control messages a session can have waiting; the evacuator never needs
 /// more than one.
 const CONTROL_QUEUE: usize = 2;
@@ -337,7 +340,7 @@ async fn dial_candidates(
     if candidates.is_empty() {
         tracing::warn!("no backend available");
         return Err(Refusal {
-            result: "no_backend",
+            result: NO_BACKEND,
             response: plain_response(
                 503,
                 "Service Unavailable",
@@ -611,6 +614,7 @@ impl Session {
             deadline,
             self.id,
             self.control_tx.clone(),
+            reason.is_planned(),
         );
         tokio::pin!(dial);
         let close_timeout = config.relay.close_timeout;
@@ -719,6 +723,7 @@ async fn redial(
     deadline: Instant,
     session_id: u64,
     control: mpsc::Sender<Control>,
+    planned: bool,
 ) -> Option<(Upstream, SessionSlot)> {
     let attempt = async {
         let mut pause = std::time::Duration::from_millis(50);
@@ -728,7 +733,7 @@ async fn redial(
                 from: &from,
                 replayed,
             };
-            if let Ok(connected) = dial_candidates(
+            match dial_candidates(
                 &router,
                 &config,
                 &placement,
@@ -738,11 +743,18 @@ async fn redial(
             )
             .await
             {
-                return connected;
+                Ok(connected) => return Some(connected),
+                // A planned move with nowhere to go stays put at once,
+                // rather than holding the client's messages while it hopes.
+                Err(refusal) if planned && refusal.result == NO_BACKEND => return None,
+                Err(_) => {}
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(std::time::Duration::from_secs(1));
         }
     };
-    tokio::time::timeout_at(deadline, attempt).await.ok()
+    tokio::time::timeout_at(deadline, attempt)
+        .await
+        .ok()
+        .flatten()
 }
