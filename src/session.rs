@@ -715,6 +715,7 @@ async fn close_upstream(upstream: &mut Upstream, close: Message, timeout: std::t
 
 /// Dial rounds with backoff until a backend other than `from` accepts, or
 /// `deadline` passes.
+#[allow(clippy::too_many_arguments)]
 async fn redial(
     router: Router,
     placement: Arc<Placement>,
