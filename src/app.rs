@@ -29,6 +29,7 @@ use crate::metrics;
 use crate::session::migrate::MigrationReason;
 use crate::session::relay::TrafficCounters;
 use crate::session::{self, Router};
+use crate::tls::Terminator;
 
 /// The router's two listening sockets.
 #[derive(Debug)]
@@ -92,10 +93,12 @@ pub async fn run_with(
     let config = Arc::new(ArcSwap::from_pointee(config));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let tls = config.load().tls.as_ref().map(Terminator::new);
 
     let operator = Operator {
         shared: Arc::new(OperatorShared {
             config: Arc::clone(&config),
+            tls: tls.clone(),
             backends: backends.clone(),
             config_path: options.config_path.clone(),
             stop: stop_rx.clone(),
@@ -122,6 +125,7 @@ pub async fn run_with(
 
     tracing::info!(
         public = %listeners.public.local_addr()?,
+        tls = tls.is_some(),
         backends = config.load().backends.len(),
         geoip = %config.load().geoip.db.kind(),
         "wsrouter listening"
@@ -133,6 +137,7 @@ pub async fn run_with(
         session_done: done_tx,
         counters: TrafficCounters::new(),
         next_session_id: Arc::new(AtomicU64::new(1)),
+        tls,
     };
     accept_loop(&listeners.public, &router, shutdown).await;
 
@@ -226,6 +231,9 @@ pub struct Operator {
 
 struct OperatorShared {
     config: Arc<ArcSwap<Config>>,
+    /// The public listener's TLS, when it has `[tls]`; a reload swaps its
+    /// certificates.
+    tls: Option<Terminator>,
     backends: Backends,
     config_path: Option<PathBuf>,
     /// Health checkers of backends added by a reload stop with this.
@@ -303,6 +311,16 @@ impl Operator {
             tracing::warn!(
                 "listener addresses changed in the file; they apply at the next restart"
             );
+        }
+        match (&self.shared.tls, &new.tls) {
+            (Some(running), Some(tls)) => {
+                running.store(tls);
+                tracing::info!("TLS certificates reloaded; new connections use them");
+            }
+            (None, None) => {}
+            _ => tracing::warn!(
+                "[tls] was added or removed in the file; the listener changes at the next restart"
+            ),
         }
         let old_set = self.shared.backends.load();
         let mut summary = ReloadSummary::default();

@@ -19,6 +19,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::geo::GeoDb;
+use crate::tls::TlsConfig;
 
 pub const DEFAULT_PUBLIC_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -133,6 +134,7 @@ struct FileConfig {
     passive_health: FilePassiveHealth,
     #[serde(default)]
     shutdown: FileShutdown,
+    tls: Option<crate::tls::FileTls>,
     #[serde(default)]
     regions: Vec<FileRegion>,
     #[serde(default)]
@@ -269,6 +271,9 @@ pub struct Config {
     /// After SIGTERM, sessions keep relaying this long before they are
     /// closed with 1001.
     pub shutdown_grace: Duration,
+    /// `[tls]`: the public listener speaks TLS with these certificates;
+    /// `None` leaves it plain.
+    pub tls: Option<TlsConfig>,
     pub regions: Vec<RegionConfig>,
     pub backends: Vec<BackendConfig>,
 }
@@ -278,6 +283,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listener", &self.listener)
             .field("admin", &self.admin)
+            .field("tls", &self.tls)
             .field("regions", &self.regions)
             .field("backends", &self.backends)
             .finish_non_exhaustive()
@@ -988,6 +994,14 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         ),
     };
 
+    // tls: certificates and keys are read and checked here, so a bad one
+    // fails --check-config and a reload.
+    let tls = file.tls.as_ref().and_then(|t| {
+        crate::tls::validate(t, base)
+            .map_err(|e| p.0.extend(e))
+            .ok()
+    });
+
     if !p.0.is_empty() {
         return Err(p.0);
     }
@@ -1024,6 +1038,7 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         migration,
         passive_health,
         shutdown_grace,
+        tls,
         regions,
         backends,
     })

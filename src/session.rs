@@ -33,6 +33,7 @@ use crate::config::{Config, SessionKeySource};
 use crate::geo::Location;
 use crate::handshake::{self, HandshakeError, UpgradeRequest, plain_response};
 use crate::metrics as m;
+use crate::tls::{ClientStream, Terminator};
 use crate::upstream::{self, ClientInfo, DialError, Upstream};
 use migrate::{Control, MigrationReason, PendingQueue, ReplayWindow, is_migrating_close};
 use relay::{RelayContext, RelayEnd, TrafficCounters, close_frame, finish_close};
@@ -63,6 +64,8 @@ pub struct Router {
     pub counters: TrafficCounters,
     /// Source of session ids (registry keys, never exported).
     pub next_session_id: Arc<AtomicU64>,
+    /// Set when the public listener speaks TLS (`[tls]`).
+    pub tls: Option<Terminator>,
 }
 
 impl Router {
@@ -92,24 +95,31 @@ struct Placement {
     key: String,
     /// The subprotocol the first backend chose; a new backend must agree.
     subprotocol: Option<String>,
+    /// The client came over TLS (X-Forwarded-Proto: https).
+    tls: bool,
 }
 
 /// Serve one accepted connection to completion.
-pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: SocketAddr) {
+pub async fn serve_connection(router: Router, stream: TcpStream, peer: SocketAddr) {
     let _done = router.session_done.clone();
     let span =
         tracing::debug_span!("session", client.addr = %peer, backend = tracing::field::Empty);
     async move {
         let _ = stream.set_nodelay(true);
         let config = router.config();
-        let request = match read_upgrade(&config, &mut stream).await {
+        // One deadline for the TLS handshake and the upgrade request.
+        let deadline = Instant::now() + config.listener.handshake_timeout;
+        let Some(mut stream) = open_client(&router, stream, deadline).await else {
+            return;
+        };
+        let request = match read_upgrade(&config, &mut stream, deadline).await {
             Ok(request) => request,
             Err(e) => {
                 reject(&mut stream, &e).await;
                 return;
             }
         };
-        let (mut placement, key_cookie) = match place(&config, request, peer) {
+        let (mut placement, key_cookie) = match place(&config, request, peer, stream.is_tls()) {
             Ok(placed) => placed,
             Err(refusal) => return refusal.send(&mut stream).await,
         };
@@ -151,14 +161,44 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
     .await
 }
 
+/// The TLS handshake, when the listener speaks TLS, under the handshake
+/// deadline. A failed one (plaintext, TLS below 1.2, no shared cipher or
+/// ALPN) is counted and the socket dropped: there is no channel to answer on.
+async fn open_client(
+    router: &Router,
+    stream: TcpStream,
+    deadline: Instant,
+) -> Option<ClientStream> {
+    let Some(tls) = &router.tls else {
+        return Some(ClientStream::Plain(stream));
+    };
+    match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "TLS handshake failed");
+            metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => "tls_handshake")
+                .increment(1);
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => HandshakeError::Timeout.reason())
+                .increment(1);
+            metrics::counter!(m::UPGRADES_TOTAL, "result" => "timeout").increment(1);
+            None
+        }
+    }
+}
+
 /// Read and check the upgrade request under the handshake deadline.
 async fn read_upgrade(
     config: &Config,
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
+    deadline: Instant,
 ) -> Result<UpgradeRequest, HandshakeError> {
     let listener = &config.listener;
-    let (head, leftover) = tokio::time::timeout(
-        listener.handshake_timeout,
+    let (head, leftover) = tokio::time::timeout_at(
+        deadline,
         handshake::read_request(stream, listener.max_request_header_bytes),
     )
     .await
@@ -167,7 +207,7 @@ async fn read_upgrade(
 }
 
 /// Answer a request that will not upgrade, and count it.
-async fn reject(stream: &mut TcpStream, error: &HandshakeError) {
+async fn reject(stream: &mut ClientStream, error: &HandshakeError) {
     tracing::debug!(%error, "request refused");
     metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => error.reason()).increment(1);
     let result = if *error == HandshakeError::Timeout {
@@ -198,7 +238,7 @@ struct Refusal {
 }
 
 impl Refusal {
-    async fn send(self, stream: &mut TcpStream) {
+    async fn send(self, stream: &mut ClientStream) {
         metrics::counter!(m::UPGRADES_TOTAL, "result" => self.result).increment(1);
         let _ = stream.write_all(&self.response).await;
         let _ = stream.shutdown().await;
@@ -211,6 +251,7 @@ fn place(
     config: &Config,
     request: UpgradeRequest,
     peer: SocketAddr,
+    tls: bool,
 ) -> Result<(Placement, Option<String>), Refusal> {
     let client_ip = handshake::client_ip(peer.ip(), &request, &config.trusted_proxies);
     let (location, lookup) = config.geoip.db.lookup(client_ip);
@@ -241,6 +282,7 @@ fn place(
         location,
         key,
         subprotocol: None,
+        tls,
     };
     Ok((placement, key_cookie))
 }
@@ -293,7 +335,7 @@ async fn dial_candidates(
         };
         let client = ClientInfo {
             ip: placement.client_ip,
-            tls: false,
+            tls: placement.tls,
             session_key: placement.key.clone(),
             region: backend.region_name.clone(),
             country: placement.location.country.map(|c| c.as_str().to_string()),
@@ -405,11 +447,11 @@ fn refusal_response(response: &upstream::RefusedResponse) -> Vec<u8> {
 /// Send the 101 with what the backend chose, and wrap the client socket.
 async fn answer_upgrade(
     config: &Config,
-    mut stream: TcpStream,
+    mut stream: ClientStream,
     request: &UpgradeRequest,
     upstream: &Upstream,
     key_cookie: Option<String>,
-) -> Option<WebSocketStream<TcpStream>> {
+) -> Option<WebSocketStream<ClientStream>> {
     let key = request.header("sec-websocket-key")?.trim();
     let mut head = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
@@ -429,6 +471,8 @@ async fn answer_upgrade(
     }
     head.extend_from_slice(b"\r\n");
     stream.write_all(&head).await.ok()?;
+    // TLS holds written bytes in its buffer until a flush.
+    stream.flush().await.ok()?;
     Some(
         WebSocketStream::from_partially_read(
             stream,
@@ -444,7 +488,7 @@ async fn answer_upgrade(
 /// needs to move.
 struct Session {
     router: Router,
-    client: WebSocketStream<TcpStream>,
+    client: WebSocketStream<ClientStream>,
     upstream: Upstream,
     /// The claim on the current backend (and its control registration).
     slot: SessionSlot,
