@@ -135,6 +135,7 @@ struct FileConfig {
     #[serde(default)]
     shutdown: FileShutdown,
     tls: Option<crate::tls::FileTls>,
+    upstream_tls: Option<crate::tls::FileUpstreamTls>,
     #[serde(default)]
     regions: Vec<FileRegion>,
     #[serde(default)]
@@ -274,6 +275,9 @@ pub struct Config {
     /// `[tls]`: the public listener speaks TLS with these certificates;
     /// `None` leaves it plain.
     pub tls: Option<TlsConfig>,
+    /// The TLS client for `wss://` backends (dials and health checks);
+    /// built when a backend is `wss://` or `[upstream_tls]` is present.
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
     pub regions: Vec<RegionConfig>,
     pub backends: Vec<BackendConfig>,
 }
@@ -359,6 +363,8 @@ pub struct HealthCheckConfig {
     pub consecutive_success: u32,
     /// Consecutive failures that take a healthy backend out.
     pub consecutive_failure: u32,
+    /// The TLS client for checks of `wss://` backends (over https).
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug, Clone)]
@@ -407,7 +413,7 @@ pub struct RegionConfig {
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
     pub id: String,
-    /// `ws://host:port[/prefix]`; the client's path is appended to the prefix.
+    /// `ws://` or `wss://host:port[/prefix]`; the client's path is appended to the prefix.
     pub url: BackendUrl,
     /// Index into `Config::regions`.
     pub region: usize,
@@ -420,6 +426,8 @@ pub struct BackendConfig {
 pub struct BackendUrl {
     pub host: String,
     pub port: u16,
+    /// `wss://`: TLS to the backend, its certificate checked for `host`.
+    pub tls: bool,
     /// Path prefix without a trailing slash (may be empty).
     pub prefix: String,
     /// The original text, for display.
@@ -427,14 +435,15 @@ pub struct BackendUrl {
 }
 
 impl BackendUrl {
-    /// Parse `ws://host:port[/prefix]`. `wss://` waits for the TLS work.
+    /// Parse `ws://host[:port][/prefix]` or `wss://...` (ports 80 and 443
+    /// by default).
     pub fn parse(raw: &str) -> Result<BackendUrl, String> {
-        let rest = if let Some(rest) = raw.strip_prefix("ws://") {
-            rest
-        } else if raw.starts_with("wss://") {
-            return Err("wss:// backends are not supported yet; use ws://".into());
+        let (rest, tls) = if let Some(rest) = raw.strip_prefix("ws://") {
+            (rest, false)
+        } else if let Some(rest) = raw.strip_prefix("wss://") {
+            (rest, true)
         } else {
-            return Err(format!("{raw:?} must start with ws://"));
+            return Err(format!("{raw:?} must start with ws:// or wss://"));
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -463,6 +472,7 @@ impl BackendUrl {
             return Err(format!("{raw:?} must not carry credentials"));
         }
         let port = match port {
+            None | Some("") if tls => 443,
             None | Some("") => 80,
             Some(p) => p
                 .parse::<u16>()
@@ -473,6 +483,7 @@ impl BackendUrl {
         Ok(BackendUrl {
             host,
             port,
+            tls,
             prefix: path.trim_end_matches('/').to_string(),
             raw: raw.to_string(),
         })
@@ -1001,6 +1012,13 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             .map_err(|e| p.0.extend(e))
             .ok()
     });
+    let upstream_tls = if file.upstream_tls.is_some() || backends.iter().any(|b| b.url.tls) {
+        crate::tls::upstream_client_config(file.upstream_tls.as_ref(), base)
+            .map_err(|e| p.0.extend(e))
+            .ok()
+    } else {
+        None
+    };
 
     if !p.0.is_empty() {
         return Err(p.0);
@@ -1033,12 +1051,14 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             timeout,
             consecutive_success: rise,
             consecutive_failure: fall,
+            upstream_tls: upstream_tls.clone(),
         },
         relay,
         migration,
         passive_health,
         shutdown_grace,
         tls,
+        upstream_tls,
         regions,
         backends,
     })
@@ -1061,6 +1081,9 @@ mod tests {
             ("::1", 9001, "[::1]:9001")
         );
         assert_eq!(BackendUrl::parse("ws://example.com").unwrap().port, 80);
+        let u = BackendUrl::parse("wss://example.com/chat").unwrap();
+        assert_eq!((u.tls, u.port, u.prefix.as_str()), (true, 443, "/chat"));
+        assert!(!BackendUrl::parse("ws://example.com").unwrap().tls);
         for bad in [
             "http://x:1",
             "ws://:1",

@@ -348,6 +348,7 @@ async fn dial_candidates(
             &client,
             ws_config(config),
             config.steering.dial_timeout,
+            config.upstream_tls.as_ref(),
         )
         .await
         {

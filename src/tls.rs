@@ -1,8 +1,11 @@
-//! TLS termination on the public listener: the `[tls]` section, certificates
-//! and keys loaded from PEM files and checked at validation time, the SNI
-//! certificate choice, the running `rustls::ServerConfig` in an [`ArcSwap`]
-//! that a reload swaps, and [`ClientStream`], the client socket either plain
-//! or TLS.
+//! TLS on both hops. Termination on the public listener: the `[tls]`
+//! section, certificates and keys loaded from PEM files and checked at
+//! validation time, the SNI certificate choice, the running
+//! `rustls::ServerConfig` in an [`ArcSwap`] that a reload swaps, and
+//! [`ClientStream`], the client socket either plain or TLS. Origination to
+//! `wss://` backends: `[upstream_tls]` (the platform's roots or a CA file),
+//! and [`connect_backend`], used by the dial and the health checks, which
+//! checks the backend's certificate against the host in its URL.
 //!
 //! It leaves the accept loop to `app` and the handshake deadline and what
 //! follows it to `session`: [`Terminator::accept`] is called inside the
@@ -19,19 +22,19 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
-use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use crate::config::ConfigProblem;
+use crate::config::{BackendUrl, ConfigProblem};
 
 /// The only application protocol offered: the upgrade is HTTP/1.1.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -59,6 +62,14 @@ struct FileCertificate {
     key: String,
     #[serde(default)]
     server_names: Vec<String>,
+}
+
+/// `[upstream_tls]`: how `wss://` backends are verified.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileUpstreamTls {
+    /// PEM CA certificates to trust instead of the platform's roots.
+    ca_file: Option<String>,
 }
 
 // === validated ===
@@ -184,6 +195,68 @@ pub(crate) fn validate(file: &FileTls, base: &Path) -> Result<TlsConfig, Vec<Con
     })
 }
 
+/// The rustls client for `wss://` backends and their health checks: the
+/// CA file's certificates when `[upstream_tls] ca_file` is set, else the
+/// platform's roots; TLS 1.2 and 1.3, ALPN http/1.1.
+pub(crate) fn upstream_client_config(
+    file: Option<&FileUpstreamTls>,
+    base: &Path,
+) -> Result<Arc<ClientConfig>, Vec<ConfigProblem>> {
+    let problem = |field: &str, problem: String| {
+        vec![ConfigProblem {
+            field: field.into(),
+            problem,
+        }]
+    };
+    let mut roots = RootCertStore::empty();
+    match file.and_then(|f| f.ca_file.as_ref()) {
+        Some(ca_file) => {
+            let path = resolve(base, ca_file);
+            let certs =
+                load_chain(ca_file, &path).map_err(|e| problem("upstream_tls.ca_file", e))?;
+            for cert in certs {
+                roots.add(cert).map_err(|e| {
+                    problem(
+                        "upstream_tls.ca_file",
+                        format!(
+                            "{ca_file:?} holds a certificate that cannot be a trust anchor: {e}"
+                        ),
+                    )
+                })?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+            if roots.is_empty() {
+                let why = native
+                    .errors
+                    .first()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
+                return Err(problem(
+                    "upstream_tls.ca_file",
+                    format!(
+                        "wss:// backends need CA certificates, and none were found on this system{why}; set upstream_tls.ca_file"
+                    ),
+                ));
+            }
+        }
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| {
+            problem(
+                "upstream_tls",
+                format!("the TLS provider refused TLS 1.2/1.3: {e}"),
+            )
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Relative paths resolve against the config file's directory when the
 /// file is there, else against the working directory (as the GeoIP path).
 pub(crate) fn resolve(base: &Path, path: &str) -> PathBuf {
@@ -295,6 +368,28 @@ impl Terminator {
     }
 }
 
+/// Connect to a backend: TCP, then TLS for `wss://` with the backend's
+/// host as the name its certificate must carry. `tls` is the
+/// `[upstream_tls]` client, present whenever a `wss://` backend is.
+pub async fn connect_backend(
+    url: &BackendUrl,
+    tls: Option<&Arc<ClientConfig>>,
+) -> io::Result<BackendStream> {
+    let stream = TcpStream::connect((url.host.as_str(), url.port)).await?;
+    let _ = stream.set_nodelay(true);
+    if !url.tls {
+        return Ok(BackendStream::Plain(stream));
+    }
+    let tls =
+        tls.ok_or_else(|| io::Error::other("no TLS client configured for wss:// backends"))?;
+    let name = ServerName::try_from(url.host.clone())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let stream = TlsConnector::from(Arc::clone(tls))
+        .connect(name, stream)
+        .await?;
+    Ok(BackendStream::Tls(Box::new(stream)))
+}
+
 /// The client's socket: plain TCP, or TLS terminated here.
 pub enum ClientStream {
     Plain(TcpStream),
@@ -308,63 +403,77 @@ impl ClientStream {
     }
 }
 
-impl AsyncRead for ClientStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
+/// A backend's socket: plain TCP for `ws://`, TLS for `wss://`.
+pub enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-impl AsyncWrite for ClientStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+/// AsyncRead and AsyncWrite for a two-variant stream enum by delegation.
+macro_rules! delegate_io {
+    ($ty:ident) => {
+        impl AsyncRead for $ty {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+                }
+            }
         }
-    }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
+        impl AsyncWrite for $ty {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+                }
+            }
 
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientStream::Plain(s) => s.is_write_vectored(),
-            ClientStream::Tls(s) => s.is_write_vectored(),
-        }
-    }
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+                }
+            }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    $ty::Plain(s) => s.is_write_vectored(),
+                    $ty::Tls(s) => s.is_write_vectored(),
+                }
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_flush(cx),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+                }
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $ty::Plain(s) => Pin::new(s).poll_shutdown(cx),
+                    $ty::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+                }
+            }
         }
-    }
+    };
 }
+
+delegate_io!(ClientStream);
+delegate_io!(BackendStream);
 
 #[cfg(test)]
 mod tests {

@@ -17,13 +17,14 @@ use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, SupportedProtocolVersion};
 use support::{
     RouterBuilder, TestBackend, Welcome, manifest_dir, router, temp_file, trace_init, within,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
@@ -578,4 +579,142 @@ fn check_config_names_the_certificate_field_and_file() {
     );
     assert!(stderr.contains("nowhere-chain.pem"), "{stderr}");
     let _ = std::fs::remove_file(path);
+}
+
+// === wss:// backends ===
+
+/// A TLS front for a plain [`TestBackend`] with `leaf`'s certificate, so it
+/// is a `wss://` backend (and an https one for health checks). Returns its
+/// port.
+async fn tls_front(target: SocketAddr, leaf: &Leaf) -> u16 {
+    let chain = CertificateDer::pem_file_iter(&leaf.cert)
+        .expect("read the chain")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("parse the chain");
+    let key = PrivateKeyDer::from_pem_file(&leaf.key).expect("read the key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .expect("certificate and key");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the TLS front");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    port
+}
+
+impl Pki {
+    /// The CA certificate in a PEM file, for `[upstream_tls] ca_file`.
+    fn ca_file(&self) -> PathBuf {
+        let path = temp_file("ca.pem");
+        std::fs::write(&path, self.ca.pem()).expect("write the CA");
+        path
+    }
+}
+
+fn upstream_tls_section(ca_file: &Path) -> String {
+    format!(
+        "[upstream_tls]\nca_file = {:?}\n",
+        ca_file.display().to_string()
+    )
+}
+
+#[tokio::test]
+async fn a_wss_backend_is_dialed_over_tls_and_health_checked_over_https() {
+    let _trace = trace_init();
+    let pki = Pki::new();
+    let leaf = pki.leaf(&["localhost"]);
+    let backend = TestBackend::start("eu-wss").await;
+    let port = tls_front(backend.addr, &leaf).await;
+    let router = router()
+        .backend_entry(
+            "eu-wss",
+            &format!("wss://localhost:{port}/"),
+            "eu",
+            None,
+            None,
+        )
+        .fast_health_checks()
+        .extra(&upstream_tls_section(&pki.ca_file()))
+        .start()
+        .await;
+    let (mut client, welcome) = router.connect("wss-backend", &[]).await;
+    assert_eq!(welcome.backend, "eu-wss");
+    assert_eq!(welcome.header("x-forwarded-proto"), Some("http"));
+    client
+        .send(Message::text("through two hops"))
+        .await
+        .expect("send");
+    match support::recv_data(&mut client).await {
+        Message::Text(text) => assert_eq!(text.as_str(), "through two hops"),
+        other => panic!("expected the echo, got {other:?}"),
+    }
+    support::close(client).await;
+    // The checks reach the backend through TLS, so they pass and count.
+    support::eventually("health checks over https", support::WAIT, || async {
+        backend.health_checks() >= 2
+    })
+    .await;
+    assert_eq!(router.backend_state("eu-wss").await, "healthy");
+}
+
+#[tokio::test]
+async fn a_wss_backend_whose_certificate_names_another_host_is_not_used() {
+    let _trace = trace_init();
+    let pki = Pki::new();
+    let leaf = pki.leaf(&["elsewhere.test"]);
+    let backend = TestBackend::start("eu-wrong-name").await;
+    let port = tls_front(backend.addr, &leaf).await;
+    let router = router()
+        .backend_entry(
+            "eu-wrong-name",
+            &format!("wss://localhost:{port}"),
+            "eu",
+            None,
+            None,
+        )
+        .extra(&upstream_tls_section(&pki.ca_file()))
+        .start()
+        .await;
+    match support::try_connect(&router.url("wrong-name"), &[]).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status().as_u16(), 502)
+        }
+        Err(e) => panic!("expected 502, got {e}"),
+        Ok(_) => panic!("a session through a backend with the wrong certificate"),
+    }
+    assert_eq!(backend.sessions(), 0);
+}
+
+#[test]
+fn an_unreadable_upstream_ca_file_is_refused_naming_the_field() {
+    let missing = temp_file("missing-ca.pem");
+    let builder = router()
+        .backend_entry("eu-1", "wss://backend.test:9001", "eu", None, None)
+        .extra(&upstream_tls_section(&missing));
+    let problem = problem_for(&builder, "upstream_tls.ca_file");
+    assert!(problem.starts_with("cannot read"), "{problem}");
+    assert!(problem.contains("missing-ca.pem"), "{problem}");
 }
