@@ -117,7 +117,9 @@ fn mutate(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             .headers()
             .get(hyper::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .unwrap_or("");
         if !same_secret(presented.trim().as_bytes(), token.as_bytes()) {
             let mut response = text(

@@ -29,6 +29,7 @@ use crate::limits::Limits;
 use crate::metrics;
 use crate::session::relay::TrafficCounters;
 use crate::session::{self, Router};
+use crate::tls::Terminator;
 
 /// The router's two listening sockets.
 #[derive(Debug)]
@@ -92,6 +93,7 @@ pub async fn run_with(
     let config = Arc::new(ArcSwap::from_pointee(config));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let tls = config.load().tls.as_ref().map(Terminator::new);
 
     let limits = Limits::new(&config.load().limits);
     spawn_limit_upkeep(limits.clone(), stop_rx.clone());
@@ -99,6 +101,7 @@ pub async fn run_with(
         shared: Arc::new(OperatorShared {
             limits: limits.clone(),
             config: Arc::clone(&config),
+            tls: tls.clone(),
             backends: backends.clone(),
             config_path: options.config_path.clone(),
             stop: stop_rx.clone(),
@@ -125,6 +128,7 @@ pub async fn run_with(
 
     tracing::info!(
         public = %listeners.public.local_addr()?,
+        tls = tls.is_some(),
         backends = config.load().backends.len(),
         geoip = %config.load().geoip.db.kind(),
         "wsrouter listening"
@@ -137,6 +141,7 @@ pub async fn run_with(
         counters: TrafficCounters::new(),
         next_session_id: Arc::new(AtomicU64::new(1)),
         limits,
+        tls,
     };
     accept_loop(&listeners.public, &router, shutdown).await;
 
@@ -244,6 +249,9 @@ pub struct Operator {
 struct OperatorShared {
     config: Arc<ArcSwap<Config>>,
     limits: Limits,
+    /// The public listener's TLS, when it has `[tls]`; a reload swaps its
+    /// certificates.
+    tls: Option<Terminator>,
     backends: Backends,
     config_path: Option<PathBuf>,
     /// Health checkers of backends added by a reload stop with this.
@@ -325,6 +333,16 @@ impl Operator {
         }
         if format!("{:?}", new.limits) != format!("{:?}", old.limits) {
             tracing::warn!("[limits] changed in the file; they apply at the next restart");
+        }
+        match (&self.shared.tls, &new.tls) {
+            (Some(running), Some(tls)) => {
+                running.store(tls);
+                tracing::info!("TLS certificates reloaded; new connections use them");
+            }
+            (None, None) => {}
+            _ => tracing::warn!(
+                "[tls] was added or removed in the file; the listener changes at the next restart"
+            ),
         }
         let old_set = self.shared.backends.load();
         let mut summary = ReloadSummary::default();

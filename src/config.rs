@@ -19,6 +19,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::geo::GeoDb;
+use crate::tls::TlsConfig;
 
 pub const DEFAULT_PUBLIC_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -136,6 +137,8 @@ struct FileConfig {
     passive_health: FilePassiveHealth,
     #[serde(default)]
     shutdown: FileShutdown,
+    tls: Option<crate::tls::FileTls>,
+    upstream_tls: Option<crate::tls::FileUpstreamTls>,
     #[serde(default)]
     limits: FileLimits,
     #[serde(default)]
@@ -303,6 +306,12 @@ pub struct Config {
     /// closed with 1001.
     pub shutdown_grace: Duration,
     pub limits: LimitsConfig,
+    /// `[tls]`: the public listener speaks TLS with these certificates;
+    /// `None` leaves it plain.
+    pub tls: Option<TlsConfig>,
+    /// The TLS client for `wss://` backends (dials and health checks);
+    /// built when a backend is `wss://` or `[upstream_tls]` is present.
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
     pub regions: Vec<RegionConfig>,
     pub backends: Vec<BackendConfig>,
 }
@@ -312,6 +321,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listener", &self.listener)
             .field("admin", &self.admin)
+            .field("tls", &self.tls)
             .field("regions", &self.regions)
             .field("backends", &self.backends)
             .finish_non_exhaustive()
@@ -390,6 +400,8 @@ pub struct HealthCheckConfig {
     pub consecutive_success: u32,
     /// Consecutive failures that take a healthy backend out.
     pub consecutive_failure: u32,
+    /// The TLS client for checks of `wss://` backends (over https).
+    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug, Clone)]
@@ -473,7 +485,7 @@ pub struct RegionConfig {
 #[derive(Debug, Clone)]
 pub struct BackendConfig {
     pub id: String,
-    /// `ws://host:port[/prefix]`; the client's path is appended to the prefix.
+    /// `ws://` or `wss://host:port[/prefix]`; the client's path is appended to the prefix.
     pub url: BackendUrl,
     /// Index into `Config::regions`.
     pub region: usize,
@@ -486,6 +498,8 @@ pub struct BackendConfig {
 pub struct BackendUrl {
     pub host: String,
     pub port: u16,
+    /// `wss://`: TLS to the backend, its certificate checked for `host`.
+    pub tls: bool,
     /// Path prefix without a trailing slash (may be empty).
     pub prefix: String,
     /// The original text, for display.
@@ -493,14 +507,15 @@ pub struct BackendUrl {
 }
 
 impl BackendUrl {
-    /// Parse `ws://host:port[/prefix]`. `wss://` waits for the TLS work.
+    /// Parse `ws://host[:port][/prefix]` or `wss://...` (ports 80 and 443
+    /// by default).
     pub fn parse(raw: &str) -> Result<BackendUrl, String> {
-        let rest = if let Some(rest) = raw.strip_prefix("ws://") {
-            rest
-        } else if raw.starts_with("wss://") {
-            return Err("wss:// backends are not supported yet; use ws://".into());
+        let (rest, tls) = if let Some(rest) = raw.strip_prefix("ws://") {
+            (rest, false)
+        } else if let Some(rest) = raw.strip_prefix("wss://") {
+            (rest, true)
         } else {
-            return Err(format!("{raw:?} must start with ws://"));
+            return Err(format!("{raw:?} must start with ws:// or wss://"));
         };
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -529,6 +544,7 @@ impl BackendUrl {
             return Err(format!("{raw:?} must not carry credentials"));
         }
         let port = match port {
+            None | Some("") if tls => 443,
             None | Some("") => 80,
             Some(p) => p
                 .parse::<u16>()
@@ -539,6 +555,7 @@ impl BackendUrl {
         Ok(BackendUrl {
             host,
             port,
+            tls,
             prefix: path.trim_end_matches('/').to_string(),
             raw: raw.to_string(),
         })
@@ -1121,6 +1138,20 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         session_byte_rate: l.session_byte_rate.unwrap_or(0),
         session_byte_burst: l.session_byte_burst.unwrap_or(0),
     };
+    // tls: certificates and keys are read and checked here, so a bad one
+    // fails --check-config and a reload.
+    let tls = file.tls.as_ref().and_then(|t| {
+        crate::tls::validate(t, base)
+            .map_err(|e| p.0.extend(e))
+            .ok()
+    });
+    let upstream_tls = if file.upstream_tls.is_some() || backends.iter().any(|b| b.url.tls) {
+        crate::tls::upstream_client_config(file.upstream_tls.as_ref(), base)
+            .map_err(|e| p.0.extend(e))
+            .ok()
+    } else {
+        None
+    };
 
     if !p.0.is_empty() {
         return Err(p.0);
@@ -1154,12 +1185,15 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             timeout,
             consecutive_success: rise,
             consecutive_failure: fall,
+            upstream_tls: upstream_tls.clone(),
         },
         relay,
         migration,
         passive_health,
         shutdown_grace,
         limits,
+        tls,
+        upstream_tls,
         regions,
         backends,
     })
@@ -1182,6 +1216,9 @@ mod tests {
             ("::1", 9001, "[::1]:9001")
         );
         assert_eq!(BackendUrl::parse("ws://example.com").unwrap().port, 80);
+        let u = BackendUrl::parse("wss://example.com/chat").unwrap();
+        assert_eq!((u.tls, u.port, u.prefix.as_str()), (true, 443, "/chat"));
+        assert!(!BackendUrl::parse("ws://example.com").unwrap().tls);
         for bad in [
             "http://x:1",
             "ws://:1",

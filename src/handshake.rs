@@ -97,28 +97,12 @@ impl HandshakeError {
 }
 
 /// Read one request head from `stream`, at most `max_bytes` of it.
-/// `initial` holds bytes already read from the connection (after a PROXY
-/// protocol header).
 pub async fn read_request<S: AsyncRead + Unpin>(
     stream: &mut S,
     max_bytes: usize,
-    initial: Vec<u8>,
 ) -> Result<(httparse_owned::Head, Vec<u8>), HandshakeError> {
-    let mut buf = initial;
-    buf.reserve(1024);
+    let mut buf = Vec::with_capacity(1024);
     loop {
-        if !buf.is_empty() {
-            if let Some((head, len)) = httparse_owned::parse(&buf)? {
-                if len > max_bytes {
-                    return Err(HandshakeError::HeadTooLarge);
-                }
-                let leftover = buf.split_off(len);
-                return Ok((head, leftover));
-            }
-            if buf.len() > max_bytes {
-                return Err(HandshakeError::HeadTooLarge);
-            }
-        }
         let mut chunk = [0u8; 2048];
         let n = stream
             .read(&mut chunk)
@@ -128,6 +112,16 @@ pub async fn read_request<S: AsyncRead + Unpin>(
             return Err(HandshakeError::ClientGone);
         }
         buf.extend_from_slice(&chunk[..n]);
+        if let Some((head, len)) = httparse_owned::parse(&buf)? {
+            if len > max_bytes {
+                return Err(HandshakeError::HeadTooLarge);
+            }
+            let leftover = buf.split_off(len);
+            return Ok((head, leftover));
+        }
+        if buf.len() > max_bytes {
+            return Err(HandshakeError::HeadTooLarge);
+        }
     }
 }
 

@@ -13,7 +13,6 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::backend::{Backend, LastCheck};
@@ -153,7 +152,8 @@ async fn probe(backend: &Backend, config: &HealthCheckConfig) -> Result<(), Prob
     let started = Instant::now();
     let deadline = config.timeout;
     let attempt = async {
-        let stream = TcpStream::connect((backend.url.host.as_str(), backend.url.port))
+        // wss:// backends are checked over https, their certificate verified.
+        let stream = crate::tls::connect_backend(&backend.url, config.upstream_tls.as_ref())
             .await
             .map_err(ProbeFailure::Connect)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

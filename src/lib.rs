@@ -10,6 +10,7 @@
 //! | [`app`] | listeners, background tasks, the accept loop, reload, drain and shutdown |
 //! | [`config`] | the TOML file, validation into [`config::Config`], errors naming fields |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers from trusted L4 balancers |
+//! | [`tls`] | TLS termination: `[tls]` certificates from PEM, SNI choice, the server config swapped on reload, [`tls::ClientStream`] |
 //! | [`handshake`] | the client's HTTP/1.1 upgrade: paths, 400/404/426, client address, session key |
 //! | [`geo`] | MaxMind DB lookups to a [`geo::Location`] |
 //! | [`steer`] | pure ranking: region order and weighted rendezvous hashing |
@@ -33,6 +34,7 @@ pub mod metrics;
 pub mod proxy_protocol;
 pub mod session;
 pub mod steer;
+pub mod tls;
 pub mod upstream;
 
 pub use app::{Listeners, Options, run, run_with};

@@ -153,25 +153,34 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, InvalidHeader> {
     Ok(Some((header, len)))
 }
 
-/// Read a PROXY header from `stream`. Returns it and any bytes read past it
-/// (the start of the HTTP request).
-pub async fn read_header<S: AsyncRead + Unpin>(
-    stream: &mut S,
-) -> Result<(Header, Vec<u8>), ReadError> {
-    let mut buf = Vec::with_capacity(256);
+/// Read a PROXY header from `stream`, and not one byte more: what follows
+/// is the client's TLS handshake or HTTP request, which other code reads.
+/// A v2 header takes two reads; a v1 line is read a byte at a time after
+/// its first 8 bytes (it has no length field; at most 107 bytes, once per
+/// connection from the balancer).
+pub async fn read_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Header, ReadError> {
+    let mut buf = vec![0u8; 8];
+    stream
+        .read_exact(&mut buf)
+        .await
+        .map_err(|_| ReadError::Closed)?;
     loop {
-        let mut chunk = [0u8; 256];
-        let n = stream
-            .read(&mut chunk)
+        let wanted = match parse(&buf).map_err(ReadError::Invalid)? {
+            Some((header, _)) => return Ok(header),
+            // v2: the prelude, then exactly the length it announces.
+            None if buf[0] == V2_SIGNATURE[0] && buf.len() < 16 => 16,
+            None if buf[0] == V2_SIGNATURE[0] => {
+                16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]))
+            }
+            // v1: up to the CRLF, byte by byte.
+            None => buf.len() + 1,
+        };
+        let start = buf.len();
+        buf.resize(wanted, 0);
+        stream
+            .read_exact(&mut buf[start..])
             .await
             .map_err(|_| ReadError::Closed)?;
-        if n == 0 {
-            return Err(ReadError::Closed);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some((header, len)) = parse(&buf).map_err(ReadError::Invalid)? {
-            return Ok((header, buf.split_off(len)));
-        }
     }
 }
 

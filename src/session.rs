@@ -35,6 +35,7 @@ use crate::handshake::{self, HandshakeError, UpgradeRequest, plain_response};
 use crate::limits::{Admission, Limits, MessageBudget, Refused};
 use crate::metrics as m;
 use crate::proxy_protocol;
+use crate::tls::{ClientStream, Terminator};
 use crate::upstream::{self, ClientInfo, DialError, Upstream};
 use migrate::{Control, MigrationReason, PendingQueue, ReplayWindow, is_migrating_close};
 use relay::{RelayContext, RelayEnd, TrafficCounters, close_frame, finish_close};
@@ -70,6 +71,8 @@ pub struct Router {
     pub next_session_id: Arc<AtomicU64>,
     /// Edge limits shared by every connection.
     pub limits: Limits,
+    /// Set when the public listener speaks TLS (`[tls]`).
+    pub tls: Option<Terminator>,
 }
 
 impl Router {
@@ -99,6 +102,8 @@ struct Placement {
     key: String,
     /// The subprotocol the first backend chose; a new backend must agree.
     subprotocol: Option<String>,
+    /// The client came over TLS (X-Forwarded-Proto: https).
+    tls: bool,
 }
 
 /// Serve one accepted connection to completion.
@@ -111,17 +116,13 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
         let config = router.config();
         // Behind an L4 balancer that speaks PROXY protocol, its header names
         // the client; from anyone else a PROXY line is just a bad request.
+        // One deadline covers it, the TLS handshake and the upgrade request.
+        let deadline = Instant::now() + config.listener.handshake_timeout;
         let mut peer = peer;
-        let mut early = Vec::new();
         if handshake::is_trusted_proxy(peer.ip(), &config.listener.proxy_protocol_from) {
-            let deadline = config.listener.handshake_timeout;
-            match tokio::time::timeout(deadline, proxy_protocol::read_header(&mut stream)).await {
-                Ok(Ok((header, rest))) => {
-                    if let proxy_protocol::Header::Proxied { source } = header {
-                        peer = source;
-                    }
-                    early = rest;
-                }
+            match tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut stream)).await {
+                Ok(Ok(proxy_protocol::Header::Proxied { source })) => peer = source,
+                Ok(Ok(proxy_protocol::Header::Local)) => {}
                 Ok(Err(error)) => {
                     tracing::debug!(%error, "PROXY protocol header refused");
                     metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => "proxy_protocol").increment(1);
@@ -134,12 +135,20 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
             }
         }
         // A peer that is not a trusted proxy is rate-limited before we
-        // read a byte; behind a trusted proxy, once we know the client.
+        // read a byte (or spend a TLS handshake on it); behind a trusted
+        // proxy, once we know the client.
         let peer_is_proxy = handshake::is_trusted_proxy(peer.ip(), &config.trusted_proxies);
         if !peer_is_proxy && let Err(refused) = router.limits.check_rate(peer.ip().to_canonical()) {
-            return Refusal::from(refused).send(&mut stream).await;
+            let refusal = Refusal::from(refused);
+            if router.tls.is_none() {
+                refusal.send(&mut stream).await;
+            }
+            return;
         }
-        let request = match read_upgrade(&config, &mut stream, early).await {
+        let Some(mut stream) = open_client(&router, stream, deadline).await else {
+            return;
+        };
+        let request = match read_upgrade(&config, &mut stream, deadline).await {
             Ok(request) => request,
             Err(e) => {
                 reject(&mut stream, &e).await;
@@ -149,7 +158,7 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
         if let Err(refused) = router.limits.check_origin(request.header("origin")) {
             return Refusal::from(refused).send(&mut stream).await;
         }
-        let (mut placement, key_cookie) = match place(&config, request, peer) {
+        let (mut placement, key_cookie) = match place(&config, request, peer, stream.is_tls()) {
             Ok(placed) => placed,
             Err(refusal) => return refusal.send(&mut stream).await,
         };
@@ -200,16 +209,45 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
     .await
 }
 
+/// The TLS handshake, when the listener speaks TLS, under the handshake
+/// deadline. A failed one (plaintext, TLS below 1.2, no shared cipher or
+/// ALPN) is counted and the socket dropped: there is no channel to answer on.
+async fn open_client(
+    router: &Router,
+    stream: TcpStream,
+    deadline: Instant,
+) -> Option<ClientStream> {
+    let Some(tls) = &router.tls else {
+        return Some(ClientStream::Plain(stream));
+    };
+    match tokio::time::timeout_at(deadline, tls.accept(stream)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "TLS handshake failed");
+            metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => "tls_handshake")
+                .increment(1);
+            None
+        }
+        Err(_) => {
+            tracing::debug!("TLS handshake timed out");
+            metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => HandshakeError::Timeout.reason())
+                .increment(1);
+            metrics::counter!(m::UPGRADES_TOTAL, "result" => "timeout").increment(1);
+            None
+        }
+    }
+}
+
 /// Read and check the upgrade request under the handshake deadline.
 async fn read_upgrade(
     config: &Config,
-    stream: &mut TcpStream,
-    early: Vec<u8>,
+    stream: &mut ClientStream,
+    deadline: Instant,
 ) -> Result<UpgradeRequest, HandshakeError> {
     let listener = &config.listener;
-    let (head, leftover) = tokio::time::timeout(
-        listener.handshake_timeout,
-        handshake::read_request(stream, listener.max_request_header_bytes, early),
+    let (head, leftover) = tokio::time::timeout_at(
+        deadline,
+        handshake::read_request(stream, listener.max_request_header_bytes),
     )
     .await
     .unwrap_or(Err(HandshakeError::Timeout))?;
@@ -217,7 +255,7 @@ async fn read_upgrade(
 }
 
 /// Answer a request that will not upgrade, and count it.
-async fn reject(stream: &mut TcpStream, error: &HandshakeError) {
+async fn reject(stream: &mut ClientStream, error: &HandshakeError) {
     tracing::debug!(%error, "request refused");
     metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => error.reason()).increment(1);
     let result = if *error == HandshakeError::Timeout {
@@ -265,7 +303,7 @@ impl From<Refused> for Refusal {
 }
 
 impl Refusal {
-    async fn send(self, stream: &mut TcpStream) {
+    async fn send<S: tokio::io::AsyncWrite + Unpin>(self, stream: &mut S) {
         metrics::counter!(m::UPGRADES_TOTAL, "result" => self.result).increment(1);
         let _ = stream.write_all(&self.response).await;
         let _ = stream.shutdown().await;
@@ -278,6 +316,7 @@ fn place(
     config: &Config,
     request: UpgradeRequest,
     peer: SocketAddr,
+    tls: bool,
 ) -> Result<(Placement, Option<String>), Refusal> {
     let client_ip = handshake::client_ip(peer.ip(), &request, &config.trusted_proxies);
     let (location, lookup) = config.geoip.db.lookup(client_ip);
@@ -308,6 +347,7 @@ fn place(
         location,
         key,
         subprotocol: None,
+        tls,
     };
     Ok((placement, key_cookie))
 }
@@ -360,7 +400,7 @@ async fn dial_candidates(
         };
         let client = ClientInfo {
             ip: placement.client_ip,
-            tls: false,
+            tls: placement.tls,
             session_key: placement.key.clone(),
             region: backend.region_name.clone(),
             country: placement.location.country.map(|c| c.as_str().to_string()),
@@ -373,6 +413,7 @@ async fn dial_candidates(
             &client,
             ws_config(config),
             config.steering.dial_timeout,
+            config.upstream_tls.as_ref(),
         )
         .await
         {
@@ -472,11 +513,11 @@ fn refusal_response(response: &upstream::RefusedResponse) -> Vec<u8> {
 /// Send the 101 with what the backend chose, and wrap the client socket.
 async fn answer_upgrade(
     config: &Config,
-    mut stream: TcpStream,
+    mut stream: ClientStream,
     request: &UpgradeRequest,
     upstream: &Upstream,
     key_cookie: Option<String>,
-) -> Option<WebSocketStream<TcpStream>> {
+) -> Option<WebSocketStream<ClientStream>> {
     let key = request.header("sec-websocket-key")?.trim();
     let mut head = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
@@ -496,6 +537,8 @@ async fn answer_upgrade(
     }
     head.extend_from_slice(b"\r\n");
     stream.write_all(&head).await.ok()?;
+    // TLS holds written bytes in its buffer until a flush.
+    stream.flush().await.ok()?;
     Some(
         WebSocketStream::from_partially_read(
             stream,
@@ -511,7 +554,7 @@ async fn answer_upgrade(
 /// needs to move.
 struct Session {
     router: Router,
-    client: WebSocketStream<TcpStream>,
+    client: WebSocketStream<ClientStream>,
     upstream: Upstream,
     /// The claim on the current backend (and its control registration).
     slot: SessionSlot,

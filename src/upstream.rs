@@ -8,9 +8,9 @@
 //! that are appended to it.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::handshake::client::{Request, Response, generate_key};
@@ -20,6 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::backend::Backend;
 use crate::handshake::UpgradeRequest;
 use crate::metrics as m;
+use crate::tls::{BackendStream, connect_backend};
 
 /// A backend's non-101 answer, with its body.
 pub type RefusedResponse = Response;
@@ -55,6 +56,8 @@ pub struct ClientInfo {
 /// A dial that did not produce a WebSocket.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
+    /// TCP connect or, for `wss://`, the TLS handshake (certificate
+    /// included) failed.
     #[error("connect failed: {0}")]
     Connect(std::io::Error),
     #[error("dial timed out")]
@@ -80,25 +83,26 @@ impl DialError {
 
 /// A connected backend and its handshake answer.
 pub struct Upstream {
-    pub ws: WebSocketStream<TcpStream>,
+    pub ws: WebSocketStream<BackendStream>,
     pub response: Response,
 }
 
-/// Dial `backend` for `request`, within `timeout`.
+/// Dial `backend` for `request`, within `timeout`. `tls` is the client for
+/// `wss://` backends (`Config::upstream_tls`).
 pub async fn dial(
     backend: &Backend,
     request: &UpgradeRequest,
     client: &ClientInfo,
     ws_config: WebSocketConfig,
     timeout: Duration,
+    tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Upstream, DialError> {
     let started = Instant::now();
     let result = tokio::time::timeout(timeout, async {
         let http_request = build_request(backend, request, client);
-        let stream = TcpStream::connect((backend.url.host.as_str(), backend.url.port))
+        let stream = connect_backend(&backend.url, tls)
             .await
             .map_err(DialError::Connect)?;
-        let _ = stream.set_nodelay(true);
         tokio_tungstenite::client_async_with_config(http_request, stream, Some(ws_config))
             .await
             .map(|(ws, response)| Upstream { ws, response })
@@ -123,7 +127,8 @@ pub async fn dial(
 
 fn build_request(backend: &Backend, request: &UpgradeRequest, client: &ClientInfo) -> Request {
     let uri = format!(
-        "ws://{}{}{}",
+        "{}://{}{}{}",
+        if backend.url.tls { "wss" } else { "ws" },
         backend.url.authority(),
         backend.url.prefix,
         request.target
