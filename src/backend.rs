@@ -378,8 +378,15 @@ impl BackendSet {
         Arc::new(Backend::new(config, index))
     }
 
-    /// Backends that may take a new session for this client, best first.
-    pub fn rank(&self, location: &Location, key: &str) -> Vec<Arc<Backend>> {
+    /// The first `limit` backends that may take a new session for this
+    /// client, best first, never `exclude` (the backend a session leaves).
+    pub fn rank(
+        &self,
+        location: &Location,
+        key: &str,
+        exclude: Option<&str>,
+        limit: usize,
+    ) -> Vec<Arc<Backend>> {
         let views: Vec<BackendView> = self
             .backends
             .iter()
@@ -387,11 +394,11 @@ impl BackendSet {
                 region: b.region,
                 weight: b.weight(),
                 id_hash: b.id_hash,
-                available: b.accepts_sessions(),
+                available: b.accepts_sessions() && exclude != Some(b.id.as_str()),
             })
             .collect();
         self.policy
-            .rank(location, key, &views)
+            .rank_first(location, key, &views, limit)
             .into_iter()
             .map(|i| Arc::clone(&self.backends[i]))
             .collect()

@@ -372,11 +372,13 @@ async fn dial_candidates(
     control: &mpsc::Sender<Control>,
 ) -> Result<(Upstream, SessionSlot), Refusal> {
     let set = router.backends.load();
-    let candidates: Vec<_> = set
-        .rank(&placement.location, &placement.key)
-        .into_iter()
-        .filter(|b| migration.is_none_or(|m| b.id != m.from))
-        .collect();
+    let attempts = config.steering.max_dial_attempts as usize;
+    let candidates = set.rank(
+        &placement.location,
+        &placement.key,
+        migration.map(|m| m.from),
+        attempts,
+    );
     if candidates.is_empty() {
         tracing::warn!("no backend available");
         return Err(Refusal {
@@ -391,10 +393,7 @@ async fn dial_candidates(
     }
 
     let mut last_error = None;
-    for backend in candidates
-        .iter()
-        .take(config.steering.max_dial_attempts as usize)
-    {
+    for backend in &candidates {
         let Some(slot) = backend.try_acquire(session_id, control) else {
             continue;
         };

@@ -121,9 +121,24 @@ impl Policy {
     /// regions in [`Policy::region_order`], and inside a region by weighted
     /// rendezvous score for `key`.
     pub fn rank(&self, location: &Location, key: &str, backends: &[BackendView]) -> Vec<usize> {
+        self.rank_first(location, key, backends, usize::MAX)
+    }
+
+    /// [`Policy::rank`], stopping once `limit` backends are ranked: a new
+    /// session tries only a few, so regions past those are never scored.
+    pub fn rank_first(
+        &self,
+        location: &Location,
+        key: &str,
+        backends: &[BackendView],
+        limit: usize,
+    ) -> Vec<usize> {
         let mut ranked = Vec::new();
         let mut in_region: Vec<(f64, usize)> = Vec::new();
         for region in self.region_order(location) {
+            if ranked.len() >= limit {
+                break;
+            }
             in_region.clear();
             in_region.extend(
                 backends
@@ -135,6 +150,7 @@ impl Policy {
             in_region.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
             ranked.extend(in_region.iter().map(|&(_, i)| i));
         }
+        ranked.truncate(limit);
         ranked
     }
 }
@@ -305,6 +321,19 @@ mod tests {
                 .map(|r| order.iter().position(|o| o == r).unwrap())
                 .collect();
             prop_assert!(positions.windows(2).all(|w| w[0] <= w[1]));
+        }
+
+        #[test]
+        fn a_limited_ranking_is_the_head_of_the_full_one(
+            backends in arb_backends(),
+            location in arb_location(),
+            key in "[a-z0-9]{1,16}",
+            limit in 0usize..6,
+        ) {
+            let p = policy();
+            let full = p.rank(&location, &key, &backends);
+            let head = p.rank_first(&location, &key, &backends, limit);
+            prop_assert_eq!(&full[..limit.min(full.len())], &head[..]);
         }
 
         #[test]

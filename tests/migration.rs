@@ -300,7 +300,8 @@ async fn order_holds_and_a_message_in_flight_arrives_whole() {
     let router = router()
         .backend(&doomed, "eu")
         .backend(&spare, "us")
-        .extra("[migration]\nreplay_max_messages = 64\n")
+        // Room to queue every message, should the move be slow.
+        .extra("[migration]\nreplay_max_messages = 64\nqueue_max_bytes = 16777216\n")
         .start()
         .await;
     // Large binary messages (a distinct length per sequence number), sent
