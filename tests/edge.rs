@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use support::{
-    Client, TestBackend, WAIT, close, eventually, http_get, key, read_welcome, recv_data, router,
+    Client, TestBackend, WAIT, close, eventually, key, metric, read_welcome, recv_data, router,
     trace_init, within,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -78,14 +78,6 @@ async fn raw_upgrade_status(from: &str, router: SocketAddr, extra: &str) -> Opti
         }
     }
     std::str::from_utf8(&buf[9..12]).ok()?.parse().ok()
-}
-
-/// The value of a metric series in Prometheus text, 0 when absent.
-async fn metric(admin: SocketAddr, series: &str) -> f64 {
-    let (_, body) = http_get(admin, "/metrics").await;
-    body.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn limits(toml: &str) -> String {

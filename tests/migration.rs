@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use support::{
-    Client, TestBackend, WAIT, eventually, expect_close, http_get, key, raise_fd_limit,
-    read_welcome, recv_data, router, trace_init, try_connect, within,
+    Client, TestBackend, WAIT, eventually, expect_close, key, metric, raise_fd_limit, read_welcome,
+    recv_data, router, trace_init, try_connect, within,
 };
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -60,14 +60,6 @@ async fn read_until_echo(
         }
     }
     seen
-}
-
-/// The value of a metric line (exact name and labels) in Prometheus text.
-async fn metric(admin: std::net::SocketAddr, series: &str) -> f64 {
-    let (_, body) = http_get(admin, "/metrics").await;
-    body.lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

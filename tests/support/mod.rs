@@ -1031,6 +1031,15 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, answer.body)
 }
 
+/// The value of one series (exact name and labels, as Prometheus text
+/// writes them) from a router's `/metrics`; 0 when absent.
+pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let (_, body) = http_get(admin, "/metrics").await;
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// POST an admin path with an optional bearer token: (status, body).
 pub async fn http_post(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     let auth = token
