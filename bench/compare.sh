@@ -36,6 +36,7 @@ install=0
 build=1
 out=""
 loadgen_threads=1
+wsrouter_bin=""
 
 usage() {
     cat <<EOF
@@ -47,6 +48,7 @@ usage: bench/compare.sh [options]
   --quick            tiny sizes (few connections, 2 s) for a smoke test
   --install          apt-get install haproxy, nginx and jq first (needs root)
   --no-build         use the binaries already in target/release
+  --wsrouter BIN     router binary to test (default target/release/wsrouter)
   --out DIR          results folder (default bench/results/<date>[-quick])
   --loadgen-threads N  worker threads of the load generator (default 1)
   -h, --help         this text
@@ -61,6 +63,7 @@ while [ $# -gt 0 ]; do
         --quick) quick=1; shift ;;
         --install) install=1; shift ;;
         --no-build) build=0; shift ;;
+        --wsrouter) wsrouter_bin=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --loadgen-threads) loadgen_threads=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -115,10 +118,10 @@ ulimit -n "$(ulimit -Hn)" || true
 log "open files limit: $(ulimit -n)"
 
 if [ "$build" = 1 ]; then
-    log "building release binaries (wsrouter, loadgen, echo_backend)"
-    (cd "$ROOT" && cargo build --release --bin wsrouter --example loadgen --example echo_backend)
+    log "building release binaries (wsrouter, loadgen, echo_backend), niced"
+    (cd "$ROOT" && nice -n 10 cargo build --release --bin wsrouter --example loadgen --example echo_backend)
 fi
-WSROUTER="$ROOT/target/release/wsrouter"
+WSROUTER=${wsrouter_bin:-"$ROOT/target/release/wsrouter"}
 LOADGEN="$ROOT/target/release/examples/loadgen"
 ECHO="$ROOT/target/release/examples/echo_backend"
 for b in "$WSROUTER" "$LOADGEN" "$ECHO"; do
@@ -138,7 +141,7 @@ CLK_TCK=$(getconf CLK_TCK)
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "mode: $([ "$quick" = 1 ] && echo 'quick (smoke test sizes)' || echo full)"
     echo "runs: $runs"
-    echo "wsrouter: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && git diff --quiet HEAD -- src 2>/dev/null || echo ' (src modified)')"
+    echo "wsrouter: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && git diff --quiet HEAD -- src 2>/dev/null || echo ' (src modified)')$([ -z "$wsrouter_bin" ] || echo " (router binary: $wsrouter_bin)")"
     echo "rustc: $(rustc --version 2>/dev/null || echo unknown)"
     command -v haproxy >/dev/null && echo "haproxy: $(haproxy -v 2>/dev/null | head -1)"
     command -v nginx >/dev/null && echo "nginx: $(nginx -v 2>&1 | head -1)"
@@ -146,6 +149,8 @@ CLK_TCK=$(getconf CLK_TCK)
     echo "cpus: $(nproc) ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'))"
     echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
     echo "loadgen threads: $loadgen_threads; echo backend threads: 1"
+    # Other work on the machine skews every figure: note how busy it was.
+    echo "load at start: $(cut -d' ' -f1-3 /proc/loadavg); cpu pressure: $(head -1 /proc/pressure/cpu 2>/dev/null || echo n/a)"
 } >"$out/versions.txt"
 
 # --- workloads -------------------------------------------------------------
@@ -364,6 +369,8 @@ for target in "${target_list[@]}"; do
         done
     done
 done
+
+echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg); cpu pressure: $(head -1 /proc/pressure/cpu 2>/dev/null || echo n/a)" >>"$out/versions.txt"
 
 # --- summary ---------------------------------------------------------------
 

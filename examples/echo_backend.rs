@@ -9,6 +9,10 @@
 //! `200 OK`, so the router's health checks pass. Replies are batched: all
 //! the messages already read are written, then flushed with one write.
 //!
+//! With `--mark C` every echo carries the ASCII character C at the load
+//! generator's mark position (byte 16 of a binary message, byte 32 of a text
+//! one), so that the failover benchmark knows which backend answered.
+//!
 //! It raises its own open-files soft limit to the hard limit at start, and
 //! by default runs on one thread so that it leaves the second core to the
 //! proxy under test (`--threads` to change).
@@ -39,6 +43,12 @@ struct Args {
     /// Largest message accepted, in bytes.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     max_message: usize,
+    /// Stamp this ASCII character into every echo at the load generator's
+    /// mark position (byte 16 of a binary message, 32 of a text one), so the
+    /// failover benchmark can tell which backend echoed. Off: echoes are
+    /// byte for byte what was received.
+    #[arg(long)]
+    mark: Option<char>,
 }
 
 /// The request line prefix of a health check; the next byte must end the path.
@@ -76,6 +86,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let listener: TcpListener = socket.listen(4096)?;
     eprintln!("echo_backend: listening on {}", args.listen);
 
+    let mark = match args.mark {
+        None => None,
+        Some(c) if c.is_ascii_graphic() => Some(c as u8),
+        Some(c) => anyhow::bail!("--mark {c:?} must be a printable ASCII character"),
+    };
     let config = WebSocketConfig::default()
         .read_buffer_size(args.read_buffer)
         .max_message_size(Some(args.max_message))
@@ -90,12 +105,12 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 continue;
             }
         };
-        tokio::spawn(connection(stream, config));
+        tokio::spawn(connection(stream, config, mark));
     }
 }
 
 /// One accepted connection: a health check or a WebSocket echo session.
-async fn connection(stream: TcpStream, config: WebSocketConfig) {
+async fn connection(stream: TcpStream, config: WebSocketConfig, mark: Option<u8>) {
     let _ = stream.set_nodelay(true);
     match is_health_check(&stream).await {
         Ok(true) => {
@@ -104,7 +119,7 @@ async fn connection(stream: TcpStream, config: WebSocketConfig) {
         Ok(false) => {
             if let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
             {
-                echo(ws).await;
+                echo(ws, mark).await;
             }
         }
         Err(_) => {}
@@ -161,19 +176,19 @@ async fn answer_health(mut stream: TcpStream) -> std::io::Result<()> {
 
 /// Echo data messages until the peer closes. Pings are answered and close
 /// frames echoed by tungstenite itself.
-async fn echo(mut ws: tokio_tungstenite::WebSocketStream<TcpStream>) {
+async fn echo(mut ws: tokio_tungstenite::WebSocketStream<TcpStream>, mark: Option<u8>) {
     loop {
         let Some(Ok(first)) = ws.next().await else {
             return;
         };
-        if !echo_one(&mut ws, first).await {
+        if !echo_one(&mut ws, first, mark).await {
             return;
         }
         // Everything already read goes out with the same flush.
         while let Some(next) = ws.next().now_or_never() {
             match next {
                 Some(Ok(msg)) => {
-                    if !echo_one(&mut ws, msg).await {
+                    if !echo_one(&mut ws, msg, mark).await {
                         return;
                     }
                 }
@@ -190,9 +205,40 @@ async fn echo(mut ws: tokio_tungstenite::WebSocketStream<TcpStream>) {
 }
 
 /// Queue the echo of one message; false when the connection is gone.
-async fn echo_one(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>, msg: Message) -> bool {
+async fn echo_one(
+    ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
+    msg: Message,
+    mark: Option<u8>,
+) -> bool {
     match msg {
-        Message::Text(_) | Message::Binary(_) => ws.feed(msg).await.is_ok(),
+        Message::Text(_) | Message::Binary(_) => {
+            let msg = match mark {
+                Some(mark) => marked(msg, mark),
+                None => msg,
+            };
+            ws.feed(msg).await.is_ok()
+        }
         _ => true,
+    }
+}
+
+/// The message with `mark` at the load generator's mark position, when it
+/// is long enough to have one.
+fn marked(msg: Message, mark: u8) -> Message {
+    match msg {
+        Message::Binary(body) if body.len() > 16 => {
+            let mut body = body.to_vec();
+            body[16] = mark;
+            Message::Binary(body.into())
+        }
+        Message::Text(text)
+            if text.len() > 32 && text.is_char_boundary(32) && text.is_char_boundary(33) =>
+        {
+            // One ASCII byte replaced by another: still valid UTF-8.
+            let mut text = text.as_str().to_string();
+            text.replace_range(32..33, (mark as char).encode_utf8(&mut [0; 4]));
+            Message::Text(text.into())
+        }
+        other => other,
     }
 }

@@ -5,6 +5,7 @@
 //! cargo run --release --example loadgen -- throughput --url ws://127.0.0.1:18080/chat -c 50 --window 16 --size 64 --duration 10s
 //! cargo run --release --example loadgen -- idle       --url ws://127.0.0.1:18080/chat -c 8000 --duration 10s
 //! cargo run --release --example loadgen -- churn      --url ws://127.0.0.1:18080/chat --cycles 5000 --concurrency 100
+//! cargo run --release --example loadgen -- failover   --url ws://127.0.0.1:18180/chat -c 8000 --rate 2 --duration 25s --kill-after 10s --kill-pid PID --watch-pid ROUTER_PID
 //! ```
 //!
 //! Modes:
@@ -21,6 +22,16 @@
 //!   proxy's memory then).
 //! - `churn`: `--cycles` connect/upgrade/close cycles, `--concurrency` at a
 //!   time; reports upgrades per second and the connect+upgrade time.
+//! - `failover`: N sessions each send a numbered message `--rate` times a
+//!   second (random phase); `--kill-after` into the send phase the backend
+//!   process `--kill-pid` is sent SIGKILL. Reports, per session, the time
+//!   from the kill to the first echo from another backend of a message sent
+//!   after the kill (p50/p99/max), disconnects, sequence numbers never
+//!   echoed (lost) or echoed more than once (duplicated), and the CPU and
+//!   RSS of `--watch-pid` (the router) sampled from /proc. Echo backends
+//!   started with `echo_backend --mark C` stamp the byte after the header
+//!   with C, which tells the old backend's echoes from the new one's.
+//!   `bench/failover.sh` runs the whole benchmark.
 //!
 //! Every message carries a sequence number and a time stamp (binary: two
 //! little-endian u64 in the first 16 bytes; `--text`: 32 hex digits), and
@@ -49,6 +60,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -74,6 +86,7 @@ enum Mode {
     Throughput,
     Idle,
     Churn,
+    Failover,
 }
 
 impl Mode {
@@ -83,6 +96,7 @@ impl Mode {
             Mode::Throughput => "throughput",
             Mode::Idle => "idle",
             Mode::Churn => "churn",
+            Mode::Failover => "failover",
         }
     }
 }
@@ -154,6 +168,21 @@ struct Args {
     /// Idle mode: write this file once every connection is open.
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Failover: the backend process to SIGKILL (the one the sessions are on).
+    #[arg(long)]
+    kill_pid: Option<u32>,
+    /// Failover: when to kill it, counted from the start of the send phase.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    kill_after: Duration,
+    /// Failover: a process (the router) whose CPU and RSS are sampled from /proc.
+    #[arg(long)]
+    watch_pid: Option<u32>,
+    /// Failover: how often the watched process is sampled.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    sample_interval: Duration,
+    /// Clock ticks per second of /proc/PID/stat (`getconf CLK_TCK`).
+    #[arg(long, default_value_t = 100)]
+    clk_tck: u64,
 }
 
 /// A checked loopback target.
@@ -262,6 +291,8 @@ struct Run {
     stats: Stats,
     /// Filler bytes for message bodies.
     filler: Bytes,
+    /// Failover mode: the kill, the per-session outcomes, the router's samples.
+    failover: FailoverState,
 }
 
 /// Process-wide time origin for the time stamps carried in messages.
@@ -360,6 +391,9 @@ fn prepare(args: Args) -> anyhow::Result<Run> {
     if args.threads == 0 || args.threads > 64 {
         bail!("--threads must be between 1 and 64");
     }
+    if args.mode == Mode::Failover {
+        check_failover_args(&args, min_size)?;
+    }
     for ip in &args.source_addrs {
         if !ip.is_loopback() {
             bail!("source address {ip} is not a loopback address");
@@ -417,6 +451,7 @@ fn prepare(args: Args) -> anyhow::Result<Run> {
         sources,
         stats: Stats::new(),
         filler,
+        failover: FailoverState::new(),
     })
 }
 
@@ -434,6 +469,7 @@ async fn execute(run: Arc<Run>) -> Timing {
         Mode::Latency | Mode::Throughput => traffic(run).await,
         Mode::Idle => idle(run).await,
         Mode::Churn => churn(run).await,
+        Mode::Failover => failover(run).await,
     }
 }
 
@@ -903,6 +939,671 @@ async fn churn_worker(run: Arc<Run>, next: Arc<AtomicU64>) {
 }
 
 // ---------------------------------------------------------------------------
+// failover
+
+/// Where a marking echo backend (`echo_backend --mark C`) puts its mark: the
+/// first byte after the sequence number and time stamp. Unmarked echoes
+/// carry the filler byte there.
+fn mark_offset(text: bool) -> usize {
+    if text { 32 } else { 16 }
+}
+
+const FILLER: u8 = b'x';
+
+fn check_failover_args(args: &Args, min_size: usize) -> anyhow::Result<()> {
+    let Some(pid) = args.kill_pid else {
+        bail!("failover needs --kill-pid: the backend process the sessions are on");
+    };
+    if pid <= 1 || pid == std::process::id() {
+        bail!("--kill-pid {pid} is not a backend process");
+    }
+    for (flag, pid) in [("--kill-pid", Some(pid)), ("--watch-pid", args.watch_pid)] {
+        if let Some(pid) = pid
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            bail!("{flag} {pid}: no such process");
+        }
+    }
+    if args.kill_after.is_zero() || args.kill_after >= args.duration {
+        bail!("--kill-after must be more than 0 and shorter than --duration");
+    }
+    if args.size <= min_size {
+        bail!(
+            "failover needs --size of at least {} (the byte after the header carries the backend's mark)",
+            min_size + 1
+        );
+    }
+    if args.sample_interval < Duration::from_millis(10)
+        || args.sample_interval > Duration::from_secs(10)
+    {
+        bail!("--sample-interval must be between 10ms and 10s");
+    }
+    if args.clk_tck == 0 {
+        bail!("--clk-tck must be at least 1");
+    }
+    Ok(())
+}
+
+/// One sample of the watched process (the router).
+#[derive(Clone, Copy)]
+struct Sample {
+    /// Nanoseconds since [`epoch`].
+    at: u64,
+    /// utime + stime, in clock ticks.
+    ticks: u64,
+    rss_kib: u64,
+    /// The whole machine (every core), from /proc/stat, in clock ticks:
+    /// busy (user, nice, system, irq, softirq, steal) and total.
+    machine_busy: u64,
+    machine_total: u64,
+    /// Nanoseconds the watched process's threads spent runnable but
+    /// waiting for a core (second field of /proc/PID/task/*/schedstat).
+    runqueue_wait_ns: u64,
+}
+
+/// What one session saw during a failover run.
+#[derive(Default)]
+struct SessionOutcome {
+    /// Messages sent (sequence numbers 0..sent).
+    sent: u64,
+    /// Echoes received per sequence number.
+    counts: Vec<u8>,
+    /// The backend mark of the first echo (the backend the session started on).
+    first_mark: Option<u8>,
+    /// The backend mark of the last echo.
+    last_mark: Option<u8>,
+    /// Kill to the first echo, from another backend, of a message sent after the kill.
+    recovery_ns: Option<u64>,
+    /// That message's own round trip.
+    first_rtt_ns: Option<u64>,
+    /// First echoes of a sequence number below one already echoed.
+    reordered: u64,
+    /// Echoes from the first backend of messages sent after the kill (the
+    /// kill command had not yet taken effect).
+    old_after_kill: u64,
+    /// The client saw a close or an error.
+    disconnected: bool,
+}
+
+/// Totals over every session of a failover run.
+struct FailoverTotals {
+    sessions: u64,
+    recovered: u64,
+    recovered_within_2s: u64,
+    disconnected: u64,
+    sent: u64,
+    echoes: u64,
+    lost: u64,
+    /// Lost in sessions that were never disconnected.
+    lost_connected: u64,
+    sessions_with_loss: u64,
+    duplicated: u64,
+    extra_echoes: u64,
+    sessions_with_duplicates: u64,
+    max_duplicates_per_session: u64,
+    reordered: u64,
+    old_after_kill: u64,
+    first_backend: BTreeMap<String, u64>,
+    last_backend: BTreeMap<String, u64>,
+    recovery: Histogram<u64>,
+    first_rtt: Histogram<u64>,
+}
+
+/// Shared state of a failover run.
+struct FailoverState {
+    /// When the kill was issued, in nanoseconds since [`epoch`] (0: not yet).
+    killed_at: AtomicU64,
+    /// How long the kill command took.
+    kill_command_ns: AtomicU64,
+    kill_error: Mutex<Option<String>>,
+    totals: Mutex<FailoverTotals>,
+    samples: Mutex<Vec<Sample>>,
+}
+
+impl FailoverState {
+    fn new() -> FailoverState {
+        FailoverState {
+            killed_at: AtomicU64::new(0),
+            kill_command_ns: AtomicU64::new(0),
+            kill_error: Mutex::new(None),
+            totals: Mutex::new(FailoverTotals {
+                sessions: 0,
+                recovered: 0,
+                recovered_within_2s: 0,
+                disconnected: 0,
+                sent: 0,
+                echoes: 0,
+                lost: 0,
+                lost_connected: 0,
+                sessions_with_loss: 0,
+                duplicated: 0,
+                extra_echoes: 0,
+                sessions_with_duplicates: 0,
+                max_duplicates_per_session: 0,
+                reordered: 0,
+                old_after_kill: 0,
+                first_backend: BTreeMap::new(),
+                last_backend: BTreeMap::new(),
+                recovery: new_histogram(),
+                first_rtt: new_histogram(),
+            }),
+            samples: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn add(&self, outcome: &SessionOutcome) {
+        let mut t = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        t.sessions += 1;
+        t.sent += outcome.sent;
+        if outcome.disconnected {
+            t.disconnected += 1;
+        }
+        if let Some(ns) = outcome.recovery_ns {
+            t.recovered += 1;
+            if ns <= 2_000_000_000 {
+                t.recovered_within_2s += 1;
+            }
+            t.recovery.saturating_record(ns.max(1));
+        }
+        if let Some(ns) = outcome.first_rtt_ns {
+            t.first_rtt.saturating_record(ns.max(1));
+        }
+        let (mut lost, mut duplicated, mut extra) = (0, 0, 0);
+        for seq in 0..outcome.sent as usize {
+            match outcome.counts.get(seq).copied().unwrap_or(0) {
+                0 => lost += 1,
+                1 => {}
+                n => {
+                    duplicated += 1;
+                    extra += u64::from(n) - 1;
+                }
+            }
+        }
+        t.echoes += outcome.counts.iter().map(|&n| u64::from(n)).sum::<u64>();
+        t.lost += lost;
+        if !outcome.disconnected {
+            t.lost_connected += lost;
+        }
+        t.sessions_with_loss += u64::from(lost > 0);
+        t.duplicated += duplicated;
+        t.extra_echoes += extra;
+        t.sessions_with_duplicates += u64::from(duplicated > 0);
+        t.max_duplicates_per_session = t.max_duplicates_per_session.max(duplicated);
+        t.reordered += outcome.reordered;
+        t.old_after_kill += outcome.old_after_kill;
+        *t.first_backend
+            .entry(mark_name(outcome.first_mark))
+            .or_insert(0) += 1;
+        *t.last_backend
+            .entry(mark_name(outcome.last_mark))
+            .or_insert(0) += 1;
+    }
+}
+
+fn mark_name(mark: Option<u8>) -> String {
+    match mark {
+        None => "no echo".to_string(),
+        Some(FILLER) => "unmarked".to_string(),
+        Some(m) if m.is_ascii_graphic() => (m as char).to_string(),
+        Some(m) => format!("0x{m:02x}"),
+    }
+}
+
+fn mark_of(msg: &Message, text: bool) -> Option<u8> {
+    let at = mark_offset(text);
+    match msg {
+        Message::Binary(body) => body.get(at).copied(),
+        Message::Text(t) => t.as_bytes().get(at).copied(),
+        _ => None,
+    }
+}
+
+/// Open the sessions, send a paced numbered stream on each, SIGKILL the
+/// backend they are on after `--kill-after`, keep sending until
+/// `--duration`, wait for the last echoes, and tally per session.
+async fn failover(run: Arc<Run>) -> Timing {
+    let helper = spawn_killer(run.args.kill_pid.unwrap_or(0));
+    let connect_started = Instant::now();
+    let connections = open_all(&run).await;
+    let connect_s = connect_started.elapsed().as_secs_f64();
+    eprintln!(
+        "loadgen: {} sessions open in {connect_s:.2}s; the backend is killed {:?} into the send phase",
+        connections.len(),
+        run.args.kill_after
+    );
+    let start = Instant::now() + Duration::from_millis(100);
+    let phases = Phases {
+        start,
+        measure_from: start,
+        end: start + run.args.duration,
+    };
+    let sampler = run
+        .args
+        .watch_pid
+        .map(|pid| tokio::spawn(sample_process(run.clone(), pid)));
+    let killer = tokio::spawn(kill_backend(
+        run.clone(),
+        start + run.args.kill_after,
+        helper,
+    ));
+    let tasks: Vec<_> = connections
+        .into_iter()
+        .map(|ws| tokio::spawn(drive_failover(run.clone(), ws, phases)))
+        .collect();
+    for task in tasks {
+        let _ = task.await;
+    }
+    let _ = killer.await;
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
+    Timing {
+        connect_s: Some(connect_s),
+        measured_s: Some(run.args.duration.as_secs_f64()),
+    }
+}
+
+/// A shell, started ahead of time, that sends SIGKILL to `pid` once a line
+/// arrives on its stdin (its `kill` is a builtin). Nothing has to be forked
+/// at the moment of the kill, which on a busy machine takes hundreds of
+/// milliseconds. If the load generator ends first, the pipe closes, `read`
+/// fails and nothing is killed.
+fn spawn_killer(pid: u32) -> std::io::Result<tokio::process::Child> {
+    tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg("read go && kill -KILL \"$1\"")
+        .arg("sh")
+        .arg(pid.to_string())
+        .stdin(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// SIGKILL the backend at `at` through the helper. The kill instant is
+/// taken just before the helper is told, so recovery times include its
+/// wake-up (they err long, never short); how long it took until the helper
+/// exited is reported as `kill_command_ms`.
+async fn kill_backend(run: Arc<Run>, at: Instant, helper: std::io::Result<tokio::process::Child>) {
+    let Some(pid) = run.args.kill_pid else { return };
+    let error = match helper {
+        Err(e) => Some(format!("cannot start the kill helper: {e}")),
+        Ok(mut helper) => {
+            tokio::time::sleep_until(at).await;
+            let issued = Instant::now();
+            run.failover
+                .killed_at
+                .store(nanos_since_epoch(issued), Ordering::Release);
+            let told = match helper.stdin.take() {
+                Some(mut stdin) => stdin.write_all(b"go\n").await,
+                None => Err(std::io::ErrorKind::BrokenPipe.into()),
+            };
+            let status = helper.wait().await;
+            run.failover
+                .kill_command_ns
+                .store(issued.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            match (told, status) {
+                (Ok(()), Ok(s)) if s.success() => None,
+                (Ok(()), Ok(s)) => Some(format!("kill -KILL {pid} exited with {s}")),
+                (Err(e), _) | (_, Err(e)) => Some(format!("kill helper: {e}")),
+            }
+        }
+    };
+    match &error {
+        None => eprintln!("loadgen: SIGKILL sent to pid {pid}"),
+        Some(e) => eprintln!("loadgen: {e}"),
+    }
+    *run.failover
+        .kill_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = error;
+}
+
+/// utime + stime (clock ticks) and VmRSS (KiB) of a process, from /proc.
+fn read_proc(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after "(comm) ": state first, utime 12th, stime 13th.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Some((ticks, rss))
+}
+
+/// Time the process's threads have waited on a run queue, in nanoseconds.
+fn read_runqueue_wait(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Busy and total clock ticks of the whole machine, from /proc/stat.
+fn read_machine() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is in user).
+    let busy = v
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| x)
+        .sum();
+    let total = v.iter().take(8).sum();
+    Some((busy, total))
+}
+
+/// Sample the watched process until aborted or it exits.
+async fn sample_process(run: Arc<Run>, pid: u32) {
+    let mut ticks = tokio::time::interval(run.args.sample_interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some((cpu, rss_kib)) = read_proc(pid) else {
+            eprintln!("loadgen: watched process {pid} is gone");
+            return;
+        };
+        let (machine_busy, machine_total) = read_machine().unwrap_or((0, 0));
+        run.failover
+            .samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Sample {
+                at: nanos_since_epoch(Instant::now()),
+                ticks: cpu,
+                rss_kib,
+                machine_busy,
+                machine_total,
+                runqueue_wait_ns: read_runqueue_wait(pid),
+            });
+    }
+}
+
+/// One session of a failover run.
+async fn drive_failover(run: Arc<Run>, ws: Ws, phases: Phases) {
+    let (mut sink, mut stream) = ws.split();
+    let flow = Flow {
+        sent: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+        writer_done: AtomicBool::new(false),
+        wake_reader: Notify::new(),
+        window: Semaphore::new(1),
+    };
+    let writer = async {
+        if let Err(e) = send_paced(&run, &mut sink, &flow, phases).await {
+            run.stats.error(format!("send: {}", error_kind(&e)));
+        }
+        flow.writer_done.store(true, Ordering::Release);
+        flow.wake_reader.notify_one();
+    };
+    let reader = read_failover(&run, &mut stream, &flow, phases);
+    let (_, mut outcome) = tokio::join!(writer, reader);
+    outcome.sent = flow.sent.load(Ordering::Relaxed);
+    if !outcome.disconnected {
+        close(&mut sink, &mut stream).await;
+    }
+    run.failover.add(&outcome);
+}
+
+/// Read echoes until every message sent has been echoed at least once
+/// after the writer finished, the drain time is over, or the connection
+/// ends; count echoes per sequence number and note when the session
+/// relays again after the kill.
+async fn read_failover(
+    run: &Run,
+    stream: &mut SplitStream<Ws>,
+    flow: &Flow,
+    phases: Phases,
+) -> SessionOutcome {
+    let stats = &run.stats;
+    let drain_deadline = phases.end + run.args.drain;
+    let mut outcome = SessionOutcome::default();
+    let mut distinct = 0u64;
+    let mut highest: Option<u64> = None;
+    loop {
+        if flow.writer_done.load(Ordering::Acquire) && distinct >= flow.sent.load(Ordering::Relaxed)
+        {
+            return outcome;
+        }
+        let msg = tokio::select! {
+            msg = stream.next() => msg,
+            _ = flow.wake_reader.notified() => continue,
+            _ = tokio::time::sleep_until(drain_deadline) => return outcome,
+        };
+        let msg = match msg {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => {
+                stats.error(format!("receive: {}", error_kind(&e)));
+                stats.closed_early.fetch_add(1, Ordering::Relaxed);
+                outcome.disconnected = true;
+                return outcome;
+            }
+            None => {
+                stats.error("receive: connection ended");
+                stats.closed_early.fetch_add(1, Ordering::Relaxed);
+                outcome.disconnected = true;
+                return outcome;
+            }
+        };
+        if let Message::Close(frame) = &msg {
+            let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
+            stats.error(format!("closed by peer: {code}"));
+            stats.closed_early.fetch_add(1, Ordering::Relaxed);
+            outcome.disconnected = true;
+            return outcome;
+        }
+        let Some((seq, stamp, len)) = parse_echo(&msg) else {
+            if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+                stats.error("bad echo: unparsable");
+            }
+            continue;
+        };
+        let now = nanos_since_epoch(Instant::now());
+        // The writer counts a message before it can be echoed (same task).
+        if seq >= flow.sent.load(Ordering::Relaxed) {
+            stats.error("bad echo: never sent");
+            continue;
+        }
+        if len != run.args.size {
+            stats.error("bad echo: wrong size");
+        }
+        stats.received.fetch_add(1, Ordering::Relaxed);
+        stats
+            .received_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        let index = seq as usize;
+        if index >= outcome.counts.len() {
+            outcome.counts.resize(index + 1, 0);
+        }
+        outcome.counts[index] = outcome.counts[index].saturating_add(1);
+        if outcome.counts[index] == 1 {
+            distinct += 1;
+            if highest.is_some_and(|h| seq < h) {
+                outcome.reordered += 1;
+            }
+            highest = Some(highest.map_or(seq, |h| h.max(seq)));
+            stats.record(now.saturating_sub(stamp));
+        }
+        let mark = mark_of(&msg, run.args.text);
+        let first_mark = *outcome.first_mark.get_or_insert(mark.unwrap_or(FILLER));
+        outcome.last_mark = mark;
+        let killed_at = run.failover.killed_at.load(Ordering::Acquire);
+        if killed_at != 0 && stamp >= killed_at {
+            // Marked backends tell the old one from the new; unmarked, any
+            // echo of a message sent after the kill counts.
+            let from_old = first_mark != FILLER && mark == Some(first_mark);
+            if from_old {
+                outcome.old_after_kill += 1;
+            } else if outcome.recovery_ns.is_none() {
+                outcome.recovery_ns = Some(now.saturating_sub(killed_at));
+                outcome.first_rtt_ns = Some(now.saturating_sub(stamp));
+            }
+        }
+    }
+}
+
+/// The failover part of the report.
+fn failover_report(run: &Run) -> Value {
+    let f = &run.failover;
+    let t = f.totals.lock().unwrap_or_else(|e| e.into_inner());
+    let killed_at = f.killed_at.load(Ordering::Acquire);
+    let ms = |nanos: u64| (nanos as f64 / 1e4).round() / 100.0;
+    let percentiles = |h: &Histogram<u64>| {
+        if h.is_empty() {
+            Value::Null
+        } else {
+            json!({
+                "min": ms(h.min()),
+                "p50": ms(h.value_at_quantile(0.50)),
+                "p90": ms(h.value_at_quantile(0.90)),
+                "p99": ms(h.value_at_quantile(0.99)),
+                "max": ms(h.max()),
+            })
+        }
+    };
+    // The failover window: from the kill until the last session relayed
+    // again, plus one second (to the end of the samples if some never did).
+    let samples = f.samples.lock().unwrap_or_else(|e| e.into_inner());
+    let window_end = if t.recovered == t.sessions && !t.recovery.is_empty() {
+        killed_at + t.recovery.max() + 1_000_000_000
+    } else {
+        u64::MAX
+    };
+    let tck = run.args.clk_tck as f64;
+    let pct = |a: &Sample, b: &Sample| {
+        let dt = (b.at - a.at) as f64 / 1e9;
+        if dt > 0.0 {
+            (b.ticks - a.ticks) as f64 / tck / dt * 100.0
+        } else {
+            0.0
+        }
+    };
+    let router = if samples.len() < 2 || killed_at == 0 {
+        Value::Null
+    } else {
+        let before: Vec<&Sample> = samples.iter().filter(|s| s.at <= killed_at).collect();
+        let during: Vec<(&Sample, &Sample)> = samples
+            .windows(2)
+            .map(|w| (&w[0], &w[1]))
+            .filter(|(_, b)| b.at > killed_at && b.at <= window_end)
+            .collect();
+        let steady = before
+            .iter()
+            .rev()
+            .find(|s| killed_at - s.at >= 2_000_000_000)
+            .zip(before.last())
+            .map(|(a, b)| round1(pct(a, b)));
+        let peak_cpu = during.iter().map(|(a, b)| pct(a, b)).fold(0.0, f64::max);
+        // Busy share of every core together (100 = the whole machine).
+        let machine = |a: &Sample, b: &Sample| {
+            let total = b.machine_total.saturating_sub(a.machine_total);
+            if total > 0 {
+                b.machine_busy.saturating_sub(a.machine_busy) as f64 / total as f64 * 100.0
+            } else {
+                0.0
+            }
+        };
+        let machine_peak = during
+            .iter()
+            .map(|(a, b)| machine(a, b))
+            .fold(0.0, f64::max);
+        // How much the router's threads waited for a core (100 = one thread
+        // waiting the whole time).
+        let waiting = |a: &Sample, b: &Sample| {
+            let dt = b.at.saturating_sub(a.at) as f64;
+            if dt > 0.0 {
+                b.runqueue_wait_ns.saturating_sub(a.runqueue_wait_ns) as f64 / dt * 100.0
+            } else {
+                0.0
+            }
+        };
+        let wait_peak = during
+            .iter()
+            .map(|(a, b)| waiting(a, b))
+            .fold(0.0, f64::max);
+        let wait_mean = before
+            .last()
+            .zip(during.last())
+            .map(|(a, (_, b))| round1(waiting(a, b)));
+        let machine_before = before
+            .iter()
+            .rev()
+            .find(|s| killed_at - s.at >= 2_000_000_000)
+            .zip(before.last())
+            .map(|(a, b)| round1(machine(a, b)));
+        let machine_mean = before
+            .last()
+            .zip(during.last())
+            .map(|(a, (_, b))| round1(machine(a, b)));
+        let failover_cpu_s = before
+            .last()
+            .zip(during.last())
+            .map(|(a, (_, b))| ((b.ticks - a.ticks) as f64 / tck * 100.0).round() / 100.0);
+        json!({
+            "sample_interval_ms": run.args.sample_interval.as_millis() as u64,
+            "cpu_pct_before_kill": steady,
+            "cpu_pct_peak": round1(peak_cpu),
+            "cpu_s_failover": failover_cpu_s,
+            "machine_busy_pct_before_kill": machine_before,
+            "machine_busy_pct_failover": machine_mean,
+            "machine_busy_pct_peak": round1(machine_peak),
+            "runqueue_wait_pct_failover": wait_mean,
+            "runqueue_wait_pct_peak": round1(wait_peak),
+            "rss_kib_before_kill": before.last().map(|s| s.rss_kib),
+            "rss_kib_peak": during.iter().map(|(_, b)| b.rss_kib).max(),
+            "rss_kib_end": samples.last().map(|s| s.rss_kib),
+            "window_s": if window_end == u64::MAX { Value::Null } else {
+                json!(((window_end - killed_at) as f64 / 1e7).round() / 100.0)
+            },
+        })
+    };
+    json!({
+        "kill_pid": run.args.kill_pid,
+        "kill_after_s": run.args.kill_after.as_secs_f64(),
+        "killed": killed_at != 0,
+        "kill_error": f.kill_error.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        "kill_command_ms": ms(f.kill_command_ns.load(Ordering::Relaxed)),
+        "sessions": t.sessions,
+        "first_backend": t.first_backend,
+        "last_backend": t.last_backend,
+        "recovered": t.recovered,
+        "not_recovered": t.sessions - t.recovered,
+        "recovered_within_2s": t.recovered_within_2s,
+        "recovery_ms": percentiles(&t.recovery),
+        "first_echo_round_trip_ms": percentiles(&t.first_rtt),
+        "disconnects": t.disconnected,
+        "messages": {
+            "sent": t.sent,
+            "echoes": t.echoes,
+            "lost": t.lost,
+            "lost_in_connected_sessions": t.lost_connected,
+            "sessions_with_loss": t.sessions_with_loss,
+            "duplicated": t.duplicated,
+            "extra_echoes": t.extra_echoes,
+            "sessions_with_duplicates": t.sessions_with_duplicates,
+            "max_duplicated_per_session": t.max_duplicates_per_session,
+            "reordered": t.reordered,
+            "old_backend_after_kill": t.old_after_kill,
+        },
+        "router": router,
+    })
+}
+
+// ---------------------------------------------------------------------------
 // report
 
 fn round1(x: f64) -> f64 {
@@ -967,6 +1668,14 @@ fn report(run: &Run, status: &str, timing: &Timing, elapsed: Duration) -> Value 
     match args.mode {
         Mode::Latency => params["rate"] = json!(args.rate),
         Mode::Throughput => params["window"] = json!(args.window),
+        Mode::Failover => {
+            params["rate"] = json!(args.rate);
+            params["kill_after_s"] = json!(args.kill_after.as_secs_f64());
+            params["drain_s"] = json!(args.drain.as_secs_f64());
+            if let Some(p) = params.as_object_mut() {
+                p.remove("warmup_s");
+            }
+        }
         Mode::Idle => {
             if let Some(p) = params.as_object_mut() {
                 for key in ["size", "warmup_s", "text"] {
@@ -989,7 +1698,7 @@ fn report(run: &Run, status: &str, timing: &Timing, elapsed: Duration) -> Value 
             rates["messages_per_s"] = json!(per_s(load(&stats.measured)));
             rates["mib_per_s"] = json!(mib_per_s);
         }
-        Mode::Idle => {
+        Mode::Idle | Mode::Failover => {
             if let Some(c) = timing.connect_s.filter(|c| *c > 0.0) {
                 rates["connects_per_s"] = json!(round1(load(&stats.opened) as f64 / c));
             }
@@ -1015,7 +1724,12 @@ fn report(run: &Run, status: &str, timing: &Timing, elapsed: Duration) -> Value 
             "sent": sent,
             "received": received,
             "measured": load(&stats.measured),
-            "lost": sent.saturating_sub(received),
+            // Failover: sequence numbers never echoed (duplicates would hide them here).
+            "lost": if args.mode == Mode::Failover {
+                run.failover.totals.lock().unwrap_or_else(|e| e.into_inner()).lost
+            } else {
+                sent.saturating_sub(received)
+            },
             "sent_bytes": load(&stats.sent_bytes),
             "received_bytes": load(&stats.received_bytes),
         },
@@ -1025,8 +1739,10 @@ fn report(run: &Run, status: &str, timing: &Timing, elapsed: Duration) -> Value 
         "latency_of": match args.mode {
             Mode::Latency | Mode::Throughput => json!("echo_round_trip"),
             Mode::Churn => json!("connect_and_upgrade"),
+            Mode::Failover => json!("echo_round_trip_first_echoes"),
             Mode::Idle => Value::Null,
         },
+        "failover": if args.mode == Mode::Failover { failover_report(run) } else { Value::Null },
         "latency_us": latency,
         "send_lag_us": send_lag,
         "rates": rates,
