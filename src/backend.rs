@@ -211,6 +211,13 @@ impl Backend {
         self.state() == BackendState::Healthy && self.sessions() < self.max_sessions()
     }
 
+    /// [`Backend::accepts_sessions`], counting a passive ejection as no
+    /// objection: the last resort of a session that must move.
+    fn accepts_sessions_as_last_resort(&self) -> bool {
+        matches!(self.state(), BackendState::Healthy | BackendState::Ejected)
+            && self.sessions() < self.max_sessions()
+    }
+
     pub fn record_check(&self, check: LastCheck) {
         *self.last_check.lock() = Some(check);
     }
@@ -380,12 +387,14 @@ impl BackendSet {
 
     /// The first `limit` backends that may take a new session for this
     /// client, best first, never `exclude` (the backend a session leaves).
+    /// With `last_resort`, passively ejected backends count as available.
     pub fn rank(
         &self,
         location: &Location,
         key: &str,
         exclude: Option<&str>,
         limit: usize,
+        last_resort: bool,
     ) -> Vec<Arc<Backend>> {
         let views: Vec<BackendView> = self
             .backends
@@ -394,7 +403,12 @@ impl BackendSet {
                 region: b.region,
                 weight: b.weight(),
                 id_hash: b.id_hash,
-                available: b.accepts_sessions() && exclude != Some(b.id.as_str()),
+                available: exclude != Some(b.id.as_str())
+                    && if last_resort {
+                        b.accepts_sessions_as_last_resort()
+                    } else {
+                        b.accepts_sessions()
+                    },
             })
             .collect();
         self.policy

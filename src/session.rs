@@ -196,14 +196,13 @@ pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: Socke
             ),
             router,
             client,
-            upstream,
             slot,
             placement: Arc::new(placement),
             id,
             control_tx,
             control_rx,
         };
-        session.run().await;
+        session.run(upstream).await;
     }
     .instrument(span)
     .await
@@ -373,14 +372,23 @@ async fn dial_candidates(
 ) -> Result<(Upstream, SessionSlot), Refusal> {
     let set = router.backends.load();
     let attempts = config.steering.max_dial_attempts as usize;
-    let candidates = set.rank(
+    let exclude = migration.map(|m| m.from);
+    let mut candidates = set.rank(
         &placement.location,
         &placement.key,
-        migration.map(|m| m.from),
+        exclude,
         attempts,
+        false,
     );
+    if candidates.is_empty() && migration.is_some() {
+        // A moving session would rather try a backend that passive health
+        // ejected than have nowhere to go.
+        candidates = set.rank(&placement.location, &placement.key, exclude, attempts, true);
+    }
     if candidates.is_empty() {
-        tracing::warn!("no backend available");
+        if migration.is_none() {
+            tracing::warn!("no backend available");
+        }
         return Err(Refusal {
             result: NO_BACKEND,
             response: plain_response(
@@ -434,8 +442,14 @@ async fn dial_candidates(
                 });
             }
             Err(e) => {
-                tracing::warn!(backend = %backend.id, error = %e, "dial failed; trying the next backend");
-                if e.try_next() {
+                // Thousands of sessions moving at once would each log this:
+                // a migration's failures are debug, the metrics count them.
+                if migration.is_some() {
+                    tracing::debug!(backend = %backend.id, error = %e, "dial failed; trying the next backend");
+                } else {
+                    tracing::warn!(backend = %backend.id, error = %e, "dial failed; trying the next backend");
+                }
+                if e.try_next() && !e.is_local() {
                     backend.report_failure(&config.passive_health);
                 }
                 last_error = Some(e);
@@ -554,7 +568,6 @@ async fn answer_upgrade(
 struct Session {
     router: Router,
     client: WebSocketStream<ClientStream>,
-    upstream: Upstream,
     /// The claim on the current backend (and its control registration).
     slot: SessionSlot,
     placement: Arc<Placement>,
@@ -574,13 +587,13 @@ type CloseReason = &'static str;
 impl Session {
     /// Relay, moving to another backend whenever the current one fails or
     /// is drained, until the session ends.
-    async fn run(mut self) {
+    async fn run(mut self, mut upstream: Upstream) {
         let mut shutdown = self.router.shutdown.clone();
         loop {
             let config = self.router.config();
             let end = relay::relay(
                 &mut self.client,
-                &mut self.upstream.ws,
+                &mut upstream.ws,
                 RelayContext {
                     config: &config.relay,
                     counters: &self.router.counters,
@@ -621,22 +634,31 @@ impl Session {
             if !reason.is_planned() {
                 self.slot.backend().report_failure(&config.passive_health);
             }
-            if let Err(close_reason) = self.migrate(reason, &config).await {
-                metrics::counter!(m::CLOSES_TOTAL, "reason" => close_reason).increment(1);
-                return;
-            }
+            upstream = match self.migrate(upstream, reason, &config).await {
+                Ok(next) => next,
+                Err(close_reason) => {
+                    metrics::counter!(m::CLOSES_TOTAL, "reason" => close_reason).increment(1);
+                    return;
+                }
+            };
         }
     }
 
-    /// Move to another backend. Client messages that arrive meanwhile are
-    /// queued; after an abrupt failure the replay window goes first. A
-    /// planned move that finds no backend stays where it is; an abrupt one
-    /// closes the client with 1013.
+    /// Move from `old` to another backend and return the new connection.
+    /// Client messages that arrive meanwhile are queued; after an abrupt
+    /// failure the replay window goes first. A planned move keeps `old`
+    /// open until the new one is ready, and returns it when no other
+    /// backend takes the session; an abrupt one drops it at once (its
+    /// socket is dead, and thousands of them would hold the router's file
+    /// descriptors through a failover) and closes the client with 1013
+    /// when no backend takes it in time.
     async fn migrate(
         &mut self,
+        old: Upstream,
         reason: MigrationReason,
         config: &Config,
-    ) -> Result<(), CloseReason> {
+    ) -> Result<Upstream, CloseReason> {
+        let mut kept = reason.is_planned().then_some(old);
         let started = Instant::now();
         let from = self.slot.backend().id.clone();
         let replay = if reason.replays() {
@@ -645,7 +667,7 @@ impl Session {
             self.window.clear();
             Vec::new()
         };
-        tracing::info!(backend = %from, reason = reason.as_label(), replay = replay.len(), "moving session");
+        tracing::debug!(backend = %from, reason = reason.as_label(), replay = replay.len(), "moving session");
         let mut queue = PendingQueue::new(config.migration.queue_max_bytes);
         let deadline = started + config.migration.timeout;
         let dial = redial(
@@ -671,23 +693,23 @@ impl Session {
                             if queue.push(msg).is_err() {
                                 tracing::warn!("client sent more than the migration queue holds");
                                 finish_close(&mut client_tx, &mut client_rx, close_frame(1013, "try again later"), close_timeout).await;
-                                if reason.is_planned() {
-                                    close_upstream(&mut self.upstream, close_frame(1001, "client went away"), close_timeout).await;
+                                if let Some(old) = kept.as_mut() {
+                                    close_upstream(old, close_frame(1001, "client went away"), close_timeout).await;
                                 }
                                 return Err("migration_queue_full");
                             }
                         }
                         Some(Ok(Message::Close(frame))) => {
                             let _ = client_tx.flush().await;
-                            if reason.is_planned() {
-                                close_upstream(&mut self.upstream, Message::Close(frame), close_timeout).await;
+                            if let Some(old) = kept.as_mut() {
+                                close_upstream(old, Message::Close(frame), close_timeout).await;
                             }
                             return Err("client_close");
                         }
                         Some(Ok(_)) => {}
                         Some(Err(_)) | None => {
-                            if reason.is_planned() {
-                                close_upstream(&mut self.upstream, close_frame(1001, "client went away"), close_timeout).await;
+                            if let Some(old) = kept.as_mut() {
+                                close_upstream(old, close_frame(1001, "client went away"), close_timeout).await;
                             }
                             return Err("client_lost");
                         }
@@ -696,17 +718,11 @@ impl Session {
             }
         };
 
-        let Some((upstream, slot)) = moved else {
-            if reason.is_planned() {
-                tracing::warn!(backend = %from, reason = reason.as_label(), "no other backend took the session; it stays");
-                for msg in queue.drain() {
-                    self.window.push(msg.clone());
-                    if self.upstream.ws.feed(msg).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = self.upstream.ws.flush().await;
-                return Ok(());
+        let Some((mut upstream, slot)) = moved else {
+            if let Some(mut old) = kept {
+                tracing::debug!(backend = %from, reason = reason.as_label(), "no other backend took the session; it stays");
+                send_in_order(&mut old, &mut self.window, queue.drain()).await;
+                return Ok(old);
             }
             tracing::warn!(backend = %from, "no backend took the session in time");
             let (mut tx, mut rx) = (&mut self.client).split();
@@ -720,10 +736,8 @@ impl Session {
             return Err("migration_failed");
         };
 
-        let old = std::mem::replace(&mut self.upstream, upstream);
         self.slot = slot;
-        if reason.is_planned() {
-            let mut old = old;
+        if let Some(mut old) = kept {
             tokio::spawn(async move {
                 close_upstream(&mut old, close_frame(1001, "session moved"), close_timeout).await;
             });
@@ -734,19 +748,34 @@ impl Session {
             .increment(1);
         metrics::counter!(m::REPLAYED_MESSAGES_TOTAL).increment(replay.len() as u64);
         metrics::histogram!(m::MIGRATION_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
-        tracing::info!(from = %from, to = %to, reason = reason.as_label(), elapsed = ?started.elapsed(), "session moved");
+        tracing::debug!(from = %from, to = %to, reason = reason.as_label(), elapsed = ?started.elapsed(), "session moved");
 
-        // Replays first, then what queued up, in order. A failure here is
-        // noticed by the relay, and the window replays these again.
-        for msg in replay.into_iter().chain(queue.drain()) {
-            self.window.push(msg.clone());
-            if self.upstream.ws.feed(msg).await.is_err() {
-                break;
-            }
-        }
-        let _ = self.upstream.ws.flush().await;
-        Ok(())
+        // Replays first, then what queued up, in order.
+        send_in_order(
+            &mut upstream,
+            &mut self.window,
+            replay.into_iter().chain(queue.drain()),
+        )
+        .await;
+        Ok(upstream)
     }
+}
+
+/// Forward messages to a backend in order, recording each in the replay
+/// window first. A failed write is left for the relay to notice; the
+/// window then replays these again.
+async fn send_in_order(
+    upstream: &mut Upstream,
+    window: &mut ReplayWindow,
+    messages: impl Iterator<Item = Message>,
+) {
+    for msg in messages {
+        window.push(msg.clone());
+        if upstream.ws.feed(msg).await.is_err() {
+            return;
+        }
+    }
+    let _ = upstream.ws.flush().await;
 }
 
 /// Close a backend connection the session is leaving, bounded.

@@ -71,6 +71,20 @@ pub enum DialError {
 }
 
 impl DialError {
+    /// A failure of this machine, not of the backend: out of file
+    /// descriptors, memory, buffers or local ports. It must not count
+    /// against the backend's passive health.
+    pub fn is_local(&self) -> bool {
+        let io = match self {
+            DialError::Connect(e) => Some(e),
+            DialError::Handshake(WsError::Io(e)) => Some(e),
+            _ => None,
+        };
+        // ENOMEM, ENFILE, EMFILE, EADDRNOTAVAIL, ENOBUFS
+        io.and_then(std::io::Error::raw_os_error)
+            .is_some_and(|code| matches!(code, 12 | 23 | 24 | 99 | 105))
+    }
+
     /// Whether the next candidate should be tried: yes for anything that
     /// says the backend is broken or busy, no for a client-level refusal.
     pub fn try_next(&self) -> bool {
