@@ -27,18 +27,18 @@ const CLIENTS: &[&str] = &[
 ];
 
 fn policy() -> Policy {
-    Policy {
-        regions: vec![
+    Policy::new(
+        vec![
             (50.11, 8.68),
             (38.9, -77.04),
             (1.35, 103.82),
             (35.68, 139.69),
             (-33.87, 151.21),
         ],
-        default_region: 0,
-        countries: HashMap::new(),
-        continents: HashMap::new(),
-    }
+        0,
+        HashMap::new(),
+        HashMap::new(),
+    )
 }
 
 /// `per_region` backends in each of the five regions.

@@ -367,16 +367,16 @@ impl BackendSet {
                 .filter_map(|(k, v)| Some((Code::new(k)?, v.clone())))
                 .collect()
         };
-        let policy = Policy {
-            regions: config
+        let policy = Policy::new(
+            config
                 .regions
                 .iter()
                 .map(|r| (r.latitude, r.longitude))
                 .collect(),
-            default_region: config.steering.default_region,
-            countries: codes(&config.steering.countries),
-            continents: codes(&config.steering.continents),
-        };
+            config.steering.default_region,
+            codes(&config.steering.countries),
+            codes(&config.steering.continents),
+        );
         BackendSet { backends, policy }
     }
 

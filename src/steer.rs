@@ -39,7 +39,10 @@ const CONTINENT_CENTRES: &[(&str, f64, f64)] = &[
 #[derive(Debug, Clone)]
 pub struct Policy {
     /// (latitude, longitude) of each region, by region index.
-    pub regions: Vec<(f64, f64)>,
+    regions: Vec<(f64, f64)>,
+    /// Each region as a unit vector: ordering regions by distance is then a
+    /// dot product each, with no trigonometry per new session.
+    units: Vec<[f64; 3]>,
     /// Region used when nothing is known about the client.
     pub default_region: usize,
     /// Country -> ordered region indices.
@@ -81,7 +84,29 @@ fn continent_centre(code: Code) -> Option<(f64, f64)> {
         .map(|&(_, lat, lon)| (lat, lon))
 }
 
+/// A point on the unit sphere.
+fn unit_vector((lat, lon): (f64, f64)) -> [f64; 3] {
+    let (lat, lon) = (lat.to_radians(), lon.to_radians());
+    [lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()]
+}
+
 impl Policy {
+    /// A policy over regions at these (latitude, longitude) points.
+    pub fn new(
+        regions: Vec<(f64, f64)>,
+        default_region: usize,
+        countries: HashMap<Code, Vec<usize>>,
+        continents: HashMap<Code, Vec<usize>>,
+    ) -> Policy {
+        Policy {
+            units: regions.iter().copied().map(unit_vector).collect(),
+            regions,
+            default_region,
+            countries,
+            continents,
+        }
+    }
+
     /// Every region index, in the order a client at `location` should try them.
     pub fn region_order(&self, location: &Location) -> Vec<usize> {
         let explicit: &[usize] = location
@@ -91,10 +116,12 @@ impl Policy {
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         let anchor_region = explicit.first().copied().unwrap_or(self.default_region);
-        let anchor = location
-            .coordinates
-            .or_else(|| location.continent.and_then(continent_centre))
-            .unwrap_or(self.regions[anchor_region]);
+        let anchor = unit_vector(
+            location
+                .coordinates
+                .or_else(|| location.continent.and_then(continent_centre))
+                .unwrap_or(self.regions[anchor_region]),
+        );
 
         let mut order = Vec::with_capacity(self.regions.len());
         for &r in explicit {
@@ -108,11 +135,16 @@ impl Policy {
         if knows_nothing {
             order.push(self.default_region);
         }
+        // The great-circle distance falls as the dot product of the unit
+        // vectors rises: sort by it, largest (closest) first.
         let mut rest: Vec<(f64, usize)> = (0..self.regions.len())
             .filter(|r| !order.contains(r))
-            .map(|r| (distance_km(anchor, self.regions[r]), r))
+            .map(|r| {
+                let u = self.units[r];
+                (anchor[0] * u[0] + anchor[1] * u[1] + anchor[2] * u[2], r)
+            })
             .collect();
-        rest.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        rest.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         order.extend(rest.into_iter().map(|(_, r)| r));
         order
     }
@@ -175,12 +207,12 @@ mod tests {
 
     // eu (Frankfurt), us (Virginia), ap (Singapore)
     fn policy() -> Policy {
-        Policy {
-            regions: vec![(50.1, 8.7), (38.9, -77.0), (1.35, 103.8)],
-            default_region: 0,
-            countries: HashMap::new(),
-            continents: HashMap::new(),
-        }
+        Policy::new(
+            vec![(50.1, 8.7), (38.9, -77.0), (1.35, 103.8)],
+            0,
+            HashMap::new(),
+            HashMap::new(),
+        )
     }
 
     fn at(lat: f64, lon: f64) -> Location {
