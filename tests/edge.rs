@@ -758,3 +758,64 @@ async fn proxy_protocol_from_a_trusted_peer_sets_the_client_address() {
     .await;
     assert!(counted >= 1.0);
 }
+
+#[tokio::test]
+async fn an_oversized_request_head_gets_431_and_reaches_no_backend() {
+    let _trace = trace_init();
+    let backend = TestBackend::start("edge-431").await;
+    let router = router().backend(&backend, "eu").start().await;
+    // The default limit is 16 KiB of request line and headers.
+    let padding = "x".repeat(20 * 1024);
+    let request = format!(
+        "GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{KEY_HEADER}\r\nX-Padding: {padding}\r\n\r\n"
+    );
+    let answer = support::raw_exchange(router.public, request.as_bytes()).await;
+    assert_eq!(answer.status, Some(431), "{answer:?}");
+    assert_eq!(backend.requests(), 0);
+    let counted = metric(
+        router.admin,
+        r#"wsrouter_rejected_connections_total{reason="header_too_large"}"#,
+    )
+    .await;
+    assert!(counted >= 1.0);
+}
+
+#[tokio::test]
+async fn keepalive_holds_a_quiet_session_and_the_idle_timeout_cuts_a_silent_one() {
+    let _trace = trace_init();
+    let backend = TestBackend::start("edge-idle").await;
+    let router = router()
+        .backend(&backend, "eu")
+        .extra("[relay]\nping_interval = \"300ms\"\nidle_timeout = \"1s\"\n")
+        .start()
+        .await;
+    // A quiet client that answers pings (tungstenite does, as it reads)
+    // outlives the idle timeout several times over.
+    let (mut quiet, _) = router.connect(&key("idle", 1), &[]).await;
+    let deadline = Instant::now() + Duration::from_millis(3000);
+    while Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut quiet)).await {
+            Err(_) => break,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(other) => panic!("a quiet session got {other:?}"),
+        }
+    }
+    quiet.send(Message::text("still here")).await.unwrap();
+    assert_eq!(recv_data(&mut quiet).await, Message::text("still here"));
+
+    // A client that never answers is closed with 1001 once idle.
+    let mut silent = raw_session(router.public).await;
+    let started = Instant::now();
+    assert_eq!(read_close_code(&mut silent).await, Some(1001));
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "cut after {:?}",
+        started.elapsed()
+    );
+    // Counted once the (unanswered) close handshake has timed out.
+    let series = r#"wsrouter_closes_total{reason="idle_timeout"}"#;
+    eventually("the idle close is counted", WAIT, async || {
+        metric(router.admin, series).await >= 1.0
+    })
+    .await;
+}
