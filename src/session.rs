@@ -85,7 +85,7 @@ impl Router {
 fn ws_config(config: &Config) -> WebSocketConfig {
     let max = config.relay.max_message_bytes;
     WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
+        .read_buffer_size(config.relay.read_buffer_bytes)
         // Frames collect in the write buffer until the relay flushes a
         // batch (or it passes this size): one write per burst.
         .write_buffer_size(64 * 1024)
