@@ -1043,7 +1043,10 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
     if !(256..=1024 * 1024).contains(&relay.read_buffer_bytes) {
         p.add(
             "relay.read_buffer_bytes",
-            format!("{} must be between 256 and 1048576", relay.read_buffer_bytes),
+            format!(
+                "{} must be between 256 and 1048576",
+                relay.read_buffer_bytes
+            ),
         );
     }
     if relay.max_message_bytes < 125 {
