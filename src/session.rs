@@ -107,105 +107,138 @@ struct Placement {
 }
 
 /// Serve one accepted connection to completion.
-pub async fn serve_connection(router: Router, mut stream: TcpStream, peer: SocketAddr) {
+pub async fn serve_connection(router: Router, stream: TcpStream, peer: SocketAddr) {
     let _done = router.session_done.clone();
     let span =
         tracing::debug_span!("session", client.addr = %peer, backend = tracing::field::Empty);
     async move {
         let _ = stream.set_nodelay(true);
-        let config = router.config();
-        // Behind an L4 balancer that speaks PROXY protocol, its header names
-        // the client; from anyone else a PROXY line is just a bad request.
-        // One deadline covers it, the TLS handshake and the upgrade request.
-        let deadline = Instant::now() + config.listener.handshake_timeout;
-        let mut peer = peer;
-        if handshake::is_trusted_proxy(peer.ip(), &config.listener.proxy_protocol_from) {
-            match tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut stream)).await {
-                Ok(Ok(proxy_protocol::Header::Proxied { source })) => peer = source,
-                Ok(Ok(proxy_protocol::Header::Local)) => {}
-                Ok(Err(error)) => {
-                    tracing::debug!(%error, "PROXY protocol header refused");
-                    metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => "proxy_protocol").increment(1);
-                    return;
-                }
-                Err(_) => {
-                    metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => "handshake_timeout").increment(1);
-                    return;
-                }
-            }
+        // Boxed: the handshake and the dial need far more state than the
+        // relay, and a task is as big as its biggest moment. Boxing the
+        // start keeps every idle session's task the size of its relay.
+        if let Some((session, upstream)) = Box::pin(establish(router, stream, peer)).await {
+            session.run(upstream).await;
         }
-        // A peer that is not a trusted proxy is rate-limited before we
-        // read a byte (or spend a TLS handshake on it); behind a trusted
-        // proxy, once we know the client.
-        let peer_is_proxy = handshake::is_trusted_proxy(peer.ip(), &config.trusted_proxies);
-        if !peer_is_proxy && let Err(refused) = router.limits.check_rate(peer.ip().to_canonical()) {
-            let refusal = Refusal::from(refused);
-            if router.tls.is_none() {
-                refusal.send(&mut stream).await;
-            }
-            return;
-        }
-        let Some(mut stream) = open_client(&router, stream, deadline).await else {
-            return;
-        };
-        let request = match read_upgrade(&config, &mut stream, deadline).await {
-            Ok(request) => request,
-            Err(e) => {
-                reject(&mut stream, &e).await;
-                return;
-            }
-        };
-        if let Err(refused) = router.limits.check_origin(request.header("origin")) {
-            return Refusal::from(refused).send(&mut stream).await;
-        }
-        let (mut placement, key_cookie) = match place(&config, request, peer, stream.is_tls()) {
-            Ok(placed) => placed,
-            Err(refusal) => return refusal.send(&mut stream).await,
-        };
-        if peer_is_proxy && let Err(refused) = router.limits.check_rate(placement.client_ip) {
-            return Refusal::from(refused).send(&mut stream).await;
-        }
-        let admission = match router.limits.admit(placement.client_ip) {
-            Ok(admission) => admission,
-            Err(refused) => return Refusal::from(refused).send(&mut stream).await,
-        };
-        let id = router.next_session_id.fetch_add(1, Ordering::Relaxed);
-        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
-        let (upstream, slot) =
-            match dial_candidates(&router, &config, &placement, None, id, &control_tx).await {
-                Ok(connected) => connected,
-                Err(refusal) => return refusal.send(&mut stream).await,
-            };
-        tracing::Span::current().record("backend", slot.backend().id.as_str());
-        placement.subprotocol = protocol_of(&upstream);
-        let Some(client) =
-            answer_upgrade(&config, stream, &placement.request, &upstream, key_cookie).await
-        else {
-            metrics::counter!(m::UPGRADES_TOTAL, "result" => "client_gone").increment(1);
-            return;
-        };
-        metrics::counter!(m::UPGRADES_TOTAL, "result" => "ok").increment(1);
-        metrics::counter!(m::SESSIONS_TOTAL, "region" => slot.backend().region_name.clone())
-            .increment(1);
-        let session = Session {
-            budget: router.limits.message_budget(),
-            _admission: admission,
-            window: ReplayWindow::new(
-                config.migration.replay_max_messages,
-                config.migration.replay_max_age,
-            ),
-            router,
-            client,
-            slot,
-            placement: Arc::new(placement),
-            id,
-            control_tx,
-            control_rx,
-        };
-        session.run(upstream).await;
     }
     .instrument(span)
     .await
+}
+
+/// Everything before the relay: PROXY header, rate limit, TLS, the upgrade
+/// request, Origin, placement, caps, the dial and the 101. `None` when the
+/// connection was answered or dropped instead.
+async fn establish(
+    router: Router,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Option<(Session, Upstream)> {
+    let config = router.config();
+    // Behind an L4 balancer that speaks PROXY protocol, its header names
+    // the client; from anyone else a PROXY line is just a bad request.
+    // One deadline covers it, the TLS handshake and the upgrade request.
+    let deadline = Instant::now() + config.listener.handshake_timeout;
+    let mut peer = peer;
+    if handshake::is_trusted_proxy(peer.ip(), &config.listener.proxy_protocol_from) {
+        match tokio::time::timeout_at(deadline, proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok(proxy_protocol::Header::Proxied { source })) => peer = source,
+            Ok(Ok(proxy_protocol::Header::Local)) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(%error, "PROXY protocol header refused");
+                metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => "proxy_protocol")
+                    .increment(1);
+                return None;
+            }
+            Err(_) => {
+                metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => "handshake_timeout")
+                    .increment(1);
+                return None;
+            }
+        }
+    }
+    // A peer that is not a trusted proxy is rate-limited before we
+    // read a byte (or spend a TLS handshake on it); behind a trusted
+    // proxy, once we know the client.
+    let peer_is_proxy = handshake::is_trusted_proxy(peer.ip(), &config.trusted_proxies);
+    if !peer_is_proxy && let Err(refused) = router.limits.check_rate(peer.ip().to_canonical()) {
+        let refusal = Refusal::from(refused);
+        if router.tls.is_none() {
+            refusal.send(&mut stream).await;
+        }
+        return None;
+    }
+    let Some(mut stream) = open_client(&router, stream, deadline).await else {
+        return None;
+    };
+    let request = match read_upgrade(&config, &mut stream, deadline).await {
+        Ok(request) => request,
+        Err(e) => {
+            reject(&mut stream, &e).await;
+            return None;
+        }
+    };
+    if let Err(refused) = router.limits.check_origin(request.header("origin")) {
+        {
+            Refusal::from(refused).send(&mut stream).await;
+            return None;
+        }
+    }
+    let (mut placement, key_cookie) = match place(&config, request, peer, stream.is_tls()) {
+        Ok(placed) => placed,
+        Err(refusal) => {
+            refusal.send(&mut stream).await;
+            return None;
+        }
+    };
+    if peer_is_proxy && let Err(refused) = router.limits.check_rate(placement.client_ip) {
+        {
+            Refusal::from(refused).send(&mut stream).await;
+            return None;
+        }
+    }
+    let admission = match router.limits.admit(placement.client_ip) {
+        Ok(admission) => admission,
+        Err(refused) => {
+            Refusal::from(refused).send(&mut stream).await;
+            return None;
+        }
+    };
+    let id = router.next_session_id.fetch_add(1, Ordering::Relaxed);
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let (upstream, slot) =
+        match dial_candidates(&router, &config, &placement, None, id, &control_tx).await {
+            Ok(connected) => connected,
+            Err(refusal) => {
+                refusal.send(&mut stream).await;
+                return None;
+            }
+        };
+    tracing::Span::current().record("backend", slot.backend().id.as_str());
+    placement.subprotocol = protocol_of(&upstream);
+    let Some(client) =
+        answer_upgrade(&config, stream, &placement.request, &upstream, key_cookie).await
+    else {
+        metrics::counter!(m::UPGRADES_TOTAL, "result" => "client_gone").increment(1);
+        return None;
+    };
+    metrics::counter!(m::UPGRADES_TOTAL, "result" => "ok").increment(1);
+    metrics::counter!(m::SESSIONS_TOTAL, "region" => slot.backend().region_name.clone())
+        .increment(1);
+    let session = Session {
+        budget: router.limits.message_budget(),
+        _admission: admission,
+        window: ReplayWindow::new(
+            config.migration.replay_max_messages,
+            config.migration.replay_max_age,
+        ),
+        router,
+        client,
+        slot,
+        placement: Arc::new(placement),
+        id,
+        control_tx,
+        control_rx,
+    };
+    Some((session, upstream))
 }
 
 /// The TLS handshake, when the listener speaks TLS, under the handshake
@@ -634,7 +667,9 @@ impl Session {
             if !reason.is_planned() {
                 self.slot.backend().report_failure(&config.passive_health);
             }
-            upstream = match self.migrate(upstream, reason, &config).await {
+            // Boxed: a move is rare and its dial state is large; inline it
+            // would make every idle session's task that much bigger.
+            upstream = match Box::pin(self.migrate(upstream, reason, &config)).await {
                 Ok(next) => next,
                 Err(close_reason) => {
                     metrics::counter!(m::CLOSES_TOTAL, "reason" => close_reason).increment(1);
