@@ -166,9 +166,7 @@ async fn establish(
         }
         return None;
     }
-    let Some(mut stream) = open_client(&router, stream, deadline).await else {
-        return None;
-    };
+    let mut stream = open_client(&router, stream, deadline).await?;
     let request = match read_upgrade(&config, &mut stream, deadline).await {
         Ok(request) => request,
         Err(e) => {
