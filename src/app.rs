@@ -331,7 +331,7 @@ impl Operator {
                 "listener addresses changed in the file; they apply at the next restart"
             );
         }
-        if format!("{:?}", new.limits) != format!("{:?}", old.limits) {
+        if new.limits != old.limits {
             tracing::warn!("[limits] changed in the file; they apply at the next restart");
         }
         match (&self.shared.tls, &new.tls) {

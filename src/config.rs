@@ -437,7 +437,7 @@ pub struct MigrationConfig {
 }
 
 /// Edge limits; 0 turns a limit off.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitsConfig {
     /// Sessions in all; past it, 503 before the upgrade.
     pub max_sessions: usize,

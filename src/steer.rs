@@ -21,8 +21,6 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 use crate::geo::{Code, Location};
 
-const EARTH_RADIUS_KM: f64 = 6371.0;
-
 /// Rough centres of MaxMind's continent codes, for clients whose record has a
 /// continent but no coordinates (Country databases, anycast ranges).
 const CONTINENT_CENTRES: &[(&str, f64, f64)] = &[
@@ -66,15 +64,6 @@ pub struct BackendView {
 /// The stable identity hash of a backend id (the same on every instance).
 pub fn id_hash(id: &str) -> u64 {
     xxh3_64(id.as_bytes())
-}
-
-/// Great-circle distance in kilometres (haversine).
-pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
-    let (lat1, lon1) = (a.0.to_radians(), a.1.to_radians());
-    let (lat2, lon2) = (b.0.to_radians(), b.1.to_radians());
-    let h = ((lat2 - lat1) / 2.0).sin().powi(2)
-        + lat1.cos() * lat2.cos() * ((lon2 - lon1) / 2.0).sin().powi(2);
-    2.0 * EARTH_RADIUS_KM * h.sqrt().min(1.0).asin()
 }
 
 fn continent_centre(code: Code) -> Option<(f64, f64)> {
@@ -204,6 +193,17 @@ pub fn rendezvous_score(key: &str, backend: &BackendView) -> f64 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    const EARTH_RADIUS_KM: f64 = 6371.0;
+
+    /// Great-circle distance in kilometres (haversine).
+    pub fn distance_km(a: (f64, f64), b: (f64, f64)) -> f64 {
+        let (lat1, lon1) = (a.0.to_radians(), a.1.to_radians());
+        let (lat2, lon2) = (b.0.to_radians(), b.1.to_radians());
+        let h = ((lat2 - lat1) / 2.0).sin().powi(2)
+            + lat1.cos() * lat2.cos() * ((lon2 - lon1) / 2.0).sin().powi(2);
+        2.0 * EARTH_RADIUS_KM * h.sqrt().min(1.0).asin()
+    }
 
     // eu (Frankfurt), us (Virginia), ap (Singapore)
     fn policy() -> Policy {
@@ -366,6 +366,18 @@ mod tests {
             let full = p.rank(&location, &key, &backends);
             let head = p.rank_first(&location, &key, &backends, limit);
             prop_assert_eq!(&full[..limit.min(full.len())], &head[..]);
+        }
+
+        #[test]
+        fn regions_are_ordered_by_great_circle_distance(location in arb_location()) {
+            let p = policy();
+            let here = location.coordinates.unwrap();
+            let distances: Vec<f64> = p
+                .region_order(&location)
+                .iter()
+                .map(|&r| distance_km(here, p.regions[r]))
+                .collect();
+            prop_assert!(distances.windows(2).all(|w| w[0] <= w[1] + 1e-6), "{distances:?}");
         }
 
         #[test]
