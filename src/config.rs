@@ -41,7 +41,6 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-pub const DEFAULT_READ_BUFFER_BYTES: usize = 4 * 1024;
 pub const DEFAULT_QUEUE_MAX_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_REPLAY_MAX_MESSAGES: usize = 64;
 pub const DEFAULT_REPLAY_MAX_AGE: Duration = Duration::from_secs(10);
@@ -216,7 +215,6 @@ struct FileRelay {
     ping_interval: Option<String>,
     idle_timeout: Option<String>,
     max_message_bytes: Option<usize>,
-    read_buffer_bytes: Option<usize>,
     close_timeout: Option<String>,
 }
 
@@ -414,9 +412,6 @@ pub struct RelayConfig {
     pub idle_timeout: Duration,
     /// Largest message relayed; larger ones close the session with 1009.
     pub max_message_bytes: usize,
-    /// Read buffer per socket (two per session), allocated up front; a
-    /// larger message grows it while it is read.
-    pub read_buffer_bytes: usize,
     /// How long to wait for the other side to answer a close frame.
     pub close_timeout: Duration,
 }
@@ -1033,22 +1028,12 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             DEFAULT_IDLE_TIMEOUT,
         ),
         max_message_bytes: r.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
-        read_buffer_bytes: r.read_buffer_bytes.unwrap_or(DEFAULT_READ_BUFFER_BYTES),
         close_timeout: p.duration(
             "relay.close_timeout",
             r.close_timeout.as_ref(),
             DEFAULT_CLOSE_TIMEOUT,
         ),
     };
-    if !(256..=1024 * 1024).contains(&relay.read_buffer_bytes) {
-        p.add(
-            "relay.read_buffer_bytes",
-            format!(
-                "{} must be between 256 and 1048576",
-                relay.read_buffer_bytes
-            ),
-        );
-    }
     if relay.max_message_bytes < 125 {
         p.add("relay.max_message_bytes", "must be at least 125");
     }

@@ -26,6 +26,7 @@ pub mod admin;
 pub mod app;
 pub mod backend;
 pub mod config;
+pub mod frame;
 pub mod geo;
 pub mod handshake;
 pub mod health;

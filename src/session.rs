@@ -10,6 +10,7 @@
 //! task ends.
 
 pub mod migrate;
+pub mod peer;
 pub mod relay;
 
 use std::net::{IpAddr, SocketAddr};
@@ -17,19 +18,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
-use futures_util::{SinkExt, StreamExt};
+use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument;
 
 use crate::backend::{Backends, SessionSlot};
 use crate::config::{Config, SessionKeySource};
+use crate::frame::Unit;
 use crate::geo::Location;
 use crate::handshake::{self, HandshakeError, UpgradeRequest, plain_response};
 use crate::limits::{Admission, Limits, MessageBudget, Refused};
@@ -38,7 +37,8 @@ use crate::proxy_protocol;
 use crate::tls::{ClientStream, Terminator};
 use crate::upstream::{self, ClientInfo, DialError, Upstream};
 use migrate::{Control, MigrationReason, PendingQueue, ReplayWindow, is_migrating_close};
-use relay::{RelayContext, RelayEnd, TrafficCounters, close_frame, finish_close};
+use peer::{Peer, ReadEnd, close};
+use relay::{RelayContext, RelayEnd, TrafficCounters};
 
 /// Response headers of a backend refusal that are handed to the client.
 const REFUSAL_HEADERS: &[&str] = &[
@@ -79,18 +79,6 @@ impl Router {
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
     }
-}
-
-/// tungstenite settings for both hops.
-fn ws_config(config: &Config) -> WebSocketConfig {
-    let max = config.relay.max_message_bytes;
-    WebSocketConfig::default()
-        .read_buffer_size(config.relay.read_buffer_bytes)
-        // Frames collect in the write buffer until the relay flushes a
-        // batch (or it passes this size): one write per burst.
-        .write_buffer_size(64 * 1024)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max))
 }
 
 /// Everything needed to (re)dial a backend for this client.
@@ -211,9 +199,15 @@ async fn establish(
             }
         };
     tracing::Span::current().record("backend", slot.backend().id.as_str());
-    placement.subprotocol = protocol_of(&upstream);
-    let Some(client) =
-        answer_upgrade(&config, stream, &placement.request, &upstream, key_cookie).await
+    placement.subprotocol = upstream.subprotocol.clone();
+    let Some(client) = answer_upgrade(
+        &config,
+        stream,
+        &mut placement.request,
+        &upstream,
+        key_cookie,
+    )
+    .await
     else {
         metrics::counter!(m::UPGRADES_TOTAL, "result" => "client_gone").increment(1);
         return None;
@@ -449,14 +443,14 @@ async fn dial_candidates(
             backend,
             &placement.request,
             &client,
-            ws_config(config),
+            config.relay.max_message_bytes,
             config.steering.dial_timeout,
             config.upstream_tls.as_ref(),
         )
         .await
         {
             Ok(upstream)
-                if migration.is_some() && protocol_of(&upstream) != placement.subprotocol =>
+                if migration.is_some() && upstream.subprotocol != placement.subprotocol =>
             {
                 tracing::warn!(backend = %backend.id, "backend chose another subprotocol; not moving there");
             }
@@ -465,7 +459,7 @@ async fn dial_candidates(
                 return Ok((upstream, slot));
             }
             Err(DialError::Refused(response))
-                if migration.is_none() && !response.status().is_server_error() =>
+                if migration.is_none() && !response.is_server_error() =>
             {
                 return Err(Refusal {
                     result: "upstream_refused",
@@ -514,35 +508,25 @@ async fn dial_candidates(
     })
 }
 
-/// The subprotocol a backend chose, if any.
-fn protocol_of(upstream: &Upstream) -> Option<String> {
-    upstream
-        .response
-        .headers()
-        .get("sec-websocket-protocol")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-}
-
 /// The backend's refusal, re-issued to the client with its status, the
 /// headers in [`REFUSAL_HEADERS`] and its (bounded) body.
 fn refusal_response(response: &upstream::RefusedResponse) -> Vec<u8> {
-    let status = response.status();
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("Refused")
-    )
-    .into_bytes();
-    for (name, value) in response.headers() {
+    // The reason phrase is informative only; ours is always printable.
+    let reason = if response.reason.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        response.reason.as_str()
+    } else {
+        "Refused"
+    };
+    let mut out = format!("HTTP/1.1 {} {}\r\n", response.status, reason).into_bytes();
+    for (name, value) in &response.headers {
         if REFUSAL_HEADERS.contains(&name.as_str()) {
-            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
     }
-    let body = response.body().as_deref().unwrap_or_default();
+    let body = &response.body;
     out.extend_from_slice(
         format!(
             "Content-Length: {}\r\nConnection: close\r\n\r\n",
@@ -554,27 +538,30 @@ fn refusal_response(response: &upstream::RefusedResponse) -> Vec<u8> {
     out
 }
 
-/// Send the 101 with what the backend chose, and wrap the client socket.
+/// Send the 101 with what the backend chose, and wrap the client socket
+/// (with any frames the client sent right behind its request).
 async fn answer_upgrade(
     config: &Config,
     mut stream: ClientStream,
-    request: &UpgradeRequest,
+    request: &mut UpgradeRequest,
     upstream: &Upstream,
     key_cookie: Option<String>,
-) -> Option<WebSocketStream<ClientStream>> {
+) -> Option<Peer<ClientStream>> {
     let key = request.header("sec-websocket-key")?.trim();
     let mut head = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
         derive_accept_key(key.as_bytes())
     )
     .into_bytes();
-    for name in ["sec-websocket-protocol", "set-cookie"] {
-        for value in upstream.response.headers().get_all(name) {
-            head.extend_from_slice(name.as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
+    let protocol = upstream.subprotocol.iter().map(|p| p.as_bytes());
+    let headers = protocol
+        .map(|v| ("sec-websocket-protocol", v))
+        .chain(upstream.set_cookies.iter().map(|v| ("set-cookie", &v[..])));
+    for (name, value) in headers {
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
     }
     if let Some(cookie) = key_cookie {
         head.extend_from_slice(format!("set-cookie: {cookie}\r\n").as_bytes());
@@ -583,22 +570,18 @@ async fn answer_upgrade(
     stream.write_all(&head).await.ok()?;
     // TLS holds written bytes in its buffer until a flush.
     stream.flush().await.ok()?;
-    Some(
-        WebSocketStream::from_partially_read(
-            stream,
-            request.leftover.clone(),
-            Role::Server,
-            Some(ws_config(config)),
-        )
-        .await,
-    )
+    Some(Peer::client(
+        stream,
+        config.relay.max_message_bytes,
+        std::mem::take(&mut request.leftover),
+    ))
 }
 
 /// An established session: the client, its current backend, and what it
 /// needs to move.
 struct Session {
     router: Router,
-    client: WebSocketStream<ClientStream>,
+    client: Peer<ClientStream>,
     /// The claim on the current backend (and its control registration).
     slot: SessionSlot,
     placement: Arc<Placement>,
@@ -624,7 +607,7 @@ impl Session {
             let config = self.router.config();
             let end = relay::relay(
                 &mut self.client,
-                &mut upstream.ws,
+                &mut upstream.peer,
                 RelayContext {
                     config: &config.relay,
                     counters: &self.router.counters,
@@ -637,22 +620,15 @@ impl Session {
             .await;
             let reason = match end {
                 RelayEnd::BackendLost => MigrationReason::UpstreamLost,
-                RelayEnd::BackendClosed(Some(ref frame))
-                    if is_migrating_close(u16::from(frame.code)) =>
-                {
+                RelayEnd::BackendClosed(Some(ref frame)) if is_migrating_close(frame.code) => {
                     MigrationReason::UpstreamClosed
                 }
                 RelayEnd::MigrateRequested(reason) => reason,
                 RelayEnd::BackendClosed(frame) => {
                     // 1000, 1008 and the rest end the session, as the backend meant.
-                    let (mut tx, mut rx) = (&mut self.client).split();
-                    finish_close(
-                        &mut tx,
-                        &mut rx,
-                        Message::Close(frame),
-                        config.relay.close_timeout,
-                    )
-                    .await;
+                    self.client
+                        .finish_close(frame.as_ref(), config.relay.close_timeout)
+                        .await;
                     metrics::counter!(m::CLOSES_TOTAL, "reason" => "backend_close").increment(1);
                     return;
                 }
@@ -716,39 +692,51 @@ impl Session {
         tokio::pin!(dial);
         let close_timeout = config.relay.close_timeout;
 
-        let moved = {
-            let (mut client_tx, mut client_rx) = (&mut self.client).split();
-            loop {
-                tokio::select! {
-                    result = &mut dial => break result,
-                    msg = client_rx.next() => match msg {
-                        Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                            if queue.push(msg).is_err() {
-                                tracing::warn!("client sent more than the migration queue holds");
-                                finish_close(&mut client_tx, &mut client_rx, close_frame(1013, "try again later"), close_timeout).await;
-                                if let Some(old) = kept.as_mut() {
-                                    close_upstream(old, close_frame(1001, "client went away"), close_timeout).await;
-                                }
-                                return Err("migration_queue_full");
-                            }
-                        }
-                        Some(Ok(Message::Close(frame))) => {
-                            let _ = client_tx.flush().await;
-                            if let Some(old) = kept.as_mut() {
-                                close_upstream(old, Message::Close(frame), close_timeout).await;
-                            }
-                            return Err("client_close");
-                        }
-                        Some(Ok(_)) => {}
-                        Some(Err(_)) | None => {
-                            if let Some(old) = kept.as_mut() {
-                                close_upstream(old, close_frame(1001, "client went away"), close_timeout).await;
-                            }
-                            return Err("client_lost");
-                        }
-                    },
+        // Meanwhile the client's messages queue up (and what the old
+        // backend already sent still goes out to the client).
+        let moved = loop {
+            let unit = tokio::select! {
+                result = &mut dial => break result,
+                unit = self.client.next_unit() => unit,
+            };
+            let ended = match unit {
+                Ok(Unit::Message { len, .. }) => {
+                    if queue.push(self.client.reader.take(len)).is_ok() {
+                        continue;
+                    }
+                    tracing::warn!("client sent more than the migration queue holds");
+                    self.client
+                        .finish_close(Some(&close(1013, "try again later")), close_timeout)
+                        .await;
+                    "migration_queue_full"
                 }
+                // Nobody to answer a ping while there is no backend.
+                Ok(unit @ (Unit::Ping { .. } | Unit::Pong { .. })) => {
+                    self.client.reader.skip(unit.len());
+                    continue;
+                }
+                Ok(Unit::Close { frame, .. }) => {
+                    self.client.echo_close(frame.as_ref(), close_timeout).await;
+                    if let Some(old) = kept.as_mut() {
+                        old.peer.finish_close(frame.as_ref(), close_timeout).await;
+                    }
+                    return Err("client_close");
+                }
+                Err(ReadEnd::Violation(violation)) => {
+                    let code = violation.close_code();
+                    self.client
+                        .finish_close(Some(&close(code, "protocol error")), close_timeout)
+                        .await;
+                    RelayEnd::ClientViolation(code).reason()
+                }
+                Err(ReadEnd::Lost) => "client_lost",
+            };
+            if let Some(old) = kept.as_mut() {
+                old.peer
+                    .finish_close(Some(&close(1001, "client went away")), close_timeout)
+                    .await;
             }
+            return Err(ended);
         };
 
         let Some((mut upstream, slot)) = moved else {
@@ -758,21 +746,18 @@ impl Session {
                 return Ok(old);
             }
             tracing::warn!(backend = %from, "no backend took the session in time");
-            let (mut tx, mut rx) = (&mut self.client).split();
-            finish_close(
-                &mut tx,
-                &mut rx,
-                close_frame(1013, "no backend available"),
-                close_timeout,
-            )
-            .await;
+            self.client
+                .finish_close(Some(&close(1013, "no backend available")), close_timeout)
+                .await;
             return Err("migration_failed");
         };
 
         self.slot = slot;
         if let Some(mut old) = kept {
             tokio::spawn(async move {
-                close_upstream(&mut old, close_frame(1001, "session moved"), close_timeout).await;
+                old.peer
+                    .finish_close(Some(&close(1001, "session moved")), close_timeout)
+                    .await;
             });
         }
         let to = self.slot.backend().id.clone();
@@ -795,26 +780,21 @@ impl Session {
 }
 
 /// Forward messages to a backend in order, recording each in the replay
-/// window first. A failed write is left for the relay to notice; the
-/// window then replays these again.
+/// window. A failed write is left for the relay to notice; the window then
+/// replays these again.
 async fn send_in_order(
     upstream: &mut Upstream,
     window: &mut ReplayWindow,
-    messages: impl Iterator<Item = Message>,
+    messages: impl Iterator<Item = Bytes>,
 ) {
+    let mut batch = BytesMut::new();
     for msg in messages {
-        window.push(msg.clone());
-        if upstream.ws.feed(msg).await.is_err() {
-            return;
-        }
+        batch.extend_from_slice(&msg);
+        window.push(msg);
     }
-    let _ = upstream.ws.flush().await;
-}
-
-/// Close a backend connection the session is leaving, bounded.
-async fn close_upstream(upstream: &mut Upstream, close: Message, timeout: std::time::Duration) {
-    let (mut tx, mut rx) = (&mut upstream.ws).split();
-    finish_close(&mut tx, &mut rx, close, timeout).await;
+    if !batch.is_empty() {
+        let _ = upstream.peer.send(batch.freeze()).await;
+    }
 }
 
 /// Dial rounds with backoff until a backend other than `from` accepts, or

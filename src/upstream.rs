@@ -2,28 +2,27 @@
 //! headers, the dial timeout, and what a failure means.
 //!
 //! The router dials before it answers the client, so the backend's answer
-//! (its subprotocol, its cookies, or its refusal) can be handed back. Only
+//! (its subprotocol, its cookies, or its refusal) can be handed back. The
+//! HTTP/1.1 upgrade is written and read here (httparse), so that bytes the
+//! backend sends right after its 101 stay with the session's frame reader. Only
 //! configured backends are ever dialed: the destination comes from the
 //! backend's URL, and the client contributes nothing but the path and query
 //! that are appended to it.
 
+use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Error as WsError;
-use tokio_tungstenite::tungstenite::handshake::client::{Request, Response, generate_key};
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::handshake::client::generate_key;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::backend::Backend;
 use crate::handshake::UpgradeRequest;
 use crate::metrics as m;
+use crate::session::peer::Peer;
 use crate::tls::{BackendStream, connect_backend};
-
-/// A backend's non-101 answer, with its body.
-pub type RefusedResponse = Response;
 
 /// Client request headers passed on to the backend as they are.
 const FORWARDED_HEADERS: &[&str] = &[
@@ -37,6 +36,12 @@ const FORWARDED_HEADERS: &[&str] = &[
 
 /// Most bytes of a refusal body handed back to the client.
 const MAX_REFUSAL_BODY: usize = 4096;
+
+/// Most bytes of a backend's response head.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+/// Most headers in a backend's response.
+const MAX_RESPONSE_HEADERS: usize = 64;
 
 /// Who the client is, as the backend is told.
 #[derive(Debug, Clone)]
@@ -53,21 +58,59 @@ pub struct ClientInfo {
     pub replayed: Option<usize>,
 }
 
+/// A backend's HTTP answer: its status line and headers (names in lower
+/// case), and for a refusal its body (at most [`MAX_REFUSAL_BODY`] bytes).
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub reason: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// Every value of header `name` (lower case).
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    fn header_str<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        self.header_values(name)
+            .next()
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::trim)
+    }
+
+    pub fn is_server_error(&self) -> bool {
+        (500..600).contains(&self.status)
+    }
+}
+
+/// A backend's non-101 answer, with its body.
+pub type RefusedResponse = Response;
+
 /// A dial that did not produce a WebSocket.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
     /// TCP connect or, for `wss://`, the TLS handshake (certificate
     /// included) failed.
     #[error("connect failed: {0}")]
-    Connect(std::io::Error),
+    Connect(io::Error),
     #[error("dial timed out")]
     Timeout,
     /// The backend answered the upgrade with an HTTP status. 4xx answers are
     /// the application's verdict and go back to the client.
-    #[error("backend refused the upgrade with status {}", .0.status())]
+    #[error("backend refused the upgrade with status {}", .0.status)]
     Refused(Box<RefusedResponse>),
-    #[error("WebSocket handshake failed: {0}")]
-    Handshake(WsError),
+    /// The connection failed while the upgrade was exchanged.
+    #[error("connection failed during the upgrade: {0}")]
+    Io(io::Error),
+    /// The backend's 101 broke the WebSocket handshake rules.
+    #[error("invalid upgrade answer: {0}")]
+    BadHandshake(&'static str),
 }
 
 impl DialError {
@@ -76,12 +119,11 @@ impl DialError {
     /// against the backend's passive health.
     pub fn is_local(&self) -> bool {
         let io = match self {
-            DialError::Connect(e) => Some(e),
-            DialError::Handshake(WsError::Io(e)) => Some(e),
+            DialError::Connect(e) | DialError::Io(e) => Some(e),
             _ => None,
         };
         // ENOMEM, ENFILE, EMFILE, EADDRNOTAVAIL, ENOBUFS
-        io.and_then(std::io::Error::raw_os_error)
+        io.and_then(io::Error::raw_os_error)
             .is_some_and(|code| matches!(code, 12 | 23 | 24 | 99 | 105))
     }
 
@@ -89,46 +131,57 @@ impl DialError {
     /// says the backend is broken or busy, no for a client-level refusal.
     pub fn try_next(&self) -> bool {
         match self {
-            DialError::Refused(r) => r.status().is_server_error(),
+            DialError::Refused(r) => r.is_server_error(),
             _ => true,
         }
     }
 }
 
-/// A connected backend and its handshake answer.
+/// A connected backend: the socket at the frame level, and what its 101
+/// chose.
 pub struct Upstream {
-    pub ws: WebSocketStream<BackendStream>,
-    pub response: Response,
+    pub peer: Peer<BackendStream>,
+    /// The subprotocol the backend chose.
+    pub subprotocol: Option<String>,
+    /// Set-Cookie values of the 101, handed to the client with its own 101.
+    pub set_cookies: Vec<Vec<u8>>,
 }
 
 /// Dial `backend` for `request`, within `timeout`. `tls` is the client for
-/// `wss://` backends (`Config::upstream_tls`).
+/// `wss://` backends (`Config::upstream_tls`). Messages from the backend
+/// larger than `max_message` break the protocol.
 pub async fn dial(
     backend: &Backend,
     request: &UpgradeRequest,
     client: &ClientInfo,
-    ws_config: WebSocketConfig,
+    max_message: usize,
     timeout: Duration,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Upstream, DialError> {
     let started = Instant::now();
     let result = tokio::time::timeout(timeout, async {
-        let http_request = build_request(backend, request, client);
-        let stream = connect_backend(&backend.url, tls)
+        let key = generate_key();
+        let head = build_request(backend, request, client, &key);
+        let mut stream = connect_backend(&backend.url, tls)
             .await
             .map_err(DialError::Connect)?;
-        tokio_tungstenite::client_async_with_config(http_request, stream, Some(ws_config))
-            .await
-            .map(|(ws, response)| Upstream { ws, response })
-            .map_err(|e| match e {
-                WsError::Http(mut response) => {
-                    if let Some(body) = response.body_mut() {
-                        body.truncate(MAX_REFUSAL_BODY);
-                    }
-                    DialError::Refused(response)
-                }
-                other => DialError::Handshake(other),
-            })
+        stream.write_all(&head).await.map_err(DialError::Io)?;
+        stream.flush().await.map_err(DialError::Io)?;
+        let (mut response, leftover) = read_response(&mut stream).await?;
+        if response.status != 101 {
+            response.body = read_body(&mut stream, &response, leftover).await;
+            return Err(DialError::Refused(Box::new(response)));
+        }
+        let subprotocol = check_upgrade(&response, &key, request)?;
+        let set_cookies = response
+            .header_values("set-cookie")
+            .map(<[u8]>::to_vec)
+            .collect();
+        Ok(Upstream {
+            peer: Peer::backend(stream, max_message, leftover),
+            subprotocol,
+            set_cookies,
+        })
     })
     .await
     .unwrap_or(Err(DialError::Timeout));
@@ -139,54 +192,175 @@ pub async fn dial(
     result
 }
 
-fn build_request(backend: &Backend, request: &UpgradeRequest, client: &ClientInfo) -> Request {
-    let uri = format!(
-        "{}://{}{}{}",
-        if backend.url.tls { "wss" } else { "ws" },
-        backend.url.authority(),
-        backend.url.prefix,
-        request.target
-    );
-    let mut builder = Request::builder()
-        .method("GET")
-        .uri(uri)
-        .header("Host", backend.url.authority())
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
-        .header("Sec-WebSocket-Version", "13")
-        .header("Sec-WebSocket-Key", generate_key());
+/// A header value that can be written as it is: visible ASCII, spaces and
+/// tabs (never CR or LF).
+fn is_plain_value(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
+/// The upgrade request for the backend.
+fn build_request(
+    backend: &Backend,
+    request: &UpgradeRequest,
+    client: &ClientInfo,
+    key: &str,
+) -> Vec<u8> {
+    let mut head = Vec::with_capacity(512);
+    let mut header = |name: &str, value: &[u8]| {
+        head.extend_from_slice(name.as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    };
+    let authority = backend.url.authority();
+    header("Host", authority.as_bytes());
+    header("Connection", b"Upgrade");
+    header("Upgrade", b"websocket");
+    header("Sec-WebSocket-Version", b"13");
+    header("Sec-WebSocket-Key", key.as_bytes());
     for (name, value) in &request.headers {
-        if FORWARDED_HEADERS.contains(&name.as_str()) {
-            if let Ok(value) = HeaderValue::from_bytes(value) {
-                if value.to_str().is_ok() {
-                    builder = builder.header(name.as_str(), value);
-                }
-            }
+        if FORWARDED_HEADERS.contains(&name.as_str()) && is_plain_value(value) {
+            header(name, value);
         }
     }
     // X-Forwarded-For and X-Real-IP carry the one client address we settled
     // on (see handshake::client_ip), never the chain as received, so a
     // backend cannot be fooled by entries a client wrote itself.
     let client_ip = client.ip.to_string();
-    builder = builder
-        .header("X-Forwarded-For", &client_ip)
-        .header("X-Real-IP", &client_ip)
-        .header(
-            "X-Forwarded-Proto",
-            if client.tls { "https" } else { "http" },
-        )
-        .header("X-Wsrouter-Session", client.session_key.as_str())
-        .header("X-Wsrouter-Region", client.region.as_str());
+    header("X-Forwarded-For", client_ip.as_bytes());
+    header("X-Real-IP", client_ip.as_bytes());
+    header(
+        "X-Forwarded-Proto",
+        if client.tls { b"https" } else { b"http" },
+    );
+    header("X-Wsrouter-Session", client.session_key.as_bytes());
+    header("X-Wsrouter-Region", client.region.as_bytes());
     if let Some(country) = &client.country {
-        builder = builder.header("X-Wsrouter-Client-Country", country.as_str());
+        header("X-Wsrouter-Client-Country", country.as_bytes());
     }
     if let Some(from) = &client.migrated_from {
-        builder = builder.header("X-Wsrouter-Migrated-From", from.as_str());
+        header("X-Wsrouter-Migrated-From", from.as_bytes());
     }
     if let Some(replayed) = client.replayed {
-        builder = builder.header("X-Wsrouter-Replayed", replayed.to_string());
+        header("X-Wsrouter-Replayed", replayed.to_string().as_bytes());
     }
-    builder
-        .body(())
-        .expect("header values were checked or built from valid parts")
+    let mut out = format!("GET {}{} HTTP/1.1\r\n", backend.url.prefix, request.target).into_bytes();
+    out.extend_from_slice(&head);
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Read the backend's response head; returns it and the bytes after it.
+async fn read_response<S: AsyncRead + Unpin>(
+    stream: &mut S,
+) -> Result<(Response, Vec<u8>), DialError> {
+    let mut buf = Vec::with_capacity(512);
+    loop {
+        let mut chunk = [0u8; 2048];
+        let n = stream.read(&mut chunk).await.map_err(DialError::Io)?;
+        if n == 0 {
+            return Err(DialError::Io(io::ErrorKind::UnexpectedEof.into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        match parsed.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let response = Response {
+                    status: parsed.code.unwrap_or(0),
+                    reason: parsed.reason.unwrap_or("").to_string(),
+                    headers: parsed
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
+                        .collect(),
+                    body: Vec::new(),
+                };
+                return Ok((response, buf.split_off(len)));
+            }
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_RESPONSE_HEAD => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(DialError::BadHandshake("response head too large"));
+            }
+            Err(_) => return Err(DialError::BadHandshake("malformed HTTP response")),
+        }
+    }
+}
+
+/// A refusal's body, as far as Content-Length says (bounded); without one,
+/// what came with the head.
+async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    response: &Response,
+    mut body: Vec<u8>,
+) -> Vec<u8> {
+    let length = response
+        .header_str("content-length")
+        .and_then(|v| v.parse::<usize>().ok());
+    let Some(length) = length else {
+        body.truncate(MAX_REFUSAL_BODY);
+        return body;
+    };
+    let want = length.min(MAX_REFUSAL_BODY);
+    while body.len() < want {
+        let mut chunk = [0u8; 2048];
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    body.truncate(want);
+    body
+}
+
+/// Check a 101 against RFC 6455 (4.1): the upgrade headers, the accept key,
+/// a subprotocol the client offered, and no extension. Returns the
+/// subprotocol.
+fn check_upgrade(
+    response: &Response,
+    key: &str,
+    request: &UpgradeRequest,
+) -> Result<Option<String>, DialError> {
+    let has_token = |name: &str, token: &str| {
+        response.header_values(name).any(|v| {
+            std::str::from_utf8(v)
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token("upgrade", "websocket") {
+        return Err(DialError::BadHandshake("no Upgrade: websocket"));
+    }
+    if !has_token("connection", "upgrade") {
+        return Err(DialError::BadHandshake("no Connection: upgrade"));
+    }
+    if response.header_str("sec-websocket-accept")
+        != Some(derive_accept_key(key.as_bytes()).as_str())
+    {
+        return Err(DialError::BadHandshake("wrong Sec-WebSocket-Accept"));
+    }
+    if response
+        .header_values("sec-websocket-extensions")
+        .next()
+        .is_some()
+    {
+        return Err(DialError::BadHandshake("an extension nobody asked for"));
+    }
+    let Some(chosen) = response.header_str("sec-websocket-protocol") else {
+        return Ok(None);
+    };
+    let offered = request
+        .headers
+        .iter()
+        .filter(|(name, _)| name == "sec-websocket-protocol")
+        .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim() == chosen);
+    if !offered {
+        return Err(DialError::BadHandshake(
+            "a subprotocol the client did not offer",
+        ));
+    }
+    Ok(Some(chosen.to_string()))
 }

@@ -2,15 +2,17 @@
 //! messages already forwarded, and the queue of client messages that arrive
 //! while the session re-dials.
 //!
-//! Both buffers are pure data structures with their own bounds; the session
-//! task decides when to fill and empty them. See DESIGN.md, "Migration: the
-//! contract".
+//! Both hold client messages as the frames the client sent (masked, which
+//! any backend accepts), so a replay or a queued message is written to the
+//! new backend as it is. Both are pure data structures with their own
+//! bounds; the session task decides when to fill and empty them. See
+//! DESIGN.md, "Migration: the contract".
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 
 /// Why a session leaves its backend (`wsrouter_migrations_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +73,7 @@ pub enum Control {
 /// age, kept so they can be sent again after an abrupt failure.
 #[derive(Debug)]
 pub struct ReplayWindow {
-    items: VecDeque<(Instant, Message)>,
+    items: VecDeque<(Instant, Bytes)>,
     max_messages: usize,
     max_age: Duration,
 }
@@ -85,9 +87,9 @@ impl ReplayWindow {
         }
     }
 
-    /// Remember a message about to be forwarded (a cheap clone: payloads are
-    /// reference-counted).
-    pub fn push(&mut self, message: Message) {
+    /// Remember a message (its frames) as it is forwarded: a cheap clone of
+    /// reference-counted bytes.
+    pub fn push(&mut self, message: Bytes) {
         if self.max_messages == 0 {
             return;
         }
@@ -99,7 +101,7 @@ impl ReplayWindow {
 
     /// The messages still young enough to replay, oldest first, leaving the
     /// window empty: they are pushed again as they are re-sent.
-    pub fn take_fresh(&mut self, now: Instant) -> Vec<Message> {
+    pub fn take_fresh(&mut self, now: Instant) -> Vec<Bytes> {
         let max_age = self.max_age;
         self.items
             .drain(..)
@@ -124,7 +126,7 @@ impl ReplayWindow {
 /// Client messages held while the session has no backend, bounded in bytes.
 #[derive(Debug, Default)]
 pub struct PendingQueue {
-    items: VecDeque<Message>,
+    items: VecDeque<Bytes>,
     bytes: usize,
     max_bytes: usize,
 }
@@ -142,7 +144,7 @@ impl PendingQueue {
         }
     }
 
-    pub fn push(&mut self, message: Message) -> Result<(), QueueFull> {
+    pub fn push(&mut self, message: Bytes) -> Result<(), QueueFull> {
         let len = message.len();
         if self.bytes + len > self.max_bytes {
             return Err(QueueFull);
@@ -152,7 +154,7 @@ impl PendingQueue {
         Ok(())
     }
 
-    pub fn drain(&mut self) -> impl Iterator<Item = Message> + '_ {
+    pub fn drain(&mut self) -> impl Iterator<Item = Bytes> + '_ {
         self.bytes = 0;
         self.items.drain(..)
     }
@@ -174,34 +176,30 @@ mod tests {
     async fn replay_window_is_bounded_by_count_and_age() {
         let mut w = ReplayWindow::new(3, Duration::from_secs(10));
         for i in 0..5 {
-            w.push(Message::text(format!("m{i}")));
+            w.push(Bytes::from(format!("m{i}")));
         }
         assert_eq!(w.len(), 3);
         let fresh = w.take_fresh(Instant::now());
         assert_eq!(
             fresh,
-            vec![
-                Message::text("m2"),
-                Message::text("m3"),
-                Message::text("m4")
-            ]
+            vec![Bytes::from("m2"), Bytes::from("m3"), Bytes::from("m4")]
         );
         assert!(w.is_empty());
 
-        w.push(Message::text("old"));
+        w.push(Bytes::from("old"));
         tokio::time::advance(Duration::from_secs(11)).await;
-        w.push(Message::text("new"));
-        assert_eq!(w.take_fresh(Instant::now()), vec![Message::text("new")]);
+        w.push(Bytes::from("new"));
+        assert_eq!(w.take_fresh(Instant::now()), vec![Bytes::from("new")]);
     }
 
     #[test]
     fn pending_queue_refuses_past_its_byte_bound() {
         let mut q = PendingQueue::new(10);
-        assert_eq!(q.push(Message::text("12345")), Ok(()));
-        assert_eq!(q.push(Message::text("12345")), Ok(()));
-        assert_eq!(q.push(Message::text("1")), Err(QueueFull));
+        assert_eq!(q.push(Bytes::from("12345")), Ok(()));
+        assert_eq!(q.push(Bytes::from("12345")), Ok(()));
+        assert_eq!(q.push(Bytes::from("1")), Err(QueueFull));
         assert_eq!(q.drain().count(), 2);
-        assert_eq!(q.push(Message::text("1234567890")), Ok(()));
+        assert_eq!(q.push(Bytes::from("1234567890")), Ok(()));
     }
 
     #[test]

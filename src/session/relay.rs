@@ -1,37 +1,39 @@
 //! The relay: messages both ways between an upgraded client and a connected
 //! backend, with keepalive, idle timeout and close-code pass-through.
 //!
-//! This is the one interface the rest of the router uses to move traffic.
-//! [`relay`] takes the two sides as `Sink + Stream` of tungstenite messages
-//! (so a test can drive it with channels) and returns how the session ended
-//! ([`RelayEnd`]). The two directions run as two pumps in the same task, so
-//! a side that is slow to read never stops the other direction (an echo
-//! backend under load would otherwise deadlock both TCP buffers).
+//! Frames are forwarded exactly as they arrived (see [`crate::frame`]): the
+//! relay reads whatever a socket has, finds the whole units in it, and
+//! writes them to the other side in one write, without decoding a payload.
+//! A unit is only ever written whole, so a session can move to another
+//! backend between any two messages. Client messages are counted against
+//! the session's rate limits and recorded in the replay window (as the same
+//! reference-counted bytes that are written) on the way through.
+//!
+//! Both directions, the keepalive timer, the control channel and shutdown
+//! are polled by one future: a side that is slow to read holds back only
+//! its own direction (an echo backend under load would otherwise deadlock
+//! both TCP buffers), and an idle session is one small task.
 //!
 //! Ends caused by the client, by idleness or by shutdown are finished here
 //! (close frames exchanged on both hops). Ends caused by the backend leave
 //! the client untouched: the caller decides whether to pass the close on or
 //! (with migration) to move the session elsewhere.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::future::poll_fn;
+use std::pin::pin;
+use std::task::{Context, Poll};
 
-use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use metrics::Counter;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
-use tokio::time::{Instant, MissedTickBehavior};
-use tokio_tungstenite::tungstenite::Error as WsError;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio::time::Instant;
 
 use crate::config::RelayConfig;
+use crate::frame::{CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::limits::MessageBudget;
 use crate::metrics as m;
 use crate::session::migrate::{Control, MigrationReason, ReplayWindow};
-
-/// Payload of the router's own keepalive pings; their pongs are not relayed.
-const KEEPALIVE: &[u8] = b"wsrouter-keepalive";
+use crate::session::peer::{Peer, close};
 
 /// How a relay ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,15 +105,8 @@ impl Default for TrafficCounters {
     }
 }
 
-/// A close frame with a code and a fixed reason.
-pub fn close_frame(code: u16, reason: &'static str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.into(),
-    }))
-}
-
-/// How one direction's pump stopped.
+/// How one direction stopped.
+#[derive(Debug)]
 enum PumpEnd {
     /// The source sent a close frame.
     Closed(Option<CloseFrame>),
@@ -121,116 +116,128 @@ enum PumpEnd {
     SourceViolation(u16),
     /// Writing to the destination failed.
     DestinationLost,
-    /// The source was silent past the idle timeout.
-    Idle,
 }
 
-/// Most messages forwarded before one flush.
+/// Most messages forwarded in one write.
 const MAX_BATCH: usize = 64;
 
-/// How a pump ends on a read that is not a message to forward.
-fn source_end(read: Option<Result<Message, WsError>>) -> PumpEnd {
-    match read {
-        Some(Ok(Message::Close(frame))) => PumpEnd::Closed(frame),
-        Some(Err(e)) => match violation_code(&e) {
-            Some(code) => PumpEnd::SourceViolation(code),
-            None => PumpEnd::SourceLost,
-        },
-        // Forwardable messages never get here (the caller handles them);
-        // anything else unexpected counts as losing the source.
-        None | Some(Ok(_)) => PumpEnd::SourceLost,
-    }
+/// One direction's state between polls.
+struct Pump<'a> {
+    messages: &'a Counter,
+    bytes: &'a Counter,
+    /// Client messages are recorded here as they are forwarded.
+    window: Option<&'a mut ReplayWindow>,
+    budget: Option<&'a mut MessageBudget>,
+    /// An end found while units before it were still to be written.
+    pending_end: Option<PumpEnd>,
+    /// The source sent something since the last keepalive tick.
+    heard: bool,
 }
 
-/// Milliseconds since `epoch`, for "last heard" stamps shared by the pumps.
-fn stamp(epoch: Instant) -> u64 {
-    epoch.elapsed().as_millis() as u64
-}
-
-/// One direction: read `source`, write `destination`. It also pings the
-/// destination when the other pump has not heard from it for a while.
-#[allow(clippy::too_many_arguments)]
-async fn pump<R, W>(
-    source: &mut R,
-    destination: &mut W,
-    source_heard: &AtomicU64,
-    destination_heard: &AtomicU64,
-    epoch: Instant,
-    config: &RelayConfig,
-    messages: &Counter,
-    bytes: &Counter,
-    mut window: Option<&mut ReplayWindow>,
-    mut budget: Option<&mut MessageBudget>,
-) -> PumpEnd
-where
-    R: Stream<Item = Result<Message, WsError>> + Unpin,
-    W: Sink<Message, Error = WsError> + Unpin,
-{
-    let mut keepalive = tokio::time::interval(config.ping_interval);
-    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    keepalive.reset();
-    let ping_after = config.ping_interval.as_millis() as u64;
-    let idle_after = config.idle_timeout.as_millis() as u64;
-    loop {
-        tokio::select! {
-            msg = source.next() => {
-                source_heard.store(stamp(epoch), Ordering::Relaxed);
-                // Forward this message and whatever else is already readable
-                // (bounded), then flush once: one write for a burst instead
-                // of one per message.
-                let mut next = Some(msg);
-                let mut batched = 0;
-                while let Some(msg) = next.take() {
-                    let forward = match msg {
-                        Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                            if let Some(budget) = budget.as_deref_mut()
-                                && !budget.spend(msg.len())
-                            {
-                                let _ = destination.flush().await;
-                                return PumpEnd::SourceViolation(1008);
-                            }
-                            messages.increment(1);
-                            bytes.increment(msg.len() as u64);
-                            if let Some(window) = window.as_deref_mut() {
-                                window.push(msg.clone());
-                            }
-                            Some(msg)
-                        }
-                        Some(Ok(Message::Pong(p))) if p.as_ref() == KEEPALIVE => None,
-                        Some(Ok(msg @ (Message::Ping(_) | Message::Pong(_)))) => Some(msg),
-                        Some(Ok(Message::Frame(_))) => None,
-                        end => {
-                            // What was fed so far still goes out first.
-                            let _ = destination.flush().await;
-                            return source_end(end);
-                        }
-                    };
-                    if let Some(forward) = forward
-                        && destination.feed(forward).await.is_err()
-                    {
-                        return PumpEnd::DestinationLost;
-                    }
-                    batched += 1;
-                    if batched < MAX_BATCH {
-                        next = source.next().now_or_never();
-                    }
-                }
-                if destination.flush().await.is_err() {
-                    return PumpEnd::DestinationLost;
-                }
+impl Pump<'_> {
+    /// Move data from `src` to `dst` until there is nothing to read, `dst`
+    /// takes no more, or the direction ends.
+    fn poll<S, D>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut Peer<S>,
+        dst: &mut Peer<D>,
+    ) -> Poll<PumpEnd>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+        D: AsyncRead + AsyncWrite + Unpin,
+    {
+        loop {
+            match dst.poll_write_out(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(PumpEnd::DestinationLost),
+                Poll::Pending => return Poll::Pending,
             }
-            _ = keepalive.tick() => {
-                let now = stamp(epoch);
-                if now.saturating_sub(source_heard.load(Ordering::Relaxed)) >= idle_after {
-                    return PumpEnd::Idle;
+            if let Some(end) = self.pending_end.take() {
+                return Poll::Ready(end);
+            }
+            if self.forward_buffered(src, dst) {
+                continue;
+            }
+            match src.poll_read_more(cx) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(PumpEnd::SourceLost),
+                Poll::Ready(Ok(_)) => self.heard = true,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Queue on `dst` the whole units already read from `src`, as one
+    /// batch. True when there was anything to do (bytes queued, a pong
+    /// dropped, or an end noted for after the write).
+    fn forward_buffered<S, D>(&mut self, src: &mut Peer<S>, dst: &mut Peer<D>) -> bool
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+        D: AsyncRead + AsyncWrite + Unpin,
+    {
+        // (offset, length) of each data message in the batch.
+        let mut messages = [(0usize, 0usize); MAX_BATCH];
+        let mut count = 0;
+        let mut payload_bytes = 0u64;
+        let mut batch = 0;
+        let mut dropped = None;
+        while count < MAX_BATCH {
+            let unit = match src.reader.next_unit() {
+                Ok(Some(unit)) => unit,
+                Ok(None) => break,
+                Err(violation) => {
+                    self.pending_end = Some(PumpEnd::SourceViolation(violation.close_code()));
+                    break;
                 }
-                if now.saturating_sub(destination_heard.load(Ordering::Relaxed)) >= ping_after
-                    && destination.send(Message::Ping(KEEPALIVE.into())).await.is_err()
-                {
-                    return PumpEnd::DestinationLost;
+            };
+            match unit {
+                Unit::Message { len, payload } => {
+                    if let Some(budget) = self.budget.as_deref_mut()
+                        && !budget.spend(payload)
+                    {
+                        self.pending_end = Some(PumpEnd::SourceViolation(1008));
+                        break;
+                    }
+                    messages[count] = (batch, len);
+                    count += 1;
+                    payload_bytes += payload as u64;
+                    batch += len;
+                }
+                Unit::Ping { len }
+                | Unit::Pong {
+                    len,
+                    keepalive: false,
+                } => batch += len,
+                // The answer to the router's own ping ends the batch and is
+                // dropped after it.
+                Unit::Pong {
+                    len,
+                    keepalive: true,
+                } => {
+                    dropped = Some(len);
+                    break;
+                }
+                Unit::Close { frame, .. } => {
+                    self.pending_end = Some(PumpEnd::Closed(frame));
+                    break;
                 }
             }
         }
+        if batch > 0 {
+            let bytes = src.reader.take(batch);
+            if let Some(window) = self.window.as_deref_mut() {
+                for &(offset, len) in &messages[..count] {
+                    window.push(bytes.slice(offset..offset + len));
+                }
+            }
+            self.messages.increment(count as u64);
+            self.bytes.increment(payload_bytes);
+            dst.queue(bytes);
+        }
+        if let Some(len) = dropped {
+            src.reader.skip(len);
+        }
+        batch > 0 || dropped.is_some() || self.pending_end.is_some()
     }
 }
 
@@ -242,26 +249,33 @@ pub struct RelayContext<'a> {
     pub shutdown: &'a mut watch::Receiver<bool>,
     /// Requests to move the session.
     pub control: &'a mut mpsc::Receiver<Control>,
-    /// Every client data message is recorded here before it is forwarded.
+    /// Every client data message is recorded here as it is forwarded.
     pub window: &'a mut ReplayWindow,
     /// The client's message and byte rate limits, when configured.
     pub budget: Option<&'a mut MessageBudget>,
 }
 
+/// Why the relay loop stopped, before the ends are tidied up.
+enum Stopped {
+    Up(PumpEnd),
+    Down(PumpEnd),
+    Idle,
+    Shutdown,
+    Migrate(MigrationReason),
+}
+
 /// Relay until one side closes or fails, a hop goes idle, the session is
 /// asked to move, or `shutdown` becomes true. See the module doc for who has
 /// been told what.
-pub async fn relay<C, U>(client: &mut C, upstream: &mut U, cx: RelayContext<'_>) -> RelayEnd
+pub async fn relay<C, U>(
+    client: &mut Peer<C>,
+    upstream: &mut Peer<U>,
+    cx: RelayContext<'_>,
+) -> RelayEnd
 where
-    C: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-    U: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut client_tx, mut client_rx) = client.split();
-    let (mut upstream_tx, mut upstream_rx) = upstream.split();
-    let epoch = Instant::now();
-    let client_heard = AtomicU64::new(0);
-    let upstream_heard = AtomicU64::new(0);
-
     let RelayContext {
         config,
         counters,
@@ -270,63 +284,83 @@ where
         window,
         budget,
     } = cx;
-    enum Stopped {
-        Up(PumpEnd),
-        Down(PumpEnd),
-        Shutdown,
-        Migrate(MigrationReason),
-    }
-    let stopped = {
-        let up = pump(
-            &mut client_rx,
-            &mut upstream_tx,
-            &client_heard,
-            &upstream_heard,
-            epoch,
-            config,
-            &counters.messages_up,
-            &counters.bytes_up,
-            Some(window),
-            budget,
-        );
-        let down = pump(
-            &mut upstream_rx,
-            &mut client_tx,
-            &upstream_heard,
-            &client_heard,
-            epoch,
-            config,
-            &counters.messages_down,
-            &counters.bytes_down,
-            None,
-            None,
-        );
-        tokio::select! {
-            end = up => Stopped::Up(end),
-            end = down => Stopped::Down(end),
-            _ = crate::app::stopped(shutdown) => Stopped::Shutdown,
-            Some(Control::Migrate(reason)) = control.recv() => Stopped::Migrate(reason),
-        }
+    let mut up = Pump {
+        messages: &counters.messages_up,
+        bytes: &counters.bytes_up,
+        window: Some(window),
+        budget,
+        pending_end: None,
+        heard: false,
     };
+    let mut down = Pump {
+        messages: &counters.messages_down,
+        bytes: &counters.bytes_down,
+        window: None,
+        budget: None,
+        pending_end: None,
+        heard: false,
+    };
+    // One timer for both hops: each tick pings a hop that was silent since
+    // the last one, and ends the session when a hop has been silent past
+    // the idle timeout.
+    let started = Instant::now();
+    let (mut client_heard_at, mut upstream_heard_at) = (started, started);
+    let mut tick = pin!(tokio::time::sleep(config.ping_interval));
+    let mut stop = pin!(crate::app::stopped(shutdown));
+
+    let stopped = poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(end) = up.poll(cx, client, upstream) {
+                return Poll::Ready(Stopped::Up(end));
+            }
+            if let Poll::Ready(end) = down.poll(cx, upstream, client) {
+                return Poll::Ready(Stopped::Down(end));
+            }
+            if stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Stopped::Shutdown);
+            }
+            if let Poll::Ready(Some(Control::Migrate(reason))) = control.poll_recv(cx) {
+                return Poll::Ready(Stopped::Migrate(reason));
+            }
+            if tick.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = Instant::now();
+            for (heard, at) in [
+                (&mut up.heard, &mut client_heard_at),
+                (&mut down.heard, &mut upstream_heard_at),
+            ] {
+                if std::mem::take(heard) {
+                    *at = now;
+                }
+            }
+            if now - client_heard_at >= config.idle_timeout
+                || now - upstream_heard_at >= config.idle_timeout
+            {
+                return Poll::Ready(Stopped::Idle);
+            }
+            if client_heard_at < now {
+                client.queue(client.frame(OP_PING, KEEPALIVE));
+            }
+            if upstream_heard_at < now {
+                upstream.queue(upstream.frame(OP_PING, KEEPALIVE));
+            }
+            tick.as_mut().reset(now + config.ping_interval);
+            // Go round again: the pings get written and the timer armed.
+        }
+    })
+    .await;
 
     let timeout = config.close_timeout;
-    let going_away = || close_frame(1001, "client went away");
+    let going_away = close(1001, "client went away");
     match stopped {
         Stopped::Up(PumpEnd::Closed(frame)) => {
-            let code = frame.as_ref().map(|f| u16::from(f.code));
-            // tungstenite has queued the echo of the client's close.
-            let _ = client_tx.flush().await;
-            finish_close(
-                &mut upstream_tx,
-                &mut upstream_rx,
-                Message::Close(frame),
-                timeout,
-            )
-            .await;
-            RelayEnd::ClientClosed(code)
+            client.echo_close(frame.as_ref(), timeout).await;
+            upstream.finish_close(frame.as_ref(), timeout).await;
+            RelayEnd::ClientClosed(frame.map(|f| f.code))
         }
         Stopped::Up(PumpEnd::SourceLost) | Stopped::Down(PumpEnd::DestinationLost) => {
-            finish_close(&mut upstream_tx, &mut upstream_rx, going_away(), timeout).await;
+            upstream.finish_close(Some(&going_away), timeout).await;
             RelayEnd::ClientLost
         }
         Stopped::Up(PumpEnd::SourceViolation(code)) => {
@@ -336,77 +370,32 @@ where
                 1008 => "message rate limit",
                 _ => "protocol error",
             };
-            finish_close(
-                &mut client_tx,
-                &mut client_rx,
-                close_frame(code, reason),
-                timeout,
-            )
-            .await;
-            finish_close(&mut upstream_tx, &mut upstream_rx, going_away(), timeout).await;
+            client
+                .finish_close(Some(&close(code, reason)), timeout)
+                .await;
+            upstream.finish_close(Some(&going_away), timeout).await;
             RelayEnd::ClientViolation(code)
         }
         Stopped::Down(PumpEnd::Closed(frame)) => {
-            // tungstenite has queued the echo of the backend's close.
-            let _ = upstream_tx.flush().await;
+            upstream.echo_close(frame.as_ref(), timeout).await;
             RelayEnd::BackendClosed(frame)
         }
         Stopped::Down(PumpEnd::SourceLost | PumpEnd::SourceViolation(_))
         | Stopped::Up(PumpEnd::DestinationLost) => RelayEnd::BackendLost,
-        Stopped::Up(PumpEnd::Idle) | Stopped::Down(PumpEnd::Idle) => {
-            finish_close(
-                &mut client_tx,
-                &mut client_rx,
-                close_frame(1001, "idle timeout"),
-                timeout,
-            )
-            .await;
-            finish_close(
-                &mut upstream_tx,
-                &mut upstream_rx,
-                close_frame(1001, "idle timeout"),
-                timeout,
-            )
-            .await;
+        Stopped::Idle => {
+            let idle = close(1001, "idle timeout");
+            client.finish_close(Some(&idle), timeout).await;
+            upstream.finish_close(Some(&idle), timeout).await;
             RelayEnd::Idle
         }
         Stopped::Migrate(reason) => RelayEnd::MigrateRequested(reason),
         Stopped::Shutdown => {
-            let bye = || close_frame(1001, "router shutting down");
-            let client_side = finish_close(&mut client_tx, &mut client_rx, bye(), timeout);
-            let upstream_side = finish_close(&mut upstream_tx, &mut upstream_rx, bye(), timeout);
-            tokio::join!(client_side, upstream_side);
+            let bye = close(1001, "router shutting down");
+            tokio::join!(
+                client.finish_close(Some(&bye), timeout),
+                upstream.finish_close(Some(&bye), timeout)
+            );
             RelayEnd::Shutdown
         }
     }
-}
-
-/// The close code for a read error that is the peer's fault.
-fn violation_code(e: &WsError) -> Option<u16> {
-    match e {
-        WsError::Capacity(_) => Some(1009),
-        WsError::Utf8(_) => Some(1007),
-        WsError::Protocol(_) => Some(1002),
-        _ => None,
-    }
-}
-
-/// Send a close frame (if the socket still takes one) and wait, bounded,
-/// for the peer's answer, discarding anything else it sends meanwhile.
-pub async fn finish_close<W, R>(tx: &mut W, rx: &mut R, close: Message, timeout: Duration)
-where
-    W: Sink<Message, Error = WsError> + Unpin,
-    R: Stream<Item = Result<Message, WsError>> + Unpin,
-{
-    let _ = tokio::time::timeout(timeout, async {
-        if tx.send(close).await.is_err() {
-            return;
-        }
-        while let Some(Ok(msg)) = rx.next().await {
-            if msg.is_close() {
-                break;
-            }
-        }
-    })
-    .await;
 }

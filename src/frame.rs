@@ -1,0 +1,752 @@
+//! WebSocket frames at the byte level (RFC 6455, section 5): finding where
+//! whole messages end in a read buffer, checking what a relay must check,
+//! and building the few frames the router writes itself.
+//!
+//! The relay forwards frames exactly as they arrived. A client's masked
+//! frames are valid toward any server, and a server's unmasked frames toward
+//! any client, so the payload is never decoded and re-encoded. What the
+//! router needs is where each message begins and ends: migration replays
+//! whole messages and never splits one, and limits count them. A
+//! [`FrameReader`] walks frame headers in its buffer and hands out
+//! [`Unit`]s: a whole data message (with any control frames sent between
+//! its fragments) or a control frame on its own.
+//!
+//! Checks, with the close code a client gets: reserved bits, unknown
+//! opcodes, a client frame without a mask (or a backend frame with one),
+//! fragmented or oversized control frames, continuation out of sequence,
+//! bad close payloads (1002); text that is not UTF-8 (1007, client text
+//! only); a message over the size limit (1009).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+pub const OP_CONTINUATION: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Largest control frame payload (RFC 6455, 5.5).
+const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// A frame that breaks the protocol or a limit, named by its close code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Violation {
+    /// 1002
+    Protocol,
+    /// 1007
+    InvalidUtf8,
+    /// 1009
+    TooBig,
+}
+
+impl Violation {
+    pub fn close_code(self) -> u16 {
+        match self {
+            Violation::Protocol => 1002,
+            Violation::InvalidUtf8 => 1007,
+            Violation::TooBig => 1009,
+        }
+    }
+}
+
+/// A frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub fin: bool,
+    pub opcode: u8,
+    pub mask: Option<[u8; 4]>,
+    /// Bytes of the header itself (2 to 14).
+    pub header_len: usize,
+    pub payload_len: usize,
+}
+
+impl Header {
+    pub fn frame_len(&self) -> usize {
+        self.header_len + self.payload_len
+    }
+
+    pub fn is_control(&self) -> bool {
+        self.opcode & 0x8 != 0
+    }
+}
+
+/// Read the frame header at the start of `buf`; `Ok(None)` while it is
+/// incomplete. `masked` is whether this peer must mask (a client) or must
+/// not (a server); `max_payload` bounds any one frame.
+pub fn parse_header(
+    buf: &[u8],
+    masked: bool,
+    max_payload: usize,
+) -> Result<Option<Header>, Violation> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let (b0, b1) = (buf[0], buf[1]);
+    let fin = b0 & 0x80 != 0;
+    // No extension is ever negotiated, so every reserved bit must be 0.
+    if b0 & 0x70 != 0 {
+        return Err(Violation::Protocol);
+    }
+    let opcode = b0 & 0x0F;
+    if !matches!(
+        opcode,
+        OP_CONTINUATION | OP_TEXT | OP_BINARY | OP_CLOSE | OP_PING | OP_PONG
+    ) {
+        return Err(Violation::Protocol);
+    }
+    if (b1 & 0x80 != 0) != masked {
+        return Err(Violation::Protocol);
+    }
+    let short = (b1 & 0x7F) as usize;
+    let (payload_len, mut header_len) = match short {
+        126 => {
+            if buf.len() < 4 {
+                return Ok(None);
+            }
+            (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return Ok(None);
+            }
+            let len = u64::from_be_bytes(buf[2..10].try_into().expect("8 bytes"));
+            if len >> 63 != 0 {
+                return Err(Violation::Protocol);
+            }
+            (usize::try_from(len).unwrap_or(usize::MAX), 10)
+        }
+        len => (len, 2),
+    };
+    if opcode & 0x8 != 0 && (!fin || payload_len > MAX_CONTROL_PAYLOAD) {
+        return Err(Violation::Protocol);
+    }
+    if payload_len > max_payload {
+        return Err(Violation::TooBig);
+    }
+    let mask = if masked {
+        if buf.len() < header_len + 4 {
+            return Ok(None);
+        }
+        let key = buf[header_len..header_len + 4].try_into().expect("4 bytes");
+        header_len += 4;
+        Some(key)
+    } else {
+        None
+    };
+    Ok(Some(Header {
+        fin,
+        opcode,
+        mask,
+        header_len,
+        payload_len,
+    }))
+}
+
+/// XOR `data` with `key`, as if `data` started `offset` bytes into a payload.
+pub fn apply_mask(data: &mut [u8], key: [u8; 4], offset: usize) {
+    let key = [
+        key[offset % 4],
+        key[(offset + 1) % 4],
+        key[(offset + 2) % 4],
+        key[(offset + 3) % 4],
+    ];
+    let wide = u64::from_ne_bytes([
+        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
+    ]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for chunk in &mut chunks {
+        let word = u64::from_ne_bytes((&*chunk).try_into().expect("8 bytes")) ^ wide;
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    for (i, byte) in chunks.into_remainder().iter_mut().enumerate() {
+        *byte ^= key[i % 4];
+    }
+}
+
+/// Incremental UTF-8 check over a message that arrives in pieces.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Utf8Check {
+    /// The start of a character cut by the end of the last piece.
+    carry: [u8; 4],
+    carry_len: u8,
+}
+
+impl Utf8Check {
+    /// Check the next piece; false at the first invalid byte.
+    pub fn feed(&mut self, mut piece: &[u8]) -> bool {
+        if self.carry_len > 0 {
+            let have = self.carry_len as usize;
+            let width = match self.carry[0] {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                _ => 4,
+            };
+            let take = (width - have).min(piece.len());
+            self.carry[have..have + take].copy_from_slice(&piece[..take]);
+            piece = &piece[take..];
+            if have + take < width {
+                self.carry_len = (have + take) as u8;
+                // Still a prefix only if every byte so far could be one.
+                return match std::str::from_utf8(&self.carry[..have + take]) {
+                    Err(e) => e.error_len().is_none(),
+                    Ok(_) => false,
+                };
+            }
+            self.carry_len = 0;
+            if std::str::from_utf8(&self.carry[..width]).is_err() {
+                return false;
+            }
+        }
+        match std::str::from_utf8(piece) {
+            Ok(_) => true,
+            Err(e) if e.error_len().is_none() => {
+                let rest = &piece[e.valid_up_to()..];
+                self.carry[..rest.len()].copy_from_slice(rest);
+                self.carry_len = rest.len() as u8;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Whether the message ended on a whole character.
+    pub fn finish(&self) -> bool {
+        self.carry_len == 0
+    }
+}
+
+/// Check a (possibly masked) payload piece as UTF-8 without copying it to
+/// the heap: unmask a stack-sized chunk at a time.
+fn check_utf8_piece(check: &mut Utf8Check, piece: &[u8], mask: Option<[u8; 4]>) -> bool {
+    let Some(key) = mask else {
+        return check.feed(piece);
+    };
+    let mut scratch = [0u8; 512];
+    for (i, chunk) in piece.chunks(scratch.len()).enumerate() {
+        let out = &mut scratch[..chunk.len()];
+        out.copy_from_slice(chunk);
+        apply_mask(out, key, i * 512);
+        if !check.feed(out) {
+            return false;
+        }
+    }
+    true
+}
+
+/// A close frame's status code and reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseFrame {
+    pub code: u16,
+    pub reason: String,
+}
+
+/// Codes a peer may send in a close frame (RFC 6455, 7.4).
+fn is_sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Read a close payload (already unmasked).
+pub fn parse_close(payload: &[u8]) -> Result<Option<CloseFrame>, Violation> {
+    match payload.len() {
+        0 => Ok(None),
+        1 => Err(Violation::Protocol),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !is_sendable_close_code(code) {
+                return Err(Violation::Protocol);
+            }
+            let reason = std::str::from_utf8(&payload[2..]).map_err(|_| Violation::InvalidUtf8)?;
+            Ok(Some(CloseFrame {
+                code,
+                reason: reason.to_string(),
+            }))
+        }
+    }
+}
+
+/// One frame with `payload`, masked with `mask` when given (frames the
+/// router sends to a backend, as its client).
+pub fn encode(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Bytes {
+    let mut out = BytesMut::with_capacity(payload.len() + 14);
+    out.put_u8(0x80 | opcode);
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        len @ 0..=125 => out.put_u8(mask_bit | len as u8),
+        len @ 126..=0xFFFF => {
+            out.put_u8(mask_bit | 126);
+            out.put_u16(len as u16);
+        }
+        len => {
+            out.put_u8(mask_bit | 127);
+            out.put_u64(len as u64);
+        }
+    }
+    let start = out.len() + if mask.is_some() { 4 } else { 0 };
+    if let Some(key) = mask {
+        out.put_slice(&key);
+    }
+    out.put_slice(payload);
+    if let Some(key) = mask {
+        apply_mask(&mut out[start..], key, 0);
+    }
+    out.freeze()
+}
+
+/// A close frame's payload: the code and a reason.
+pub fn close_payload(close: Option<&CloseFrame>) -> Vec<u8> {
+    match close {
+        None => Vec::new(),
+        Some(close) => {
+            let mut payload = close.code.to_be_bytes().to_vec();
+            // Control payloads stop at 125 bytes; cut the reason on a char.
+            let mut reason = close.reason.as_str();
+            while reason.len() > MAX_CONTROL_PAYLOAD - 2 {
+                let mut cut = reason.len() - 1;
+                while !reason.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                reason = &reason[..cut];
+            }
+            payload.extend_from_slice(reason.as_bytes());
+            payload
+        }
+    }
+}
+
+/// What a [`FrameReader`] found at the front of its buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unit {
+    /// A whole text or binary message: its frames, and any control frames
+    /// sent between them, `len` bytes in all; `payload` bytes of data.
+    Message {
+        len: usize,
+        payload: usize,
+    },
+    Ping {
+        len: usize,
+    },
+    /// `keepalive` when the payload is the router's own ping payload.
+    Pong {
+        len: usize,
+        keepalive: bool,
+    },
+    Close {
+        len: usize,
+        frame: Option<CloseFrame>,
+    },
+}
+
+impl Unit {
+    /// Bytes of the buffer the unit spans.
+    pub fn len(&self) -> usize {
+        match *self {
+            Unit::Message { len, .. }
+            | Unit::Ping { len }
+            | Unit::Pong { len, .. }
+            | Unit::Close { len, .. } => len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A data message whose final frame has not arrived yet.
+#[derive(Debug, Clone, Copy)]
+struct Partial {
+    text: bool,
+    payload: usize,
+    utf8: Utf8Check,
+}
+
+/// Payload of the router's keepalive pings; pongs carrying it are the
+/// router's own and are not relayed.
+pub const KEEPALIVE: &[u8] = b"wsrouter-keepalive";
+
+/// The receiving half of one peer: bytes read but not yet handed on, and
+/// where the message in progress stands.
+///
+/// The buffer is empty and unallocated while nothing is in flight, so an
+/// idle session costs no read buffer at all.
+#[derive(Debug)]
+pub struct FrameReader {
+    buf: BytesMut,
+    /// Start of the unit being parsed (everything before it is whole units
+    /// the caller has not taken yet).
+    unit_start: usize,
+    /// Start of the next frame to parse.
+    cursor: usize,
+    partial: Option<Partial>,
+    /// A client's frames must be masked; a backend's must not.
+    masked: bool,
+    /// Check text for UTF-8 (for client messages).
+    check_utf8: bool,
+    max_message: usize,
+}
+
+impl FrameReader {
+    /// A reader of a client's frames (masked, text checked).
+    pub fn client(max_message: usize, already_read: Vec<u8>) -> FrameReader {
+        FrameReader::new(true, true, max_message, already_read)
+    }
+
+    /// A reader of a backend's frames (unmasked, text passed as it is).
+    pub fn backend(max_message: usize, already_read: Vec<u8>) -> FrameReader {
+        FrameReader::new(false, false, max_message, already_read)
+    }
+
+    fn new(masked: bool, check_utf8: bool, max_message: usize, read: Vec<u8>) -> FrameReader {
+        FrameReader {
+            buf: BytesMut::from(&read[..]),
+            unit_start: 0,
+            cursor: 0,
+            partial: None,
+            masked,
+            check_utf8,
+            max_message,
+        }
+    }
+
+    /// The bytes read and not yet taken.
+    pub fn buffer_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Bytes still needed to complete the frame being read, once its header
+    /// is known (so the caller can read straight into a buffer that size).
+    pub fn wanted(&self) -> usize {
+        match parse_header(&self.buf[self.cursor..], self.masked, usize::MAX) {
+            Ok(Some(h)) => (self.cursor + h.frame_len()).saturating_sub(self.buf.len()),
+            _ => 0,
+        }
+    }
+
+    /// Bytes held in the buffer.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next whole unit after those already returned, or `None` until
+    /// more bytes arrive. A violation leaves the reader where it was.
+    pub fn next_unit(&mut self) -> Result<Option<Unit>, Violation> {
+        loop {
+            let rest = &self.buf[self.cursor..];
+            let Some(header) = parse_header(rest, self.masked, self.max_message)? else {
+                return Ok(None);
+            };
+            if rest.len() < header.frame_len() {
+                return Ok(None);
+            }
+            let payload = &rest[header.header_len..header.frame_len()];
+            let frame_start = self.cursor;
+            let unit = match header.opcode {
+                OP_TEXT | OP_BINARY | OP_CONTINUATION => {
+                    let mut partial = match (header.opcode, self.partial) {
+                        (OP_CONTINUATION, Some(p)) => p,
+                        (OP_CONTINUATION, None) | (_, Some(_)) => {
+                            return Err(Violation::Protocol);
+                        }
+                        (opcode, None) => Partial {
+                            text: opcode == OP_TEXT,
+                            payload: 0,
+                            utf8: Utf8Check::default(),
+                        },
+                    };
+                    partial.payload += header.payload_len;
+                    if partial.payload > self.max_message {
+                        return Err(Violation::TooBig);
+                    }
+                    if partial.text
+                        && self.check_utf8
+                        && !(check_utf8_piece(&mut partial.utf8, payload, header.mask)
+                            && (!header.fin || partial.utf8.finish()))
+                    {
+                        return Err(Violation::InvalidUtf8);
+                    }
+                    if header.fin {
+                        self.partial = None;
+                        Some(Unit::Message {
+                            len: 0,
+                            payload: partial.payload,
+                        })
+                    } else {
+                        self.partial = Some(partial);
+                        None
+                    }
+                }
+                OP_PING => Some(Unit::Ping { len: 0 }),
+                OP_PONG => {
+                    let keepalive = payload.len() == KEEPALIVE.len() && {
+                        let mut p = [0u8; KEEPALIVE.len()];
+                        p.copy_from_slice(payload);
+                        if let Some(key) = header.mask {
+                            apply_mask(&mut p, key, 0);
+                        }
+                        p == KEEPALIVE
+                    };
+                    Some(Unit::Pong { len: 0, keepalive })
+                }
+                _ => {
+                    let mut p = [0u8; MAX_CONTROL_PAYLOAD];
+                    let p = &mut p[..payload.len()];
+                    p.copy_from_slice(payload);
+                    if let Some(key) = header.mask {
+                        apply_mask(p, key, 0);
+                    }
+                    let frame = parse_close(p)?;
+                    Some(Unit::Close { len: 0, frame })
+                }
+            };
+            self.cursor = frame_start + header.frame_len();
+            let Some(unit) = unit else { continue };
+            // A control frame between fragments rides with the message.
+            if self.partial.is_some() && !matches!(unit, Unit::Close { .. }) {
+                continue;
+            }
+            let len = self.cursor - self.unit_start;
+            self.unit_start = self.cursor;
+            return Ok(Some(match unit {
+                Unit::Message { payload, .. } => Unit::Message { len, payload },
+                Unit::Ping { .. } => Unit::Ping { len },
+                Unit::Pong { keepalive, .. } => Unit::Pong { len, keepalive },
+                Unit::Close { frame, .. } => Unit::Close { len, frame },
+            }));
+        }
+    }
+
+    /// Hand over the first `len` bytes: whole units already returned.
+    pub fn take(&mut self, len: usize) -> Bytes {
+        debug_assert!(len <= self.unit_start);
+        let taken = self.buf.split_to(len).freeze();
+        self.unit_start -= len;
+        self.cursor -= len;
+        self.release_if_empty();
+        taken
+    }
+
+    /// Drop the first `len` bytes: whole units already returned.
+    pub fn skip(&mut self, len: usize) {
+        debug_assert!(len <= self.unit_start);
+        self.buf.advance(len);
+        self.unit_start -= len;
+        self.cursor -= len;
+        self.release_if_empty();
+    }
+
+    /// An empty buffer gives its memory back (an idle session holds none).
+    fn release_if_empty(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = encode(opcode, payload, Some(KEY)).to_vec();
+        if !fin {
+            f[0] &= 0x7F;
+        }
+        f
+    }
+
+    fn reader(bytes: &[u8]) -> FrameReader {
+        FrameReader::client(1024, bytes.to_vec())
+    }
+
+    #[test]
+    fn masking_round_trips_at_any_offset() {
+        let data: Vec<u8> = (0..=40).collect();
+        for offset in 0..8 {
+            let mut masked = data.clone();
+            apply_mask(&mut masked, KEY, offset);
+            for (i, (m, d)) in masked.iter().zip(&data).enumerate() {
+                assert_eq!(*m, d ^ KEY[(offset + i) % 4]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_whole_text_message_is_one_unit() {
+        let f = client_frame(true, OP_TEXT, b"hello");
+        let mut r = reader(&f);
+        assert_eq!(
+            r.next_unit(),
+            Ok(Some(Unit::Message {
+                len: f.len(),
+                payload: 5
+            }))
+        );
+        assert_eq!(r.next_unit(), Ok(None));
+        assert_eq!(r.take(f.len()).as_ref(), &f[..]);
+        assert_eq!(r.buffered(), 0);
+    }
+
+    #[test]
+    fn fragments_and_a_ping_between_them_make_one_message() {
+        let mut bytes = client_frame(false, OP_TEXT, b"hel");
+        bytes.extend(client_frame(true, OP_PING, b"p"));
+        bytes.extend(client_frame(true, OP_CONTINUATION, b"lo"));
+        bytes.extend(client_frame(true, OP_PONG, KEEPALIVE));
+        let mut r = reader(&bytes);
+        let Some(Unit::Message { len, payload: 5 }) = r.next_unit().unwrap() else {
+            panic!("expected a message");
+        };
+        assert_eq!(
+            r.next_unit(),
+            Ok(Some(Unit::Pong {
+                len: bytes.len() - len,
+                keepalive: true
+            }))
+        );
+    }
+
+    #[test]
+    fn violations_name_their_close_codes() {
+        let cases: Vec<(Vec<u8>, Violation)> = vec![
+            (encode(OP_TEXT, b"hi", None).to_vec(), Violation::Protocol),
+            (vec![0x83, 0x80, 0, 0, 0, 0], Violation::Protocol),
+            (vec![0xC1, 0x80, 0, 0, 0, 0], Violation::Protocol),
+            (client_frame(false, OP_PING, b"x"), Violation::Protocol),
+            (client_frame(true, OP_PING, &[0; 126]), Violation::Protocol),
+            (
+                client_frame(true, OP_CONTINUATION, b"x"),
+                Violation::Protocol,
+            ),
+            (
+                client_frame(true, OP_TEXT, &[0xff, 0xfe]),
+                Violation::InvalidUtf8,
+            ),
+            (client_frame(true, OP_BINARY, &[0; 2000]), Violation::TooBig),
+            (client_frame(true, OP_CLOSE, &[3]), Violation::Protocol),
+            (
+                client_frame(true, OP_CLOSE, &[0x03, 0xEE]),
+                Violation::Protocol,
+            ),
+        ];
+        for (bytes, expected) in cases {
+            assert_eq!(reader(&bytes).next_unit(), Err(expected), "{bytes:x?}");
+        }
+        // A new message while one is unfinished.
+        let mut bytes = client_frame(false, OP_TEXT, b"a");
+        bytes.extend(client_frame(true, OP_TEXT, b"b"));
+        assert_eq!(reader(&bytes).next_unit(), Err(Violation::Protocol));
+        // Too big across fragments.
+        let mut bytes = client_frame(false, OP_BINARY, &[0; 600]);
+        bytes.extend(client_frame(true, OP_CONTINUATION, &[0; 600]));
+        assert_eq!(reader(&bytes).next_unit(), Err(Violation::TooBig));
+        // A backend must not mask.
+        let masked = client_frame(true, OP_TEXT, b"x");
+        let mut r = FrameReader::backend(1024, masked);
+        assert_eq!(r.next_unit(), Err(Violation::Protocol));
+    }
+
+    #[test]
+    fn a_close_frame_is_read_with_its_code_and_reason() {
+        let payload = close_payload(Some(&CloseFrame {
+            code: 4000,
+            reason: "bye".into(),
+        }));
+        let f = client_frame(true, OP_CLOSE, &payload);
+        let Ok(Some(Unit::Close { frame, .. })) = reader(&f).next_unit() else {
+            panic!("expected a close");
+        };
+        assert_eq!(
+            frame,
+            Some(CloseFrame {
+                code: 4000,
+                reason: "bye".into()
+            })
+        );
+    }
+
+    #[test]
+    fn long_close_reasons_are_cut_on_a_character() {
+        let reason = "é".repeat(100);
+        let payload = close_payload(Some(&CloseFrame { code: 1000, reason }));
+        assert!(payload.len() <= 125);
+        assert!(std::str::from_utf8(&payload[2..]).is_ok());
+    }
+
+    fn arb_message() -> impl Strategy<Value = (bool, Vec<u8>, usize)> {
+        // (text, payload, fragments)
+        prop_oneof![
+            ("[a-zé€😀 ]{0,300}", 1..4usize).prop_map(|(s, n)| (true, s.into_bytes(), n)),
+            (prop::collection::vec(any::<u8>(), 0..70_000), 1..4usize)
+                .prop_map(|(b, n)| (false, b, n)),
+        ]
+    }
+
+    /// Frames for a message cut into `fragments` pieces at any byte (text
+    /// may be cut inside a character, as the RFC allows).
+    fn frames_of(text: bool, payload: &[u8], fragments: usize) -> Vec<u8> {
+        let size = payload.len().div_ceil(fragments).max(1);
+        let pieces: Vec<&[u8]> = if payload.is_empty() {
+            vec![&[][..]]
+        } else {
+            payload.chunks(size).collect()
+        };
+        let mut out = Vec::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            let opcode = match (i, text) {
+                (0, true) => OP_TEXT,
+                (0, false) => OP_BINARY,
+                _ => OP_CONTINUATION,
+            };
+            out.extend(client_frame(i + 1 == pieces.len(), opcode, piece));
+        }
+        out
+    }
+
+    proptest! {
+        /// However the bytes arrive, the reader finds the same messages,
+        /// each spanning exactly its frames, and hands them on unchanged.
+        #[test]
+        fn messages_are_found_whole_however_the_bytes_arrive(
+            messages in prop::collection::vec(arb_message(), 1..6),
+            cuts in prop::collection::vec(1..5000usize, 0..20),
+        ) {
+            let framed: Vec<Vec<u8>> = messages.iter().map(|(t, p, n)| frames_of(*t, p, *n)).collect();
+            let stream: Vec<u8> = framed.concat();
+            let mut r = FrameReader::client(100_000, Vec::new());
+            let mut found = Vec::new();
+            let mut fed = 0;
+            let mut cuts = cuts.into_iter();
+            while fed < stream.len() {
+                let n = cuts.next().unwrap_or(stream.len()).min(stream.len() - fed);
+                r.buffer_mut().extend_from_slice(&stream[fed..fed + n]);
+                fed += n;
+                while let Some(unit) = r.next_unit().expect("valid stream") {
+                    let Unit::Message { len, payload } = unit else { panic!("{unit:?}") };
+                    found.push((r.take(len).to_vec(), payload));
+                }
+            }
+            prop_assert_eq!(found.len(), messages.len());
+            for ((bytes, payload), (frames, (_, original, _))) in found.iter().zip(framed.iter().zip(&messages)) {
+                prop_assert_eq!(bytes, frames);
+                prop_assert_eq!(*payload, original.len());
+            }
+            prop_assert_eq!(r.buffered(), 0);
+        }
+
+        /// The incremental check agrees with the standard library however
+        /// the bytes are cut.
+        #[test]
+        fn utf8_check_agrees_with_std(bytes in prop::collection::vec(any::<u8>(), 0..40), cut in 0..40usize, valid_text in "[a-zé€😀]{0,10}") {
+            for input in [bytes.clone(), valid_text.into_bytes()] {
+                let cut = cut.min(input.len());
+                let mut check = Utf8Check::default();
+                let ok = check.feed(&input[..cut]) && check.feed(&input[cut..]) && check.finish();
+                prop_assert_eq!(ok, std::str::from_utf8(&input).is_ok(), "{:x?}", input);
+            }
+        }
+    }
+}
