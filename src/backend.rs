@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use metrics::Gauge;
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::config::{BackendUrl, Config, PassiveHealthConfig};
@@ -82,6 +82,8 @@ pub struct Backend {
     ejected_until_ms: AtomicU64,
     /// Sessions currently holding a slot.
     sessions: AtomicU32,
+    /// Dials in flight to this backend (`steering.max_concurrent_dials`).
+    pub dials: Semaphore,
     /// The control channel of every session on this backend, by session id.
     registry: DashMap<u64, mpsc::Sender<Control>>,
     /// Set while an evacuation task runs, so triggers do not stack up.
@@ -114,6 +116,7 @@ impl Backend {
             passive_failures: AtomicU32::new(0),
             ejected_until_ms: AtomicU64::new(0),
             sessions: AtomicU32::new(0),
+            dials: Semaphore::new(config.steering.max_concurrent_dials as usize),
             registry: DashMap::new(),
             evacuating: AtomicBool::new(false),
             sessions_gauge: metrics::gauge!(m::SESSIONS_ACTIVE, &labels),

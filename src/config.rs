@@ -31,6 +31,7 @@ pub const DEFAULT_WEIGHT: u32 = 100;
 pub const DEFAULT_MAX_SESSIONS: u32 = 10_000;
 pub const DEFAULT_DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_DIAL_ATTEMPTS: u32 = 3;
+pub const DEFAULT_MAX_CONCURRENT_DIALS: u32 = 256;
 pub const DEFAULT_HEALTH_PATH: &str = "/healthz";
 pub const DEFAULT_HEALTH_STATUS: u16 = 200;
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -196,6 +197,7 @@ struct FileSteering {
     continents: HashMap<String, Vec<String>>,
     dial_timeout: Option<String>,
     max_dial_attempts: Option<u32>,
+    max_concurrent_dials: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -388,6 +390,10 @@ pub struct SteeringConfig {
     pub dial_timeout: Duration,
     /// How many candidates one new session may try before giving up.
     pub max_dial_attempts: u32,
+    /// Dials in flight to one backend at a time; more wait their turn
+    /// (within the dial timeout), so thousands of sessions leaving a dead
+    /// backend do not overflow the next one's accept queue.
+    pub max_concurrent_dials: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -969,6 +975,16 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             format!("{max_dial_attempts} must be between 1 and 16"),
         );
     }
+    let max_concurrent_dials = file
+        .steering
+        .max_concurrent_dials
+        .unwrap_or(DEFAULT_MAX_CONCURRENT_DIALS);
+    if !(1..=65_535).contains(&max_concurrent_dials) {
+        p.add(
+            "steering.max_concurrent_dials",
+            format!("{max_concurrent_dials} must be between 1 and 65535"),
+        );
+    }
 
     // health checks
     let hc = &file.health_check;
@@ -1177,6 +1193,7 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             continents,
             dial_timeout,
             max_dial_attempts,
+            max_concurrent_dials,
         },
         health_check: HealthCheckConfig {
             path: health_path,

@@ -48,9 +48,6 @@ const REFUSAL_HEADERS: &[&str] = &[
     "content-type",
 ];
 
-/// `wsrouter_upgrades_total{result}` when steering found no candidate.
-const NO_BACKEND: &str = "no_backend";
-
 /// Control messages a session can have waiting; the evacuator never needs
 /// more than one.
 const CONTROL_QUEUE: usize = 2;
@@ -302,10 +299,37 @@ async fn reject(stream: &mut ClientStream, error: &HandshakeError) {
     }
 }
 
+/// How an upgrade that got no session ended (`wsrouter_upgrades_total{result}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Refused at the edge: a bad request, a limit, the session key.
+    Rejected,
+    /// Steering found no candidate backend.
+    NoBackend,
+    /// A backend answered the upgrade with a 4xx, handed to the client.
+    UpstreamRefused,
+    UpstreamTimeout,
+    /// Every candidate had `steering.max_concurrent_dials` dials in flight.
+    UpstreamBusy,
+    UpstreamFailed,
+}
+
+impl Outcome {
+    fn as_label(self) -> &'static str {
+        match self {
+            Outcome::Rejected => "rejected",
+            Outcome::NoBackend => "no_backend",
+            Outcome::UpstreamRefused => "upstream_refused",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::UpstreamBusy => "upstream_busy",
+            Outcome::UpstreamFailed => "upstream_failed",
+        }
+    }
+}
+
 /// A dial that ended in an HTTP answer for the client instead of a session.
 struct Refusal {
-    /// `wsrouter_upgrades_total{result}`.
-    result: &'static str,
+    result: Outcome,
     response: Vec<u8>,
 }
 
@@ -320,7 +344,7 @@ impl From<Refused> for Refusal {
             &[("Retry-After", "1")]
         };
         Refusal {
-            result: "rejected",
+            result: Outcome::Rejected,
             response: plain_response(status, phrase, extra, &format!("{refused}\n")),
         }
     }
@@ -328,7 +352,7 @@ impl From<Refused> for Refusal {
 
 impl Refusal {
     async fn send<S: tokio::io::AsyncWrite + Unpin>(self, stream: &mut S) {
-        metrics::counter!(m::UPGRADES_TOTAL, "result" => self.result).increment(1);
+        metrics::counter!(m::UPGRADES_TOTAL, "result" => self.result.as_label()).increment(1);
         let _ = stream.write_all(&self.response).await;
         let _ = stream.shutdown().await;
     }
@@ -360,7 +384,7 @@ fn place(
         Err(e) => {
             metrics::counter!(m::REJECTED_CONNECTIONS_TOTAL, "reason" => e.reason()).increment(1);
             return Err(Refusal {
-                result: "rejected",
+                result: Outcome::Rejected,
                 response: plain_response(400, "Bad Request", &[], &format!("{e}\n")),
             });
         }
@@ -415,7 +439,7 @@ async fn dial_candidates(
             tracing::warn!("no backend available");
         }
         return Err(Refusal {
-            result: NO_BACKEND,
+            result: Outcome::NoBackend,
             response: plain_response(
                 503,
                 "Service Unavailable",
@@ -462,7 +486,7 @@ async fn dial_candidates(
                 if migration.is_none() && !response.is_server_error() =>
             {
                 return Err(Refusal {
-                    result: "upstream_refused",
+                    result: Outcome::UpstreamRefused,
                     response: refusal_response(&response),
                 });
             }
@@ -481,31 +505,40 @@ async fn dial_candidates(
             }
         }
     }
-    let timed_out = matches!(last_error, Some(DialError::Timeout));
-    Err(Refusal {
-        result: if timed_out {
-            "upstream_timeout"
-        } else {
-            "upstream_failed"
-        },
-        response: if timed_out {
-            plain_response(504, "Gateway Timeout", &[], "no backend answered in time\n")
-        } else if last_error.is_none() {
+    let (result, response) = match last_error {
+        Some(DialError::Timeout) => (
+            Outcome::UpstreamTimeout,
+            plain_response(504, "Gateway Timeout", &[], "no backend answered in time\n"),
+        ),
+        Some(DialError::Busy) => (
+            Outcome::UpstreamBusy,
+            plain_response(
+                503,
+                "Service Unavailable",
+                &[("Retry-After", "1")],
+                "every backend is busy\n",
+            ),
+        ),
+        None => (
+            Outcome::UpstreamFailed,
             plain_response(
                 503,
                 "Service Unavailable",
                 &[("Retry-After", "5")],
                 "every backend is full\n",
-            )
-        } else {
+            ),
+        ),
+        Some(_) => (
+            Outcome::UpstreamFailed,
             plain_response(
                 502,
                 "Bad Gateway",
                 &[],
                 "no backend accepted the connection\n",
-            )
-        },
-    })
+            ),
+        ),
+    };
+    Err(Refusal { result, response })
 }
 
 /// The backend's refusal, re-issued to the client with its status, the
@@ -831,7 +864,7 @@ async fn redial(
                 Ok(connected) => return Some(connected),
                 // A planned move with nowhere to go stays put at once,
                 // rather than holding the client's messages while it hopes.
-                Err(refusal) if planned && refusal.result == NO_BACKEND => return None,
+                Err(refusal) if planned && refusal.result == Outcome::NoBackend => return None,
                 Err(_) => {}
             }
             tokio::time::sleep(pause).await;

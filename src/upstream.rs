@@ -101,6 +101,11 @@ pub enum DialError {
     Connect(io::Error),
     #[error("dial timed out")]
     Timeout,
+    /// `steering.max_concurrent_dials` dials to the backend were already in
+    /// flight for the whole dial timeout: the router's queue, not the
+    /// backend's fault.
+    #[error("too many dials in flight to this backend")]
+    Busy,
     /// The backend answered the upgrade with an HTTP status. 4xx answers are
     /// the application's verdict and go back to the client.
     #[error("backend refused the upgrade with status {}", .0.status)]
@@ -123,8 +128,10 @@ impl DialError {
             _ => None,
         };
         // ENOMEM, ENFILE, EMFILE, EADDRNOTAVAIL, ENOBUFS
-        io.and_then(io::Error::raw_os_error)
-            .is_some_and(|code| matches!(code, 12 | 23 | 24 | 99 | 105))
+        matches!(self, DialError::Busy)
+            || io
+                .and_then(io::Error::raw_os_error)
+                .is_some_and(|code| matches!(code, 12 | 23 | 24 | 99 | 105))
     }
 
     /// Whether the next candidate should be tried: yes for anything that
@@ -147,8 +154,9 @@ pub struct Upstream {
     pub set_cookies: Vec<Vec<u8>>,
 }
 
-/// Dial `backend` for `request`, within `timeout`. `tls` is the client for
-/// `wss://` backends (`Config::upstream_tls`). Messages from the backend
+/// Dial `backend` for `request`, within `timeout`, waiting first (within the
+/// same timeout) for one of the backend's dial permits. `tls` is the client
+/// for `wss://` backends (`Config::upstream_tls`). Messages from the backend
 /// larger than `max_message` break the protocol.
 pub async fn dial(
     backend: &Backend,
@@ -158,8 +166,12 @@ pub async fn dial(
     timeout: Duration,
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<Upstream, DialError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, backend.dials.acquire()).await else {
+        return Err(DialError::Busy);
+    };
     let started = Instant::now();
-    let result = tokio::time::timeout(timeout, async {
+    let result = tokio::time::timeout_at(deadline, async {
         let key = generate_key();
         let head = build_request(backend, request, client, &key);
         let mut stream = connect_backend(&backend.url, tls)

@@ -405,3 +405,67 @@ async fn a_client_that_vanishes_is_reported_to_the_backend_as_going_away() {
     .await;
     assert_eq!(backend.closes()[0].0, 1001);
 }
+
+#[tokio::test]
+async fn dials_to_one_backend_wait_their_turn_past_max_concurrent_dials() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let _trace = trace_init();
+    // A backend slow to answer upgrades, which records how many it was
+    // holding at once.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (counts, peak) = (Arc::clone(&in_flight), Arc::clone(&most));
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let (counts, peak) = (Arc::clone(&counts), Arc::clone(&peak));
+            tokio::spawn(async move {
+                // Health checks are answered at once and not counted.
+                let mut start = [0u8; 9];
+                if stream.peek(&mut start).await.is_err() || &start != b"GET /chat" {
+                    let _ = tokio::io::AsyncWriteExt::write_all(
+                        &mut stream,
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    )
+                    .await;
+                    return;
+                }
+                let now = counts.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                let ws = tokio_tungstenite::accept_async(stream).await;
+                counts.fetch_sub(1, Ordering::SeqCst);
+                if let Ok(mut ws) = ws {
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if msg.is_text() && ws.send(msg).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut builder = router().backend_entry("eu-slow", &format!("ws://{addr}"), "eu", None, None);
+    builder.max_concurrent_dials = Some(2);
+    let router = builder.start().await;
+
+    let connects = (0..6).map(|i| {
+        let url = router.url(&key("dial-limit", i));
+        async move { try_connect(&url, &[]).await }
+    });
+    let clients = futures_util::future::join_all(connects).await;
+    for (i, client) in clients.into_iter().enumerate() {
+        let (mut client, _) = client.unwrap_or_else(|e| panic!("session {i}: {e}"));
+        client.send(Message::text("after the queue")).await.unwrap();
+        assert_eq!(
+            recv_data(&mut client).await,
+            Message::text("after the queue")
+        );
+    }
+    // Six sessions were dialed, never more than two at once.
+    assert_eq!(most.load(Ordering::SeqCst), 2);
+    server.abort();
+}

@@ -539,6 +539,8 @@ pub struct RouterBuilder {
     pub extra: String,
     /// `[admin] token`: mutating admin calls need it as a bearer token.
     pub admin_token: Option<String>,
+    /// `[steering] max_concurrent_dials`, when set.
+    pub max_concurrent_dials: Option<u32>,
 }
 
 /// A router configuration with the defaults described at [`RouterBuilder`].
@@ -563,6 +565,7 @@ pub fn router() -> RouterBuilder {
         proxy_protocol_from: Vec::new(),
         extra: String::new(),
         admin_token: None,
+        max_concurrent_dials: None,
     }
 }
 
@@ -690,9 +693,13 @@ impl RouterBuilder {
         out.push_str(&format!("[geoip]\ndatabase = {}\n\n", q(&self.geoip)));
         out.push_str("[session_key]\nsource = \"query\"\nname = \"session\"\n\n");
         out.push_str(&format!(
-            "[steering]\ndefault_region = {}\ndial_timeout = \"5s\"\n\n",
+            "[steering]\ndefault_region = {}\ndial_timeout = \"5s\"\n",
             q(&self.default_region)
         ));
+        if let Some(dials) = self.max_concurrent_dials {
+            out.push_str(&format!("max_concurrent_dials = {dials}\n"));
+        }
+        out.push('\n');
         if !self.countries.is_empty() {
             out.push_str("[steering.countries]\n");
             for (code, regions) in &self.countries {
