@@ -100,7 +100,9 @@ pub async fn serve_connection(router: Router, stream: TcpStream, peer: SocketAdd
         let _ = stream.set_nodelay(true);
         // Boxed: the handshake and the dial need far more state than the
         // relay, and a task is as big as its biggest moment. Boxing the
-        // start keeps every idle session's task the size of its relay.
+        // start keeps every idle session's task the size of its relay. The
+        // session is boxed too: a value moved out of a local still takes
+        // its room in the task, and a box is 8 bytes.
         if let Some((session, upstream)) = Box::pin(establish(router, stream, peer)).await {
             session.run(upstream).await;
         }
@@ -116,7 +118,7 @@ async fn establish(
     router: Router,
     mut stream: TcpStream,
     peer: SocketAddr,
-) -> Option<(Session, Upstream)> {
+) -> Option<(Box<Session>, Upstream)> {
     let config = router.config();
     // Behind an L4 balancer that speaks PROXY protocol, its header names
     // the client; from anyone else a PROXY line is just a bad request.
@@ -212,7 +214,9 @@ async fn establish(
     metrics::counter!(m::UPGRADES_TOTAL, "result" => "ok").increment(1);
     metrics::counter!(m::SESSIONS_TOTAL, "region" => slot.backend().region_name.clone())
         .increment(1);
-    let session = Session {
+    // Re-dials need only what is forwarded to a backend.
+    upstream::keep_forwarded_headers(&mut placement.request);
+    let session = Box::new(Session {
         budget: router.limits.message_budget(),
         _admission: admission,
         window: ReplayWindow::new(
@@ -226,7 +230,7 @@ async fn establish(
         id,
         control_tx,
         control_rx,
-    };
+    });
     Some((session, upstream))
 }
 
@@ -634,7 +638,7 @@ type CloseReason = &'static str;
 impl Session {
     /// Relay, moving to another backend whenever the current one fails or
     /// is drained, until the session ends.
-    async fn run(mut self, mut upstream: Upstream) {
+    async fn run(mut self: Box<Self>, mut upstream: Upstream) {
         let mut shutdown = self.router.shutdown.clone();
         loop {
             let config = self.router.config();

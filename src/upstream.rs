@@ -204,6 +204,16 @@ pub async fn dial(
     result
 }
 
+/// Drop every request header a backend is never sent, and shrink what is
+/// left: a session keeps its request for re-dials, for its whole life.
+pub fn keep_forwarded_headers(request: &mut UpgradeRequest) {
+    request
+        .headers
+        .retain(|(name, _)| FORWARDED_HEADERS.contains(&name.as_str()));
+    request.headers.shrink_to_fit();
+    request.target.shrink_to_fit();
+}
+
 /// A header value that can be written as it is: visible ASCII, spaces and
 /// tabs (never CR or LF).
 fn is_plain_value(value: &[u8]) -> bool {

@@ -350,7 +350,22 @@ where
         }
     })
     .await;
+    // Boxed: closing needs more state than relaying, and an idle session's
+    // task is as big as its biggest moment.
+    Box::pin(finish(stopped, client, upstream, config)).await
+}
 
+/// Tidy up after the relay loop: tell whichever sides need telling.
+async fn finish<C, U>(
+    stopped: Stopped,
+    client: &mut Peer<C>,
+    upstream: &mut Peer<U>,
+    config: &RelayConfig,
+) -> RelayEnd
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
     let timeout = config.close_timeout;
     let going_away = close(1001, "client went away");
     match stopped {
