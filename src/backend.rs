@@ -3,7 +3,7 @@
 //!
 //! A [`Backend`] is shared (`Arc`) between the health checker that flips its
 //! state, the sessions that hold a [`SessionSlot`] on it, and the admin API
-//! that reports it. Each slot registers its session's control channel, so
+//! that reports it. Each slot registers its session's control cell, so
 //! the backend can ask its sessions to move ([`Backend::evacuate`], paced).
 //! Passive health (failed dials, abrupt failures) ejects a backend for a
 //! cool-down. The set is held in an `ArcSwap` so that readers take a
@@ -17,7 +17,7 @@ use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use metrics::Gauge;
 use parking_lot::Mutex;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::config::{BackendUrl, Config, PassiveHealthConfig};
@@ -84,8 +84,8 @@ pub struct Backend {
     sessions: AtomicU32,
     /// Dials in flight to this backend (`steering.max_concurrent_dials`).
     pub dials: Semaphore,
-    /// The control channel of every session on this backend, by session id.
-    registry: DashMap<u64, mpsc::Sender<Control>>,
+    /// The control cell of every session on this backend, by session id.
+    registry: DashMap<u64, Arc<Control>>,
     /// Set while an evacuation task runs, so triggers do not stack up.
     evacuating: AtomicBool,
     /// `wsrouter_sessions_active{backend,region}`, resolved once.
@@ -230,11 +230,11 @@ impl Backend {
     }
 
     /// Take one of the backend's session slots, unless it is full, and
-    /// register the session's control channel with it.
+    /// register the session's control cell with it.
     pub fn try_acquire(
         self: &Arc<Self>,
         session_id: u64,
-        control: &mpsc::Sender<Control>,
+        control: &Arc<Control>,
     ) -> Option<SessionSlot> {
         let max = self.max_sessions();
         self.sessions
@@ -243,7 +243,7 @@ impl Backend {
             })
             .ok()?;
         self.sessions_gauge.increment(1.0);
-        self.registry.insert(session_id, control.clone());
+        self.registry.insert(session_id, Arc::clone(control));
         Some(SessionSlot {
             backend: Arc::clone(self),
             session_id,
@@ -281,7 +281,7 @@ impl Backend {
             tracing::info!(backend = %self.id, reason = reason.as_label(), sessions = self.sessions(), "moving sessions off backend");
         }
         while self.leaving_reason().is_some() && !self.registry.is_empty() {
-            let targets: Vec<(u64, mpsc::Sender<Control>)> = self
+            let targets: Vec<(u64, Arc<Control>)> = self
                 .registry
                 .iter()
                 .map(|e| (*e.key(), e.value().clone()))
@@ -293,7 +293,7 @@ impl Backend {
                 if !self.registry.contains_key(&id) {
                     continue;
                 }
-                if control.try_send(Control::Migrate(reason)).is_ok() {
+                if control.request_move(reason) {
                     // Jitter in [0.5, 1.5) of the interval: an even pace on
                     // average, without lock-step reconnect waves.
                     let jitter = 0.5 + rand::random::<f64>();

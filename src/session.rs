@@ -5,7 +5,7 @@
 //!
 //! Each connection is one task that owns its state ([`Session`]). It talks
 //! to the rest of the router through the shared [`Router`] handle and its
-//! own control channel, registered with whichever backend it is on. Its
+//! own control cell, registered with whichever backend it is on. Its
 //! [`SessionSlot`] keeps the backend's session count exact whichever way the
 //! task ends.
 
@@ -47,10 +47,6 @@ const REFUSAL_HEADERS: &[&str] = &[
     "retry-after",
     "content-type",
 ];
-
-/// Control messages a session can have waiting; the evacuator never needs
-/// more than one.
-const CONTROL_QUEUE: usize = 2;
 
 /// What every session needs from the router; cheap to clone.
 #[derive(Clone)]
@@ -188,9 +184,9 @@ async fn establish(
         }
     };
     let id = router.next_session_id.fetch_add(1, Ordering::Relaxed);
-    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+    let control = Arc::new(Control::default());
     let (upstream, slot) =
-        match dial_candidates(&router, &config, &placement, None, id, &control_tx).await {
+        match dial_candidates(&router, &config, &placement, None, id, &control).await {
             Ok(connected) => connected,
             Err(refusal) => {
                 refusal.send(&mut stream).await;
@@ -228,8 +224,7 @@ async fn establish(
         slot,
         placement: Arc::new(placement),
         id,
-        control_tx,
-        control_rx,
+        control,
     });
     Some((session, upstream))
 }
@@ -421,7 +416,7 @@ async fn dial_candidates(
     placement: &Placement,
     migration: Option<MigrationDial<'_>>,
     session_id: u64,
-    control: &mpsc::Sender<Control>,
+    control: &Arc<Control>,
 ) -> Result<(Upstream, SessionSlot), Refusal> {
     let set = router.backends.load();
     let attempts = config.steering.max_dial_attempts as usize;
@@ -623,8 +618,8 @@ struct Session {
     slot: SessionSlot,
     placement: Arc<Placement>,
     id: u64,
-    control_tx: mpsc::Sender<Control>,
-    control_rx: mpsc::Receiver<Control>,
+    /// Where the router asks this session to move.
+    control: Arc<Control>,
     window: ReplayWindow,
     /// Per-session message and byte rates, when configured.
     budget: Option<MessageBudget>,
@@ -649,7 +644,7 @@ impl Session {
                     config: &config.relay,
                     counters: &self.router.counters,
                     shutdown: &mut shutdown,
-                    control: &mut self.control_rx,
+                    control: &self.control,
                     window: &mut self.window,
                     budget: self.budget.as_mut(),
                 },
@@ -723,7 +718,7 @@ impl Session {
             replay.len(),
             deadline,
             self.id,
-            self.control_tx.clone(),
+            Arc::clone(&self.control),
             reason.is_planned(),
         );
         tokio::pin!(dial);
@@ -825,9 +820,10 @@ async fn send_in_order(
     messages: impl Iterator<Item = Bytes>,
 ) {
     let mut batch = BytesMut::new();
+    let now = Instant::now();
     for msg in messages {
         batch.extend_from_slice(&msg);
-        window.push(msg);
+        window.push(msg, now);
     }
     if !batch.is_empty() {
         let _ = upstream.peer.send(batch.freeze()).await;
@@ -844,7 +840,7 @@ async fn redial(
     replayed: usize,
     deadline: Instant,
     session_id: u64,
-    control: mpsc::Sender<Control>,
+    control: Arc<Control>,
     planned: bool,
 ) -> Option<(Upstream, SessionSlot)> {
     let attempt = async {

@@ -9,27 +9,43 @@
 //! DESIGN.md, "Migration: the contract".
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
 /// Why a session leaves its backend (`wsrouter_migrations_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum MigrationReason {
     /// The backend connection failed without a close frame.
-    UpstreamLost,
+    UpstreamLost = 1,
     /// The backend closed with 1001, 1011, 1012, 1013 or 1014.
-    UpstreamClosed,
+    UpstreamClosed = 2,
     /// Active health checks marked the backend down.
-    Health,
+    Health = 3,
     /// An operator drained the backend.
-    Drain,
+    Drain = 4,
     /// A reload removed the backend from the configuration.
-    Removed,
+    Removed = 5,
 }
 
 impl MigrationReason {
+    fn from_code(code: u8) -> Option<MigrationReason> {
+        Some(match code {
+            1 => MigrationReason::UpstreamLost,
+            2 => MigrationReason::UpstreamClosed,
+            3 => MigrationReason::Health,
+            4 => MigrationReason::Drain,
+            5 => MigrationReason::Removed,
+            _ => return None,
+        })
+    }
+
     pub fn as_label(self) -> &'static str {
         match self {
             MigrationReason::UpstreamLost => "upstream_lost",
@@ -62,11 +78,39 @@ pub fn is_migrating_close(code: u16) -> bool {
     matches!(code, 1001 | 1011 | 1012 | 1013 | 1014)
 }
 
-/// Messages sent to a session's task by the rest of the router.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Control {
-    /// Leave the current backend for this reason.
-    Migrate(MigrationReason),
+/// How the rest of the router reaches a live session: it leaves a request
+/// to move here (shared with the backend's registry) and the session's
+/// relay picks it up. One request waits at a time. A few bytes per session,
+/// where a channel would cost a few hundred.
+#[derive(Debug, Default)]
+pub struct Control {
+    /// 0 when nothing waits, else a [`MigrationReason`].
+    request: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Control {
+    /// Ask the session to leave its backend; false when a request was
+    /// already waiting.
+    pub fn request_move(&self, reason: MigrationReason) -> bool {
+        let placed = self
+            .request
+            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if placed {
+            self.waker.wake();
+        }
+        placed
+    }
+
+    /// Take the waiting request, or be woken when one comes.
+    pub fn poll_move(&self, cx: &mut Context<'_>) -> Poll<MigrationReason> {
+        self.waker.register(cx.waker());
+        match MigrationReason::from_code(self.request.swap(0, Ordering::AcqRel)) {
+            Some(reason) => Poll::Ready(reason),
+            None => Poll::Pending,
+        }
+    }
 }
 
 /// The last client messages forwarded to the backend, bounded by count and
@@ -87,16 +131,17 @@ impl ReplayWindow {
         }
     }
 
-    /// Remember a message (its frames) as it is forwarded: a cheap clone of
-    /// reference-counted bytes.
-    pub fn push(&mut self, message: Bytes) {
+    /// Remember a message (its frames) as it is forwarded `now`: a cheap
+    /// clone of reference-counted bytes. (The caller reads the clock once
+    /// for a whole batch.)
+    pub fn push(&mut self, message: Bytes, now: Instant) {
         if self.max_messages == 0 {
             return;
         }
         if self.items.len() == self.max_messages {
             self.items.pop_front();
         }
-        self.items.push_back((Instant::now(), message));
+        self.items.push_back((now, message));
     }
 
     /// The messages still young enough to replay, oldest first, leaving the
@@ -176,7 +221,7 @@ mod tests {
     async fn replay_window_is_bounded_by_count_and_age() {
         let mut w = ReplayWindow::new(3, Duration::from_secs(10));
         for i in 0..5 {
-            w.push(Bytes::from(format!("m{i}")));
+            w.push(Bytes::from(format!("m{i}")), Instant::now());
         }
         assert_eq!(w.len(), 3);
         let fresh = w.take_fresh(Instant::now());
@@ -186,9 +231,9 @@ mod tests {
         );
         assert!(w.is_empty());
 
-        w.push(Bytes::from("old"));
+        w.push(Bytes::from("old"), Instant::now());
         tokio::time::advance(Duration::from_secs(11)).await;
-        w.push(Bytes::from("new"));
+        w.push(Bytes::from("new"), Instant::now());
         assert_eq!(w.take_fresh(Instant::now()), vec![Bytes::from("new")]);
     }
 
@@ -200,6 +245,25 @@ mod tests {
         assert_eq!(q.push(Bytes::from("1")), Err(QueueFull));
         assert_eq!(q.drain().count(), 2);
         assert_eq!(q.push(Bytes::from("1234567890")), Ok(()));
+    }
+
+    #[test]
+    fn a_move_request_waits_once_and_is_taken_once() {
+        let control = Control::default();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(control.poll_move(&mut cx), Poll::Pending);
+        assert!(control.request_move(MigrationReason::Drain));
+        assert!(!control.request_move(MigrationReason::Health));
+        assert_eq!(
+            control.poll_move(&mut cx),
+            Poll::Ready(MigrationReason::Drain)
+        );
+        assert_eq!(control.poll_move(&mut cx), Poll::Pending);
+        for code in 1..=5 {
+            let reason = MigrationReason::from_code(code).unwrap();
+            assert_eq!(reason as u8, code);
+        }
     }
 
     #[test]

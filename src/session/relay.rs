@@ -9,7 +9,7 @@
 //! the session's rate limits and recorded in the replay window (as the same
 //! reference-counted bytes that are written) on the way through.
 //!
-//! Both directions, the keepalive timer, the control channel and shutdown
+//! Both directions, the keepalive timer, the control cell and shutdown
 //! are polled by one future: a side that is slow to read holds back only
 //! its own direction (an echo backend under load would otherwise deadlock
 //! both TCP buffers), and an idle session is one small task.
@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 
 use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::RelayConfig;
@@ -225,9 +225,12 @@ impl Pump<'_> {
         }
         if batch > 0 {
             let bytes = src.reader.take(batch);
-            if let Some(window) = self.window.as_deref_mut() {
+            if let Some(window) = self.window.as_deref_mut()
+                && count > 0
+            {
+                let now = Instant::now();
                 for &(offset, len) in &messages[..count] {
-                    window.push(bytes.slice(offset..offset + len));
+                    window.push(bytes.slice(offset..offset + len), now);
                 }
             }
             self.messages.increment(count as u64);
@@ -248,7 +251,7 @@ pub struct RelayContext<'a> {
     /// Becomes true when sessions must close (end of the shutdown grace).
     pub shutdown: &'a mut watch::Receiver<bool>,
     /// Requests to move the session.
-    pub control: &'a mut mpsc::Receiver<Control>,
+    pub control: &'a Control,
     /// Every client data message is recorded here as it is forwarded.
     pub window: &'a mut ReplayWindow,
     /// The client's message and byte rate limits, when configured.
@@ -319,7 +322,7 @@ where
             if stop.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Stopped::Shutdown);
             }
-            if let Poll::Ready(Some(Control::Migrate(reason))) = control.poll_recv(cx) {
+            if let Poll::Ready(reason) = control.poll_move(cx) {
                 return Poll::Ready(Stopped::Migrate(reason));
             }
             if tick.as_mut().poll(cx).is_pending() {
