@@ -724,12 +724,25 @@ impl Session {
         tokio::pin!(dial);
         let close_timeout = config.relay.close_timeout;
 
-        // Meanwhile the client's messages queue up (and what the old
-        // backend already sent still goes out to the client).
+        // Meanwhile the client's messages queue up, and what the old
+        // backend sends (a planned move keeps it open) still goes out to
+        // the client, whole messages only.
+        let mut old_readable = kept.is_some();
         let moved = loop {
             let unit = tokio::select! {
                 result = &mut dial => break result,
                 unit = self.client.next_unit() => unit,
+                from_old = next_from(kept.as_mut().filter(|_| old_readable)) => {
+                    let old = kept.as_mut().expect("only read while kept");
+                    match from_old {
+                        Ok(Unit::Message { len, .. }) => self.client.queue(old.peer.reader.take(len)),
+                        Ok(unit @ (Unit::Ping { .. } | Unit::Pong { .. })) => old.peer.reader.skip(unit.len()),
+                        // It is being left anyway; it is closed (or found
+                        // dead by the relay, if the session stays) later.
+                        Ok(Unit::Close { .. }) | Err(_) => old_readable = false,
+                    }
+                    continue;
+                }
             };
             let ended = match unit {
                 Ok(Unit::Message { len, .. }) => {
@@ -827,6 +840,15 @@ async fn send_in_order(
     }
     if !batch.is_empty() {
         let _ = upstream.peer.send(batch.freeze()).await;
+    }
+}
+
+/// The next unit from the backend a planned move is leaving; never, without
+/// one.
+async fn next_from(old: Option<&mut Upstream>) -> Result<Unit, ReadEnd> {
+    match old {
+        Some(old) => old.peer.next_unit().await,
+        None => std::future::pending().await,
     }
 }
 

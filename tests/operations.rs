@@ -969,3 +969,33 @@ async fn sigterm_stops_accepting_keeps_relaying_for_the_grace_then_closes_with_1
     let _ = std::fs::remove_file(&config);
     let _ = std::fs::remove_file(&log);
 }
+
+#[tokio::test]
+async fn what_the_old_backend_sends_during_a_planned_move_still_reaches_the_client() {
+    let _trace = trace_init();
+    let a = TestBackend::start("bcast-eu-a").await;
+    // The next backend is slow to answer upgrades, so the move takes a
+    // while, and the old one speaks meanwhile.
+    let slow = support::BackendOptions {
+        upgrade_delay: Some(Duration::from_millis(800)),
+        ..Default::default()
+    };
+    let b = TestBackend::start_with("bcast-us-b", slow).await;
+    let router = router().backend(&a, "eu").backend(&b, "us").start().await;
+    let key = key("bcast", 1);
+    let (mut client, welcome) = router.connect(&key, &[]).await;
+    assert_eq!(welcome.backend, a.id);
+
+    let (status, body) = router
+        .admin_post(&format!("/api/backends/{}/drain", a.id), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.announce("news from a, mid-move");
+    match recv_data(&mut client).await {
+        Message::Text(text) => assert_eq!(text.as_str(), "news from a, mid-move"),
+        other => panic!("expected the old backend's broadcast, got {other:?}"),
+    }
+    expect_moved(&mut client, &key, &a.id, &b.id).await;
+    echo(&mut client, "now on b").await;
+}

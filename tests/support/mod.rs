@@ -119,6 +119,8 @@ pub struct BackendOptions {
     pub subprotocol: Option<String>,
     /// A Set-Cookie header on the 101.
     pub set_cookie: Option<String>,
+    /// Wait this long before answering an upgrade (a slow backend).
+    pub upgrade_delay: Option<Duration>,
 }
 
 /// What a backend's connection tasks share with the test.
@@ -143,6 +145,8 @@ struct BackendShared {
     received_binary: parking_lot::Mutex<Vec<(String, usize, u8)>>,
     /// [`TestBackend::close_all`] sends (code, reason) to every session.
     closer: tokio::sync::broadcast::Sender<(u16, String)>,
+    /// [`TestBackend::announce`] sends a text to every session.
+    announcer: tokio::sync::broadcast::Sender<String>,
 }
 
 /// A WebSocket backend on an ephemeral loopback port. On each session it
@@ -184,6 +188,7 @@ impl TestBackend {
             received: parking_lot::Mutex::new(Vec::new()),
             received_binary: parking_lot::Mutex::new(Vec::new()),
             closer: tokio::sync::broadcast::channel(4).0,
+            announcer: tokio::sync::broadcast::channel(16).0,
         });
         let task_shared = Arc::clone(&shared);
         let task = tokio::spawn(async move {
@@ -255,6 +260,11 @@ impl TestBackend {
     /// restarts or sheds load says so with 1012 or 1013).
     pub fn close_all(&self, code: u16, reason: &str) {
         let _ = self.shared.closer.send((code, reason.to_string()));
+    }
+
+    /// Send `text` to every session, as a chat server's broadcast.
+    pub fn announce(&self, text: &str) {
+        let _ = self.shared.announcer.send(text.to_string());
     }
 
     /// Come back on the same port (after [`TestBackend::stop`]), empty.
@@ -364,6 +374,9 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
         return;
     };
 
+    if let Some(delay) = shared.options.upgrade_delay {
+        tokio::time::sleep(delay).await;
+    }
     let mut answer = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n",
         derive_accept_key(key.trim().as_bytes())
@@ -411,8 +424,15 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
         .to_string();
     let mut closing = false;
     let mut close_all = shared.closer.subscribe();
+    let mut announcements = shared.announcer.subscribe();
     loop {
         let message = tokio::select! {
+            Ok(text) = announcements.recv(), if !closing => {
+                if ws.send(Message::text(text)).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             message = ws.next() => match message {
                 Some(message) => message,
                 None => break,
