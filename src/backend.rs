@@ -406,16 +406,20 @@ impl BackendSet {
                 region: b.region,
                 weight: b.weight(),
                 id_hash: b.id_hash,
-                available: exclude != Some(b.id.as_str())
-                    && if last_resort {
-                        b.accepts_sessions_as_last_resort()
-                    } else {
-                        b.accepts_sessions()
-                    },
+                available: true,
             })
             .collect();
+        let available = |i: usize| {
+            let b = &self.backends[i];
+            exclude != Some(b.id.as_str())
+                && if last_resort {
+                    b.accepts_sessions_as_last_resort()
+                } else {
+                    b.accepts_sessions()
+                }
+        };
         self.policy
-            .rank_first(location, key, &views, limit)
+            .rank_first_where(location, key, &views, limit, available)
             .into_iter()
             .map(|i| Arc::clone(&self.backends[i]))
             .collect()

@@ -154,6 +154,20 @@ impl Policy {
         backends: &[BackendView],
         limit: usize,
     ) -> Vec<usize> {
+        self.rank_first_where(location, key, backends, limit, |i| backends[i].available)
+    }
+
+    /// [`Policy::rank_first`] with availability asked of `available(index)`
+    /// instead of read from the views, and only for backends in the
+    /// regions it gets to (checking a live backend costs a few atomics).
+    pub fn rank_first_where(
+        &self,
+        location: &Location,
+        key: &str,
+        backends: &[BackendView],
+        limit: usize,
+        available: impl Fn(usize) -> bool,
+    ) -> Vec<usize> {
         let mut ranked = Vec::new();
         let mut in_region: Vec<(f64, usize)> = Vec::new();
         for region in self.region_order(location) {
@@ -165,7 +179,7 @@ impl Policy {
                 backends
                     .iter()
                     .enumerate()
-                    .filter(|(_, b)| b.available && b.region == region)
+                    .filter(|&(i, b)| b.region == region && available(i))
                     .map(|(i, b)| (rendezvous_score(key, b), i)),
             );
             in_region.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
