@@ -14,7 +14,7 @@ cd "$(dirname "$0")"
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(proxy_protocol upgrade_request forwarded_for session_key config)
+[ ${#targets[@]} -gt 0 ] || targets=(proxy_protocol upgrade_request forwarded_for session_key config frame_reader)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked || exit 1
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build || exit 1

@@ -501,9 +501,13 @@ impl FrameReader {
             };
             self.cursor = frame_start + header.frame_len();
             let Some(unit) = unit else { continue };
-            // A control frame between fragments rides with the message.
-            if self.partial.is_some() && !matches!(unit, Unit::Close { .. }) {
-                continue;
+            if self.partial.is_some() {
+                // A control frame between fragments rides with the message;
+                // a close abandons it (its fragments go with the close).
+                if !matches!(unit, Unit::Close { .. }) {
+                    continue;
+                }
+                self.partial = None;
             }
             let len = self.cursor - self.unit_start;
             self.unit_start = self.cursor;
@@ -646,6 +650,25 @@ mod tests {
         // A backend must not mask.
         let masked = client_frame(true, OP_TEXT, b"x");
         let mut r = FrameReader::backend(1024, masked);
+        assert_eq!(r.next_unit(), Err(Violation::Protocol));
+    }
+
+    #[test]
+    fn a_close_inside_a_fragmented_message_abandons_it() {
+        let mut bytes = client_frame(false, OP_TEXT, b"ab");
+        bytes.extend(client_frame(true, OP_CLOSE, &[]));
+        let close_len = bytes.len();
+        bytes.extend(client_frame(true, OP_CONTINUATION, b"cd"));
+        let mut r = reader(&bytes);
+        assert_eq!(
+            r.next_unit(),
+            Ok(Some(Unit::Close {
+                len: close_len,
+                frame: None
+            }))
+        );
+        r.skip(close_len);
+        // Nothing left to continue.
         assert_eq!(r.next_unit(), Err(Violation::Protocol));
     }
 
