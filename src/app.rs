@@ -108,15 +108,7 @@ pub async fn run_with(
             shutting_down: AtomicBool::new(false),
         }),
     };
-    {
-        let current = config.load();
-        health::spawn_checks(
-            &backends.load().backends,
-            &current.health_check,
-            current.migration.max_rate_per_backend,
-            &stop_rx,
-        );
-    }
+    health::spawn_checks(&backends.load().backends, &config, &stop_rx);
     let admin_state = AdminState {
         operator: operator.clone(),
         metrics,
@@ -363,12 +355,6 @@ impl Operator {
                 }
                 None => {
                     let backend = BackendSet::new_backend(&new, i);
-                    health::spawn_check(
-                        Arc::clone(&backend),
-                        new.health_check.clone(),
-                        new.migration.max_rate_per_backend,
-                        self.shared.stop.clone(),
-                    );
                     summary.added.push(b.id.clone());
                     backends.push(backend);
                 }
@@ -387,6 +373,13 @@ impl Operator {
             .backends
             .store(BackendSet::with_backends(&new, backends));
         self.shared.config.store(Arc::new(new));
+        // Every checker starts again with the configuration just published
+        // (the ones they replace exit when they next wake up).
+        health::spawn_checks(
+            &self.shared.backends.load().backends,
+            &self.shared.config,
+            &self.shared.stop,
+        );
         for backend in removed {
             backend.set_removed();
             backend.evacuate(rate);

@@ -86,6 +86,9 @@ pub struct Backend {
     pub dials: Semaphore,
     /// The control cell of every session on this backend, by session id.
     registry: DashMap<u64, Arc<Control>>,
+    /// The generation of the health checker that should be running; a
+    /// reload starts a new one and the old one exits.
+    checker: AtomicU64,
     /// Set while an evacuation task runs, so triggers do not stack up.
     evacuating: AtomicBool,
     /// `wsrouter_sessions_active{backend,region}`, resolved once.
@@ -118,6 +121,7 @@ impl Backend {
             sessions: AtomicU32::new(0),
             dials: Semaphore::new(config.steering.max_concurrent_dials as usize),
             registry: DashMap::new(),
+            checker: AtomicU64::new(0),
             evacuating: AtomicBool::new(false),
             sessions_gauge: metrics::gauge!(m::SESSIONS_ACTIVE, &labels),
             up_gauge,
@@ -219,6 +223,17 @@ impl Backend {
     fn accepts_sessions_as_last_resort(&self) -> bool {
         matches!(self.state(), BackendState::Healthy | BackendState::Ejected)
             && self.sessions() < self.max_sessions()
+    }
+
+    /// Claim the checking of this backend for a new checker; returns its
+    /// generation.
+    pub fn new_checker(&self) -> u64 {
+        self.checker.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
+    /// Whether the checker of `generation` is still the one to run.
+    pub fn is_current_checker(&self, generation: u64) -> bool {
+        self.checker.load(Ordering::Acquire) == generation
     }
 
     pub fn record_check(&self, check: LastCheck) {

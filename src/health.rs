@@ -5,10 +5,13 @@
 //! [`spawn_checks`] runs one task per backend that probes, feeds the result
 //! in, and acts only when the state flips. A backend starts healthy, so a
 //! router is usable the moment it starts; the first probe runs immediately.
+//! A reload restarts every checker with the new `[health_check]` settings
+//! (the one it replaces exits at its next wake-up, without probing).
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::Request;
@@ -16,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 
 use crate::backend::{Backend, LastCheck};
-use crate::config::HealthCheckConfig;
+use crate::config::{Config, HealthCheckConfig};
 use crate::metrics as m;
 
 /// Counts consecutive results and decides when a backend flips.
@@ -64,30 +67,26 @@ impl Thresholds {
 /// Start one checker task per backend; see [`spawn_check`].
 pub fn spawn_checks(
     backends: &[Arc<Backend>],
-    config: &HealthCheckConfig,
-    migration_rate: u32,
+    config: &Arc<ArcSwap<Config>>,
     stop: &watch::Receiver<bool>,
 ) {
     for backend in backends {
-        spawn_check(
-            Arc::clone(backend),
-            config.clone(),
-            migration_rate,
-            stop.clone(),
-        );
+        spawn_check(Arc::clone(backend), Arc::clone(config), stop.clone());
     }
 }
 
-/// Check one backend until the router stops or a reload removes the
-/// backend. When it goes down, its sessions are moved, `migration_rate` per
-/// second.
+/// Check one backend with the `[health_check]` settings current now, until
+/// the router stops, a reload removes the backend, or a reload starts its
+/// next checker. When it goes down, its sessions are moved at the
+/// `migration.max_rate_per_backend` current then.
 pub fn spawn_check(
     backend: Arc<Backend>,
-    config: HealthCheckConfig,
-    migration_rate: u32,
+    shared_config: Arc<ArcSwap<Config>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let generation = backend.new_checker();
     tokio::spawn(async move {
+        let config = shared_config.load().health_check.clone();
         let mut thresholds = Thresholds::new(
             backend.is_healthy(),
             config.consecutive_success,
@@ -100,10 +99,14 @@ pub fn spawn_check(
                 _ = interval.tick() => {}
                 _ = crate::app::stopped(&mut stop) => return,
             }
-            if backend.is_removed() {
+            if backend.is_removed() || !backend.is_current_checker(generation) {
                 return;
             }
             let result = probe(&backend, &config).await;
+            if !backend.is_current_checker(generation) {
+                // A reload replaced this checker while it probed.
+                return;
+            }
             let ok = result.is_ok();
             let label = match &result {
                 Ok(()) => "success",
@@ -128,7 +131,7 @@ pub fn spawn_check(
                     tracing::info!(backend = %backend.id, "backend is healthy again");
                 } else {
                     tracing::warn!(backend = %backend.id, reason = %result.unwrap_err(), "backend is unhealthy");
-                    backend.evacuate(migration_rate);
+                    backend.evacuate(shared_config.load().migration.max_rate_per_backend);
                 }
             }
         }

@@ -999,3 +999,32 @@ async fn what_the_old_backend_sends_during_a_planned_move_still_reaches_the_clie
     expect_moved(&mut client, &key, &a.id, &b.id).await;
     echo(&mut client, "now on b").await;
 }
+
+#[tokio::test]
+async fn a_reload_applies_new_health_check_settings_to_the_backends_it_keeps() {
+    let _trace = trace_init();
+    let a = TestBackend::start("hc-reload-eu-a").await;
+    let path = temp_file("reload-health.toml");
+    // Checks every 60 s: the first one runs at start, the next far later.
+    let router = router().backend(&a, "eu").start_from_file(&path).await;
+    let a_ref = &a;
+    eventually("the first check ran", WAIT, async || {
+        a_ref.health_checks() >= 1
+    })
+    .await;
+    a.set_health(503);
+
+    support::router()
+        .backend(&a, "eu")
+        .fast_health_checks()
+        .write_to(&path);
+    let (status, body) = router.admin_post("/api/reload", None).await;
+    assert_eq!(status, 200, "reload: {body}");
+    // The kept backend is checked every 500 ms now, and found down.
+    let r = &router;
+    eventually("hc-reload-eu-a is unhealthy", WAIT, async || {
+        r.backend_state(&a_ref.id).await == "unhealthy"
+    })
+    .await;
+    let _ = std::fs::remove_file(&path);
+}
