@@ -770,7 +770,10 @@ impl Session {
                 Err(ReadEnd::Violation(violation)) => {
                     let code = violation.close_code();
                     self.client
-                        .finish_close(Some(&close(code, "protocol error")), close_timeout)
+                        .finish_close(
+                            Some(&close(code, relay::violation_reason(code))),
+                            close_timeout,
+                        )
                         .await;
                     RelayEnd::ClientViolation(code).reason()
                 }

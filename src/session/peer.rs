@@ -3,8 +3,8 @@
 //!
 //! Reads go to a stack buffer first and only what arrived is copied to the
 //! heap, so a quiet peer holds no read buffer; once a frame's header says a
-//! large payload is coming, the rest is read straight into a buffer of that
-//! size. Writes are whole units (or the router's own frames), queued as
+//! large payload is coming, the rest is read straight into the heap buffer,
+//! which grows (64 KiB at a time) as the bytes arrive. Writes are whole units (or the router's own frames), queued as
 //! reference-counted bytes and written without copying.
 
 use std::future::poll_fn;
@@ -25,6 +25,11 @@ const READ_CHUNK: usize = 16 * 1024;
 /// A frame still missing at least this much is read straight into a heap
 /// buffer reserved for it, not through the stack buffer.
 const DIRECT_READ_MIN: usize = 4 * 1024;
+
+/// Most bytes reserved ahead of one read. A header only *claims* a length;
+/// memory grows with the bytes that actually arrive, so a peer cannot make
+/// the router reserve `max_message_bytes` with a 14-byte header.
+const DIRECT_READ_MAX: usize = 64 * 1024;
 
 /// Which end of the session a peer is; it decides masking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,7 +133,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
         let wanted = self.reader.wanted();
         if wanted >= DIRECT_READ_MIN {
             let buf = self.reader.buffer_mut();
-            buf.reserve(wanted);
+            if buf.capacity() - buf.len() < DIRECT_READ_MIN {
+                buf.reserve(wanted.min(DIRECT_READ_MAX));
+            }
             // read_buf is cancel-safe: a pending read leaves nothing behind.
             let read = self.io.read_buf(buf);
             return std::pin::pin!(read).poll(cx);
@@ -198,5 +205,33 @@ pub fn close(code: u16, reason: &str) -> CloseFrame {
     CloseFrame {
         code,
         reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_claimed_length_reserves_memory_only_as_bytes_arrive() {
+        let (mut far, near) = tokio::io::duplex(1 << 20);
+        let mut peer = Peer::client(near, 1 << 20, Vec::new());
+        // A masked binary frame header claiming 1 MiB, then a trickle.
+        let mut header = vec![0x82, 0x80 | 127];
+        header.extend((1u64 << 20).to_be_bytes());
+        header.extend([1, 2, 3, 4]);
+        far.write_all(&header).await.unwrap();
+        poll_fn(|cx| peer.poll_read_more(cx)).await.unwrap();
+        for _ in 0..3 {
+            far.write_all(&[0u8; 100]).await.unwrap();
+            poll_fn(|cx| peer.poll_read_more(cx)).await.unwrap();
+        }
+        let capacity = peer.reader.buffer_mut().capacity();
+        assert!(
+            capacity <= 2 * DIRECT_READ_MAX,
+            "{capacity} bytes reserved for 314 received"
+        );
+        assert_eq!(peer.reader.buffered(), header.len() + 300);
     }
 }

@@ -244,6 +244,16 @@ impl Pump<'_> {
     }
 }
 
+/// The reason sent with the close code for a client's violation.
+pub fn violation_reason(code: u16) -> &'static str {
+    match code {
+        1009 => "message too big",
+        1007 => "invalid UTF-8",
+        1008 => "message rate limit",
+        _ => "protocol error",
+    }
+}
+
 /// The session-owned state a relay works with.
 pub struct RelayContext<'a> {
     pub config: &'a RelayConfig,
@@ -382,14 +392,8 @@ where
             RelayEnd::ClientLost
         }
         Stopped::Up(PumpEnd::SourceViolation(code)) => {
-            let reason = match code {
-                1009 => "message too big",
-                1007 => "invalid UTF-8",
-                1008 => "message rate limit",
-                _ => "protocol error",
-            };
             client
-                .finish_close(Some(&close(code, reason)), timeout)
+                .finish_close(Some(&close(code, violation_reason(code))), timeout)
                 .await;
             upstream.finish_close(Some(&going_away), timeout).await;
             RelayEnd::ClientViolation(code)
