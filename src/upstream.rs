@@ -386,3 +386,99 @@ fn check_upgrade(
     }
     Ok(Some(chosen.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn request(protocols: Option<&str>) -> UpgradeRequest {
+        UpgradeRequest {
+            target: "/chat".into(),
+            headers: protocols
+                .map(|p| vec![("sec-websocket-protocol".to_string(), p.as_bytes().to_vec())])
+                .unwrap_or_default(),
+            leftover: Vec::new(),
+        }
+    }
+
+    fn answer(extra: &[(&str, &str)]) -> Response {
+        let mut headers = vec![
+            ("upgrade".to_string(), b"websocket".to_vec()),
+            ("connection".to_string(), b"Upgrade".to_vec()),
+            (
+                "sec-websocket-accept".to_string(),
+                derive_accept_key(KEY.as_bytes()).into_bytes(),
+            ),
+        ];
+        for (name, value) in extra {
+            headers.retain(|(n, _)| n != name);
+            headers.push((name.to_string(), value.as_bytes().to_vec()));
+        }
+        Response {
+            status: 101,
+            reason: "Switching Protocols".into(),
+            headers,
+            body: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_good_101_passes_with_the_subprotocol_the_client_offered() {
+        assert_eq!(
+            check_upgrade(&answer(&[]), KEY, &request(None)).unwrap(),
+            None
+        );
+        let chosen = answer(&[("sec-websocket-protocol", "chat.v2")]);
+        assert_eq!(
+            check_upgrade(&chosen, KEY, &request(Some("chat.v1, chat.v2"))).unwrap(),
+            Some("chat.v2".to_string())
+        );
+    }
+
+    #[test]
+    fn a_101_that_breaks_the_handshake_rules_is_refused() {
+        let cases = [
+            (answer(&[("upgrade", "h2c")]), request(None)),
+            (answer(&[("connection", "keep-alive")]), request(None)),
+            (answer(&[("sec-websocket-accept", "AAAA")]), request(None)),
+            (
+                answer(&[("sec-websocket-extensions", "permessage-deflate")]),
+                request(None),
+            ),
+            (
+                answer(&[("sec-websocket-protocol", "other")]),
+                request(Some("chat.v1")),
+            ),
+            (
+                answer(&[("sec-websocket-protocol", "chat.v1")]),
+                request(None),
+            ),
+        ];
+        for (response, request) in cases {
+            assert!(
+                matches!(
+                    check_upgrade(&response, KEY, &request),
+                    Err(DialError::BadHandshake(_))
+                ),
+                "{response:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_request_forwards_only_plain_values_of_listed_headers() {
+        let mut request = request(None);
+        request.headers = vec![
+            ("origin".into(), b"https://example.com".to_vec()),
+            ("x-evil".into(), b"1".to_vec()),
+            ("cookie".into(), b"a=1\r\nX-Injected: 1".to_vec()),
+        ];
+        keep_forwarded_headers(&mut request);
+        assert_eq!(request.headers.len(), 2);
+        assert!(request.headers.iter().all(|(n, _)| n != "x-evil"));
+        assert!(!is_plain_value(b"a=1\r\nX-Injected: 1"));
+        assert!(is_plain_value(b"a=1; b=\t2"));
+    }
+}
