@@ -17,8 +17,9 @@
 //! | [`backend`] | backends at run time: state, session slots, the set snapshot |
 //! | [`health`] | active health checks and their thresholds |
 //! | [`limits`] | per-IP rate and concurrency, global cap, Origin allow-list, message rates, under-attack mode |
-//! | [`upstream`] | dialing a backend WebSocket with the forwarded headers |
-//! | [`session`] | one connection from accept to close; [`session::relay`] moves messages, [`session::migrate`] holds the replay window and queue |
+//! | [`upstream`] | dialing a backend WebSocket: the forwarded headers, the HTTP/1.1 upgrade, per-backend dial permits |
+//! | [`frame`] | WebSocket frames at the byte level: whole messages found from headers, the protocol checks, the router's own frames |
+//! | [`session`] | one connection from accept to close; [`session::peer`] is one side's socket, reader and write queue, [`session::relay`] forwards frames both ways, [`session::migrate`] holds the replay window, the queue and the control cell |
 //! | [`admin`] | the admin listener: metrics, health, readiness, backends API |
 //! | [`metrics`] | metric names, descriptions and the Prometheus recorder |
 
