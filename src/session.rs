@@ -3,7 +3,7 @@
 //! answer), the 101, the relay, and moving the session to another backend
 //! when its backend fails, drains or is removed.
 //!
-//! Each connection is one task that owns its state ([`Session`]). It talks
+//! Each connection is one task that owns its state (`Session`). It talks
 //! to the rest of the router through the shared [`Router`] handle and its
 //! own control cell, registered with whichever backend it is on. Its
 //! [`SessionSlot`] keeps the backend's session count exact whichever way the

@@ -59,7 +59,7 @@ pub struct ClientInfo {
 }
 
 /// A backend's HTTP answer: its status line and headers (names in lower
-/// case), and for a refusal its body (at most [`MAX_REFUSAL_BODY`] bytes).
+/// case), and for a refusal its body (at most `MAX_REFUSAL_BODY` bytes).
 #[derive(Debug, Clone)]
 pub struct Response {
     pub status: u16,
