@@ -5,16 +5,8 @@
 mod support;
 
 use support::{
-    COUNTRY_DB, JAPAN, LONDON, MILTON_US, NOT_IN_DB, TestBackend, close, router, trace_init,
+    COUNTRY_DB, JAPAN, LONDON, MILTON_US, NOT_IN_DB, close, router, three_regions, trace_init,
 };
-
-async fn three_regions() -> (TestBackend, TestBackend, TestBackend) {
-    (
-        TestBackend::start("eu-1").await,
-        TestBackend::start("us-1").await,
-        TestBackend::start("ap-1").await,
-    )
-}
 
 #[tokio::test]
 async fn a_country_database_places_clients_by_continent() {

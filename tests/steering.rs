@@ -5,17 +5,9 @@ mod support;
 
 use std::collections::HashMap;
 
-use support::{JAPAN, LONDON, MILTON_US, NOT_IN_DB, TestBackend, close, key, router, trace_init};
-
-/// One backend per region; the default region is `us`, so a client the
-/// database cannot place is told apart from a European one.
-async fn three_regions() -> (TestBackend, TestBackend, TestBackend) {
-    (
-        TestBackend::start("eu-1").await,
-        TestBackend::start("us-1").await,
-        TestBackend::start("ap-1").await,
-    )
-}
+use support::{
+    JAPAN, LONDON, MILTON_US, NOT_IN_DB, TestBackend, close, key, router, three_regions, trace_init,
+};
 
 #[tokio::test]
 async fn clients_land_in_the_closest_region_and_the_backend_is_told_who_they_are() {

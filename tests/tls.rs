@@ -21,7 +21,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, RootCertStore, SupportedProtocolVersion};
 use support::{
-    RouterBuilder, TestBackend, Welcome, manifest_dir, router, temp_file, trace_init, within,
+    RouterBuilder, RouterHandle, TestBackend, Welcome, manifest_dir, router, temp_file, trace_init,
+    within,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -207,17 +208,24 @@ fn tls_router(backend: &TestBackend, section: &str) -> RouterBuilder {
     router().backend(backend, "eu").extra(section)
 }
 
-// === sessions ===
-
-#[tokio::test]
-async fn a_wss_client_chats_through_the_router_and_the_backend_sees_https() {
-    let _trace = trace_init();
+/// A TLS router with one certificate, for `chat.test`, in front of one
+/// backend; the PKI comes back so that clients can trust it.
+async fn chat_test_router() -> (Pki, TestBackend, RouterHandle) {
     let pki = Pki::new();
     let leaf = pki.leaf(&["chat.test"]);
     let backend = TestBackend::start("eu-1").await;
     let router = tls_router(&backend, &tls_section(&[(&leaf, &["chat.test"])]))
         .start()
         .await;
+    (pki, backend, router)
+}
+
+// === sessions ===
+
+#[tokio::test]
+async fn a_wss_client_chats_through_the_router_and_the_backend_sees_https() {
+    let _trace = trace_init();
+    let (pki, _backend, router) = chat_test_router().await;
 
     let stream = tls_connect(router.public, "chat.test", pki.roots(), BOTH)
         .await
@@ -241,12 +249,7 @@ async fn tls_1_2_only_and_tls_1_3_only_clients_both_connect() {
     // rustls implements nothing below TLS 1.2, so no rustls client can
     // offer 1.1; the refusal of 1.1 is tested with a hand-made ClientHello.
     let _trace = trace_init();
-    let pki = Pki::new();
-    let leaf = pki.leaf(&["chat.test"]);
-    let backend = TestBackend::start("eu-1").await;
-    let router = tls_router(&backend, &tls_section(&[(&leaf, &["chat.test"])]))
-        .start()
-        .await;
+    let (pki, _backend, router) = chat_test_router().await;
     for (version, expected) in [
         (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
         (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
@@ -266,12 +269,7 @@ async fn tls_1_2_only_and_tls_1_3_only_clients_both_connect() {
 #[tokio::test]
 async fn a_plaintext_request_to_the_tls_port_is_refused_and_counted() {
     let _trace = trace_init();
-    let pki = Pki::new();
-    let leaf = pki.leaf(&["chat.test"]);
-    let backend = TestBackend::start("eu-1").await;
-    let router = tls_router(&backend, &tls_section(&[(&leaf, &["chat.test"])]))
-        .start()
-        .await;
+    let (_pki, backend, router) = chat_test_router().await;
     let before = rejected(router.admin, "tls_handshake").await;
     let request = "GET /chat?session=plain HTTP/1.1\r\nHost: chat.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
     let answer = support::raw_exchange(router.public, request.as_bytes()).await;
@@ -324,12 +322,7 @@ fn tls_1_1_client_hello(with_1_2_extensions: bool) -> Vec<u8> {
 #[tokio::test]
 async fn a_tls_1_1_client_is_refused_with_a_protocol_version_alert() {
     let _trace = trace_init();
-    let pki = Pki::new();
-    let leaf = pki.leaf(&["chat.test"]);
-    let backend = TestBackend::start("eu-1").await;
-    let router = tls_router(&backend, &tls_section(&[(&leaf, &["chat.test"])]))
-        .start()
-        .await;
+    let (_pki, backend, router) = chat_test_router().await;
     let before = rejected(router.admin, "tls_handshake").await;
     // An alert record: type 21, then version (2), length (2), level 2
     // (fatal), and the description: 40 handshake_failure for the hello

@@ -563,6 +563,15 @@ pub struct RouterBuilder {
     pub max_concurrent_dials: Option<u32>,
 }
 
+/// One echo backend per region of [`router`]: `eu-1`, `us-1`, `ap-1`.
+pub async fn three_regions() -> (TestBackend, TestBackend, TestBackend) {
+    (
+        TestBackend::start("eu-1").await,
+        TestBackend::start("us-1").await,
+        TestBackend::start("ap-1").await,
+    )
+}
+
 /// A router configuration with the defaults described at [`RouterBuilder`].
 pub fn router() -> RouterBuilder {
     RouterBuilder {
