@@ -481,25 +481,31 @@ async fn raw_session(router: SocketAddr) -> TcpStream {
     stream
 }
 
+/// Read one (unmasked) frame: its first byte (FIN and opcode) and payload.
+async fn read_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut header = [0u8; 2];
+    stream.read_exact(&mut header).await.ok()?;
+    let mut len = u64::from(header[1] & 0x7f);
+    if len == 126 {
+        let mut ext = [0u8; 2];
+        stream.read_exact(&mut ext).await.ok()?;
+        len = u64::from(u16::from_be_bytes(ext));
+    } else if len == 127 {
+        let mut ext = [0u8; 8];
+        stream.read_exact(&mut ext).await.ok()?;
+        len = u64::from_be_bytes(ext);
+    }
+    let mut payload = vec![0u8; len as usize];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some((header[0], payload))
+}
+
 /// Read frames until a close frame; return its code.
 async fn read_close_code(stream: &mut TcpStream) -> Option<u16> {
     within("a close frame", async {
         loop {
-            let mut header = [0u8; 2];
-            stream.read_exact(&mut header).await.ok()?;
-            let mut len = u64::from(header[1] & 0x7f);
-            if len == 126 {
-                let mut ext = [0u8; 2];
-                stream.read_exact(&mut ext).await.ok()?;
-                len = u64::from(u16::from_be_bytes(ext));
-            } else if len == 127 {
-                let mut ext = [0u8; 8];
-                stream.read_exact(&mut ext).await.ok()?;
-                len = u64::from_be_bytes(ext);
-            }
-            let mut payload = vec![0u8; len as usize];
-            stream.read_exact(&mut payload).await.ok()?;
-            if header[0] & 0x0f == 0x8 {
+            let (first, payload) = read_frame(stream).await?;
+            if first & 0x0f == 0x8 {
                 return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
             }
         }
@@ -818,4 +824,47 @@ async fn keepalive_holds_a_quiet_session_and_the_idle_timeout_cuts_a_silent_one(
         metric(router.admin, series).await >= 1.0
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_fragmented_message_with_a_ping_inside_reaches_the_backend_whole() {
+    let _trace = trace_init();
+    let backend = TestBackend::start("edge-fragments").await;
+    let router = router().backend(&backend, "eu").start().await;
+    let mut raw = raw_session(router.public).await;
+    // A text message in three fragments, the é cut between the first two,
+    // and a ping between them; written 3 bytes at a time.
+    let text = "héllo wörld";
+    let (first, rest) = text.as_bytes().split_at(2);
+    let (second, third) = rest.split_at(5);
+    let mut bytes = frame(0x01, first, true);
+    bytes.extend(frame(0x89, b"mid-message", true));
+    bytes.extend(frame(0x00, second, true));
+    bytes.extend(frame(0x80, third, true));
+    for piece in bytes.chunks(3) {
+        raw.write_all(piece).await.unwrap();
+        raw.flush().await.unwrap();
+    }
+    // The backend got one whole message, and answered the ping; the echo
+    // comes back as one text frame.
+    let (mut echoed, mut ponged) = (false, false);
+    within("the echo and the pong", async {
+        while !(echoed && ponged) {
+            let (first, payload) = read_frame(&mut raw).await.expect("a frame");
+            match first {
+                0x81 if payload == text.as_bytes() => echoed = true,
+                0x8A => {
+                    assert_eq!(payload, b"mid-message");
+                    ponged = true;
+                }
+                0x81 => {} // the welcome
+                other => panic!("unexpected frame {other:#x}: {payload:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        backend.received(),
+        vec![("raw".to_string(), text.to_string())]
+    );
 }
