@@ -73,6 +73,8 @@ done
 
 die() { echo "compare.sh: $*" >&2; exit 1; }
 log() { echo "[compare] $*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$BENCH/lib.sh"
 
 [[ "$runs" =~ ^[1-9][0-9]?$ ]] || die "--runs must be between 1 and 99"
 [[ "$loadgen_threads" =~ ^[1-9]$ ]] || die "--loadgen-threads must be between 1 and 9"
@@ -114,19 +116,8 @@ for t in "${target_list[@]}"; do
 done
 
 # One router holds ~9,900 sessions under a hard limit of 20,000 open files.
-ulimit -n "$(ulimit -Hn)" || true
-log "open files limit: $(ulimit -n)"
-
-if [ "$build" = 1 ]; then
-    log "building release binaries (wsrouter, loadgen, echo_backend), niced"
-    (cd "$ROOT" && nice -n 10 cargo build --release --bin wsrouter --example loadgen --example echo_backend)
-fi
-WSROUTER=${wsrouter_bin:-"$ROOT/target/release/wsrouter"}
-LOADGEN="$ROOT/target/release/examples/loadgen"
-ECHO="$ROOT/target/release/examples/echo_backend"
-for b in "$WSROUTER" "$LOADGEN" "$ECHO"; do
-    [ -x "$b" ] || die "$b is missing (run without --no-build)"
-done
+raise_fd_limit
+release_binaries "$build" "$wsrouter_bin"
 
 # --- output ----------------------------------------------------------------
 
@@ -215,22 +206,6 @@ rss_kib() {
     echo "$total"
 }
 
-port_free() {
-    ! (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null
-}
-
-stop_pid() {
-    local pid=$1 _
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
 cleanup() {
     stop_pid "$proxy_pid"
     proxy_pid=""
@@ -239,19 +214,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# One WebSocket connect/upgrade/close through the target, retried until it works.
-probe() {
-    local url=$1 _
-    for _ in $(seq 100); do
-        if "$LOADGEN" churn --url "$url" --cycles 1 --concurrency 1 --connect-timeout 1s \
-            --time-limit 3s >/dev/null 2>&1; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    return 1
-}
 
 start_target() {
     local target=$1 tag=$2
@@ -280,7 +242,7 @@ start_target() {
     esac
     local url
     url=$(target_url "$target")
-    probe "$url" || die "$target does not relay WebSocket upgrades (see $out/logs/$tag-*.log)"
+    probe_url "$url" || die "$target does not relay WebSocket upgrades (see $out/logs/$tag-*.log)"
     if [ "$target" = wsrouter ]; then
         curl -fsS -o /dev/null "http://$ADMIN_ADDR/readyz" || die "wsrouter is not ready"
     fi

@@ -83,6 +83,8 @@ done
 
 die() { echo "failover.sh: $*" >&2; exit 1; }
 log() { echo "[failover] $*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$BENCH/lib.sh"
 
 if ! [[ "$sessions" =~ ^[1-9][0-9]{0,3}$ ]] || [ "$sessions" -gt 9000 ]; then
     die "--sessions must be between 1 and 9000 (one router holds ~9,900 sessions under 20,000 open files)"
@@ -95,20 +97,8 @@ for tool in jq curl; do
     command -v "$tool" >/dev/null || die "$tool is needed"
 done
 
-# The router holds two sockets per session (three while one re-dials).
-ulimit -n "$(ulimit -Hn)" || true
-log "open files limit: $(ulimit -n)"
-
-if [ "$build" = 1 ]; then
-    log "building release binaries (wsrouter, loadgen, echo_backend), niced"
-    (cd "$ROOT" && nice -n 10 cargo build --release --bin wsrouter --example loadgen --example echo_backend)
-fi
-WSROUTER=${wsrouter:-"$ROOT/target/release/wsrouter"}
-LOADGEN="$ROOT/target/release/examples/loadgen"
-ECHO="$ROOT/target/release/examples/echo_backend"
-for b in "$WSROUTER" "$LOADGEN" "$ECHO"; do
-    [ -x "$b" ] || die "$b is missing (run without --no-build)"
-done
+raise_fd_limit
+release_binaries "$build" "$wsrouter"
 
 stamp=$(date +%Y%m%d-%H%M%S)
 [ -n "$out" ] || out="$BENCH/results/failover-$stamp"
@@ -134,22 +124,6 @@ a_pid=""
 b_pid=""
 proxy_pid=""
 
-port_free() {
-    ! (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null
-}
-
-stop_pid() {
-    local pid=$1 _
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    for _ in $(seq 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-
 cleanup() {
     stop_pid "$proxy_pid"
     proxy_pid=""
@@ -160,19 +134,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# One WebSocket connect/upgrade/close through the router, retried until it works.
-probe() {
-    local _
-    for _ in $(seq 100); do
-        if "$LOADGEN" churn --url "ws://$PROXY_ADDR/chat" --cycles 1 --concurrency 1 \
-            --connect-timeout 1s --time-limit 3s >/dev/null 2>&1; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    return 1
-}
 
 # The router's migration figures from its Prometheus metrics, as JSON.
 router_metrics() {
@@ -196,7 +157,7 @@ run_one() {
     (cd "$(dirname "$config")" && RUST_LOG=$log_level exec "$WSROUTER" --config "$config") \
         2>"$out/logs/$tag-router.log" &
     proxy_pid=$!
-    probe || die "the router does not relay WebSocket upgrades (see $out/logs/$tag-*.log)"
+    probe_url "ws://$PROXY_ADDR/chat" || die "the router does not relay WebSocket upgrades (see $out/logs/$tag-*.log)"
     curl -fsS -o /dev/null "http://$ADMIN_ADDR/readyz" || die "wsrouter is not ready"
     sleep 0.3
     log "run $run: $sessions sessions at $rate msg/s, backend A (pid $a_pid) killed after $kill_after"

@@ -1,0 +1,57 @@
+# shellcheck shell=bash
+# Shared by bench/compare.sh and bench/failover.sh: sourced, not run. The
+# sourcing script defines log and die first, and sets ROOT.
+
+# Raise the open-files limit to the hard limit (a router holds two sockets
+# per session, three while one re-dials).
+raise_fd_limit() {
+    ulimit -n "$(ulimit -Hn)" || true
+    log "open files limit: $(ulimit -n)"
+}
+
+# Build the release binaries when $1 is 1, then set WSROUTER (or $2, a
+# router binary given on the command line), LOADGEN and ECHO.
+release_binaries() {
+    local build=$1 router_bin=$2 b
+    if [ "$build" = 1 ]; then
+        log "building release binaries (wsrouter, loadgen, echo_backend), niced"
+        (cd "$ROOT" && nice -n 10 cargo build --release --bin wsrouter --example loadgen --example echo_backend)
+    fi
+    WSROUTER=${router_bin:-"$ROOT/target/release/wsrouter"}
+    LOADGEN="$ROOT/target/release/examples/loadgen"
+    ECHO="$ROOT/target/release/examples/echo_backend"
+    for b in "$WSROUTER" "$LOADGEN" "$ECHO"; do
+        [ -x "$b" ] || die "$b is missing (run without --no-build)"
+    done
+}
+
+# True when nothing listens on HOST:PORT.
+port_free() {
+    ! (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null
+}
+
+# SIGTERM, up to 5 s to go, then SIGKILL; reaps the process.
+stop_pid() {
+    local pid=$1 _
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    for _ in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+
+# One WebSocket connect/upgrade/close to URL, retried for up to ~10 s.
+probe_url() {
+    local url=$1 _
+    for _ in $(seq 100); do
+        if "$LOADGEN" churn --url "$url" --cycles 1 --concurrency 1 --connect-timeout 1s \
+            --time-limit 3s >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.1
+    done
+    return 1
+}
