@@ -1,6 +1,6 @@
 //! Wiring: bind the listeners, start health checks and the admin server,
-//! run the accept loop, apply reloads and operator actions, and own the
-//! shutdown sequence.
+//! start the session threads (each accepting on its own listener), apply
+//! reloads and operator actions, and own the shutdown sequence.
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind
 //! port 0 and stop the router when they like, and `main` passes the
@@ -43,14 +43,12 @@ pub struct Listeners {
 impl Listeners {
     /// Bind the addresses the configuration names.
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
-        let public = TcpListener::bind(config.listener.public)
-            .await
-            .map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("bind listener.public {}: {e}", config.listener.public),
-                )
-            })?;
+        let public = public_listener(config.listener.public).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("bind listener.public {}: {e}", config.listener.public),
+            )
+        })?;
         let admin = TcpListener::bind(config.admin.listen).await.map_err(|e| {
             io::Error::new(
                 e.kind(),
@@ -59,6 +57,22 @@ impl Listeners {
         })?;
         Ok(Listeners { public, admin })
     }
+}
+
+/// Bind the public address so that every session thread can bind it too
+/// (`SO_REUSEPORT`; the kernel spreads new connections over their
+/// listeners). Give [`run`] a listener made here: with any other, the
+/// session threads share one socket and all wake for every connection.
+pub fn public_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 /// Optional run-time behaviour.
@@ -135,10 +149,27 @@ pub async fn run_with(
         limits,
         tls,
     };
-    accept_loop(&listeners.public, &router, shutdown).await;
+    // Sessions run on threads of their own (see `start_session_workers`);
+    // this runtime keeps the admin API, health checks, reloads and signals.
+    // Dropping the senders (this future cancelled) stops the workers too.
+    let (accepting_tx, accepting_rx) = watch::channel(true);
+    let (finished_tx, finished_rx) = watch::channel(false);
+    let threads = match config.load().session_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let workers = start_session_workers(
+        listeners.public,
+        threads,
+        &router,
+        &accepting_rx,
+        &finished_rx,
+    )?;
+    tracing::info!(threads, "session threads started");
+    shutdown.await;
 
     // Stop accepting; sessions keep relaying for the grace period.
-    drop(listeners.public);
+    let _ = accepting_tx.send(false);
     drop(router);
     operator.shared.shutting_down.store(true, Ordering::Relaxed);
     let current = config.load_full();
@@ -155,8 +186,74 @@ pub async fn run_with(
         }
     }
     let _ = stop_tx.send(true);
+    let _ = finished_tx.send(true);
+    for worker in workers {
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    }
     tracing::info!("wsrouter stopped");
     Ok(())
+}
+
+/// Start `count` session threads, each a single-threaded runtime with its
+/// own listener on the public address (the first gets `public`, the others
+/// bind the address again: see [`public_listener`]), accepting until
+/// `accepting` turns false and running its sessions until `finished`.
+///
+/// This is HAProxy's `nbthread` and NGINX's `worker_processes` with
+/// `reuseport`: each thread sleeps in its own `epoll_wait` and runs its own
+/// sessions, where a work-stealing runtime wakes idle workers to look for
+/// work on every message (BENCHMARKS.md, "Thread per core").
+fn start_session_workers(
+    public: TcpListener,
+    count: usize,
+    router: &Router,
+    accepting: &watch::Receiver<bool>,
+    finished: &watch::Receiver<bool>,
+) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
+    let addr = public.local_addr()?;
+    let public = public.into_std()?;
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 1..count {
+        let own = match public_listener(addr) {
+            Ok(listener) => listener.into_std()?,
+            Err(e) => {
+                // Not bound with SO_REUSEPORT: share the one socket.
+                tracing::info!(error = %e, "session threads share the public listener");
+                public.try_clone()?
+            }
+        };
+        listeners.push(own);
+    }
+    listeners.insert(0, public);
+    let mut workers = Vec::with_capacity(count);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let router = router.clone();
+        let mut accepting = accepting.clone();
+        let mut finished = finished.clone();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let worker = std::thread::Builder::new()
+            .name(format!("wsrouter-sessions-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let Ok(listener) = TcpListener::from_std(listener) else {
+                        return;
+                    };
+                    let stop_accepting = async move {
+                        let _ = accepting.wait_for(|a| !*a).await;
+                    };
+                    accept_loop(&listener, &router, stop_accepting).await;
+                    drop(listener);
+                    drop(router);
+                    // Sessions keep running on this thread until every one
+                    // has ended (or the router gave up waiting).
+                    let _ = finished.wait_for(|f| *f).await;
+                });
+            })?;
+        workers.push(worker);
+    }
+    Ok(workers)
 }
 
 /// Accept until `shutdown`; each connection gets its own task. Errors on one

@@ -138,6 +138,8 @@ struct FileConfig {
     passive_health: FilePassiveHealth,
     #[serde(default)]
     shutdown: FileShutdown,
+    #[serde(default)]
+    runtime: FileRuntime,
     tls: Option<crate::tls::FileTls>,
     upstream_tls: Option<crate::tls::FileUpstreamTls>,
     #[serde(default)]
@@ -269,6 +271,12 @@ struct FileShutdown {
     grace_period: Option<String>,
 }
 
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileRuntime {
+    session_threads: Option<usize>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileRegion {
@@ -307,6 +315,9 @@ pub struct Config {
     /// After SIGTERM, sessions keep relaying this long before they are
     /// closed with 1001.
     pub shutdown_grace: Duration,
+    /// Threads that run sessions, each with its own listener and event
+    /// loop (`[runtime] session_threads`); 0 means one per CPU core.
+    pub session_threads: usize,
     pub limits: LimitsConfig,
     /// `[tls]`: the public listener speaks TLS with these certificates;
     /// `None` leaves it plain.
@@ -1100,6 +1111,13 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
     if passive_health.max_failures == 0 {
         p.add("passive_health.max_failures", "must be at least 1");
     }
+    let session_threads = file.runtime.session_threads.unwrap_or(0);
+    if session_threads > 1024 {
+        p.add(
+            "runtime.session_threads",
+            format!("{session_threads} must be at most 1024 (0: one per CPU core)"),
+        );
+    }
     let shutdown_grace = match &file.shutdown.grace_period {
         Some(text) if text.trim() == "0s" || text.trim() == "0" => Duration::ZERO,
         other => p.duration(
@@ -1208,6 +1226,7 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         migration,
         passive_health,
         shutdown_grace,
+        session_threads,
         limits,
         tls,
         upstream_tls,

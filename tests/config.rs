@@ -266,3 +266,16 @@ fn check_config_lists_every_problem_of_a_bad_file_and_fails() {
         .expect("run wsrouter");
     assert!(!output.status.success());
 }
+
+#[test]
+fn session_threads_default_to_one_per_core_and_are_bounded() {
+    let config = valid().config().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.session_threads, 0, "0 means one per CPU core");
+    let set = valid()
+        .extra("[runtime]\nsession_threads = 4\n")
+        .config()
+        .unwrap();
+    assert_eq!(set.session_threads, 4);
+    let text = valid().extra("[runtime]\nsession_threads = 5000\n").toml();
+    assert!(problem_for(&text, "runtime.session_threads").contains("at most 1024"));
+}

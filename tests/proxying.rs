@@ -469,3 +469,28 @@ async fn dials_to_one_backend_wait_their_turn_past_max_concurrent_dials() {
     assert_eq!(most.load(Ordering::SeqCst), 2);
     server.abort();
 }
+
+#[tokio::test]
+async fn a_public_listener_bound_without_reuseport_is_shared_by_the_session_threads() {
+    let _trace = trace_init();
+    let backend = TestBackend::start("eu-shared-listener").await;
+    let mut builder = router()
+        .backend(&backend, "eu")
+        .extra("[runtime]\nsession_threads = 3\n");
+    builder.plain_public_listener = true;
+    let router = builder.start().await;
+    // Every connection is accepted by one of the threads, and works.
+    for i in 0..12 {
+        let (mut client, welcome) = router.connect(&key("shared", i), &[]).await;
+        assert_eq!(welcome.backend, backend.id);
+        client
+            .send(Message::text(format!("hello {i}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            recv_data(&mut client).await,
+            Message::text(format!("hello {i}"))
+        );
+        close(client).await;
+    }
+}

@@ -561,6 +561,9 @@ pub struct RouterBuilder {
     pub admin_token: Option<String>,
     /// `[steering] max_concurrent_dials`, when set.
     pub max_concurrent_dials: Option<u32>,
+    /// Bind the public listener plainly (no `SO_REUSEPORT`), as a caller of
+    /// the library might: the session threads then share it.
+    pub plain_public_listener: bool,
 }
 
 /// One echo backend per region of [`router`]: `eu-1`, `us-1`, `ap-1`.
@@ -595,6 +598,7 @@ pub fn router() -> RouterBuilder {
         extra: String::new(),
         admin_token: None,
         max_concurrent_dials: None,
+        plain_public_listener: false,
     }
 }
 
@@ -806,7 +810,14 @@ impl RouterBuilder {
             None => self.config(),
         }
         .unwrap_or_else(|e| panic!("test router config is invalid: {e}\n{}", self.toml()));
-        let public = TcpListener::bind("127.0.0.1:0").await.expect("bind public");
+        // As the binary binds it, so session threads get listeners of their
+        // own (unless the test asks for a plain one).
+        let public = if self.plain_public_listener {
+            TcpListener::bind("127.0.0.1:0").await.expect("bind public")
+        } else {
+            wsrouter::app::public_listener("127.0.0.1:0".parse().expect("address"))
+                .expect("bind public")
+        };
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let public_addr = public.local_addr().expect("public address");
         let admin_addr = admin.local_addr().expect("admin address");
