@@ -237,8 +237,12 @@ fn start_session_workers(
             .name(format!("wsrouter-sessions-{i}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    let Ok(listener) = TcpListener::from_std(listener) else {
-                        return;
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(error) => {
+                            tracing::error!(%error, thread = i, "session thread cannot watch its listener");
+                            return;
+                        }
                     };
                     let stop_accepting = async move {
                         let _ = accepting.wait_for(|a| !*a).await;
