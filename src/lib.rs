@@ -7,7 +7,7 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | [`app`] | listeners, background tasks, the accept loop, reload, drain and shutdown |
+//! | [`app`] | listeners, the session threads and their accept loops, background tasks, reload, drain and shutdown |
 //! | [`config`] | the TOML file, validation into [`config::Config`], errors naming fields |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers from trusted L4 balancers |
 //! | [`tls`] | TLS termination: `[tls]` certificates from PEM, SNI choice, the server config swapped on reload, [`tls::ClientStream`] |
