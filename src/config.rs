@@ -632,6 +632,13 @@ impl Problems {
         });
     }
 
+    /// Note a number outside `lo..=hi`.
+    fn between<T: PartialOrd + std::fmt::Display>(&mut self, field: &str, value: T, lo: T, hi: T) {
+        if value < lo || value > hi {
+            self.add(field, format!("{value} must be between {lo} and {hi}"));
+        }
+    }
+
     fn duration(&mut self, field: &str, value: Option<&String>, default: Duration) -> Duration {
         let Some(text) = value else { return default };
         match humantime::parse_duration(text) {
@@ -718,12 +725,12 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         .listener
         .max_request_header_bytes
         .unwrap_or(DEFAULT_MAX_REQUEST_HEADER_BYTES);
-    if !(1024..=1024 * 1024).contains(&max_request_header_bytes) {
-        p.add(
-            "listener.max_request_header_bytes",
-            format!("{max_request_header_bytes} must be between 1024 and 1048576"),
-        );
-    }
+    p.between(
+        "listener.max_request_header_bytes",
+        max_request_header_bytes,
+        1024,
+        1024 * 1024,
+    );
 
     let proxy_protocol_from = cidrs(
         &mut p,
@@ -980,22 +987,17 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         .steering
         .max_dial_attempts
         .unwrap_or(DEFAULT_MAX_DIAL_ATTEMPTS);
-    if !(1..=16).contains(&max_dial_attempts) {
-        p.add(
-            "steering.max_dial_attempts",
-            format!("{max_dial_attempts} must be between 1 and 16"),
-        );
-    }
+    p.between("steering.max_dial_attempts", max_dial_attempts, 1, 16);
     let max_concurrent_dials = file
         .steering
         .max_concurrent_dials
         .unwrap_or(DEFAULT_MAX_CONCURRENT_DIALS);
-    if !(1..=65_535).contains(&max_concurrent_dials) {
-        p.add(
-            "steering.max_concurrent_dials",
-            format!("{max_concurrent_dials} must be between 1 and 65535"),
-        );
-    }
+    p.between(
+        "steering.max_concurrent_dials",
+        max_concurrent_dials,
+        1,
+        65_535,
+    );
 
     // health checks
     let hc = &file.health_check;

@@ -542,7 +542,7 @@ async fn dial_candidates(
 
 /// The backend's refusal, re-issued to the client with its status, the
 /// headers in [`REFUSAL_HEADERS`] and its (bounded) body.
-fn refusal_response(response: &upstream::RefusedResponse) -> Vec<u8> {
+fn refusal_response(response: &upstream::Response) -> Vec<u8> {
     // The reason phrase is informative only; ours is always printable.
     let reason = if response.reason.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         response.reason.as_str()

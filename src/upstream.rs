@@ -89,9 +89,6 @@ impl Response {
     }
 }
 
-/// A backend's non-101 answer, with its body.
-pub type RefusedResponse = Response;
-
 /// A dial that did not produce a WebSocket.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
@@ -109,7 +106,7 @@ pub enum DialError {
     /// The backend answered the upgrade with an HTTP status. 4xx answers are
     /// the application's verdict and go back to the client.
     #[error("backend refused the upgrade with status {}", .0.status)]
-    Refused(Box<RefusedResponse>),
+    Refused(Box<Response>),
     /// The connection failed while the upgrade was exchanged.
     #[error("connection failed during the upgrade: {0}")]
     Io(io::Error),

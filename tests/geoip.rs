@@ -15,9 +15,7 @@ async fn a_country_database_places_clients_by_continent() {
     let router = router()
         .geoip(COUNTRY_DB)
         .trust("127.0.0.0/8")
-        .backend(&eu, "eu")
-        .backend(&us, "us")
-        .backend(&ap, "ap")
+        .one_per_region(&eu, &us, &ap)
         .start()
         .await;
     // The default region is eu, so landing elsewhere proves the fallback.
@@ -44,9 +42,7 @@ async fn a_country_mapping_overrides_distance() {
         .country("JP", &["us"])
         .country("gb", &["ap", "us"])
         .trust("127.0.0.0/8")
-        .backend(&eu, "eu")
-        .backend(&us, "us")
-        .backend(&ap, "ap")
+        .one_per_region(&eu, &us, &ap)
         .start()
         .await;
     // Tokyo is closest to Singapore, but the map says us.

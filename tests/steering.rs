@@ -16,9 +16,7 @@ async fn clients_land_in_the_closest_region_and_the_backend_is_told_who_they_are
     let router = router()
         .default_region("us")
         .trust("127.0.0.0/8")
-        .backend(&eu, "eu")
-        .backend(&us, "us")
-        .backend(&ap, "ap")
+        .one_per_region(&eu, &us, &ap)
         .start()
         .await;
 
@@ -86,9 +84,7 @@ async fn the_router_sets_its_own_headers_and_forwards_the_clients() {
     let (eu, us, ap) = three_regions().await;
     let router = router()
         .trust("127.0.0.0/8")
-        .backend(&eu, "eu")
-        .backend(&us, "us")
-        .backend(&ap, "ap")
+        .one_per_region(&eu, &us, &ap)
         .start()
         .await;
     let (client, welcome) = router
@@ -132,9 +128,7 @@ async fn forwarded_for_from_an_untrusted_peer_is_ignored() {
     // No trusted proxies: the loopback peer is the client.
     let router = router()
         .default_region("us")
-        .backend(&eu, "eu")
-        .backend(&us, "us")
-        .backend(&ap, "ap")
+        .one_per_region(&eu, &us, &ap)
         .start()
         .await;
     let (client, welcome) = router
@@ -310,9 +304,7 @@ async fn only_the_right_most_untrusted_forwarded_address_counts() {
         .default_region("us")
         .trust("127.0.0.0/8")
         .trust("10.0.0.0/8")
-        .backend(&eu, "eu")
-        .backend(&us, "us")
-        .backend(&ap, "ap")
+        .one_per_region(&eu, &us, &ap)
         .start()
         .await;
     // The client wrote a Japanese address; London is what our proxies saw,

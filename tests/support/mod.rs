@@ -623,6 +623,11 @@ impl RouterBuilder {
         self.backend_entry(&backend.id, &url, region, None, None)
     }
 
+    /// `eu`, `us` and `ap` each get one backend (see [`three_regions`]).
+    pub fn one_per_region(self, eu: &TestBackend, us: &TestBackend, ap: &TestBackend) -> Self {
+        self.backend(eu, "eu").backend(us, "us").backend(ap, "ap")
+    }
+
     pub fn weighted(self, backend: &TestBackend, region: &str, weight: u32) -> Self {
         let url = backend.url();
         self.backend_entry(&backend.id, &url, region, Some(weight), None)
