@@ -733,6 +733,72 @@ fn account_sent(run: &Run, flow: &Flow) {
         .fetch_add(run.args.size as u64, Ordering::Relaxed);
 }
 
+/// What a reader gets next from its connection.
+enum Received {
+    /// An echo of one of our messages: sequence number, send stamp, length.
+    Echo {
+        msg: Message,
+        seq: u64,
+        stamp: u64,
+        len: usize,
+    },
+    /// Anything else (a nudge from the writer, a ping, an unparsable message,
+    /// already counted): look at the writer's state again.
+    Other,
+    /// The drain time is over.
+    Deadline,
+    /// The connection failed or was closed (counted as closed early).
+    Ended,
+}
+
+/// Wait for the next message, a nudge from the writer, or `deadline`;
+/// count what ends the connection or cannot be parsed.
+async fn next_echo(
+    stats: &Stats,
+    stream: &mut SplitStream<Ws>,
+    flow: &Flow,
+    deadline: Instant,
+) -> Received {
+    let msg = tokio::select! {
+        msg = stream.next() => msg,
+        _ = flow.wake_reader.notified() => return Received::Other,
+        _ = tokio::time::sleep_until(deadline) => return Received::Deadline,
+    };
+    let msg = match msg {
+        Some(Ok(msg)) => msg,
+        Some(Err(e)) => {
+            stats.error(format!("receive: {}", error_kind(&e)));
+            stats.closed_early.fetch_add(1, Ordering::Relaxed);
+            return Received::Ended;
+        }
+        None => {
+            stats.error("receive: connection ended");
+            stats.closed_early.fetch_add(1, Ordering::Relaxed);
+            return Received::Ended;
+        }
+    };
+    if let Message::Close(frame) = &msg {
+        let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
+        stats.error(format!("closed by peer: {code}"));
+        stats.closed_early.fetch_add(1, Ordering::Relaxed);
+        return Received::Ended;
+    }
+    match parse_echo(&msg) {
+        Some((seq, stamp, len)) => Received::Echo {
+            msg,
+            seq,
+            stamp,
+            len,
+        },
+        None => {
+            if matches!(msg, Message::Text(_) | Message::Binary(_)) {
+                stats.error("bad echo: unparsable");
+            }
+            Received::Other
+        }
+    }
+}
+
 /// Read echoes until the writer is done and every echo is back, the drain
 /// time is over, or the connection ends. True while the connection is open.
 async fn read_echoes(run: &Run, stream: &mut SplitStream<Ws>, flow: &Flow, phases: Phases) -> bool {
@@ -745,35 +811,13 @@ async fn read_echoes(run: &Run, stream: &mut SplitStream<Ws>, flow: &Flow, phase
         {
             return true;
         }
-        let msg = tokio::select! {
-            msg = stream.next() => msg,
-            _ = flow.wake_reader.notified() => continue,
-            _ = tokio::time::sleep_until(drain_deadline) => return true,
-        };
-        let msg = match msg {
-            Some(Ok(msg)) => msg,
-            Some(Err(e)) => {
-                stats.error(format!("receive: {}", error_kind(&e)));
-                stats.closed_early.fetch_add(1, Ordering::Relaxed);
-                return false;
-            }
-            None => {
-                stats.error("receive: connection ended");
-                stats.closed_early.fetch_add(1, Ordering::Relaxed);
-                return false;
-            }
-        };
-        if let Message::Close(frame) = &msg {
-            let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
-            stats.error(format!("closed by peer: {code}"));
-            stats.closed_early.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        let Some((seq, stamp, len)) = parse_echo(&msg) else {
-            if matches!(msg, Message::Text(_) | Message::Binary(_)) {
-                stats.error("bad echo: unparsable");
-            }
-            continue;
+        let (seq, stamp, len) = match next_echo(stats, stream, flow, drain_deadline).await {
+            Received::Echo {
+                seq, stamp, len, ..
+            } => (seq, stamp, len),
+            Received::Other => continue,
+            Received::Deadline => return true,
+            Received::Ended => return false,
         };
         let now = Instant::now();
         if seq != expected_seq {
@@ -1379,38 +1423,19 @@ async fn read_failover(
         {
             return outcome;
         }
-        let msg = tokio::select! {
-            msg = stream.next() => msg,
-            _ = flow.wake_reader.notified() => continue,
-            _ = tokio::time::sleep_until(drain_deadline) => return outcome,
-        };
-        let msg = match msg {
-            Some(Ok(msg)) => msg,
-            Some(Err(e)) => {
-                stats.error(format!("receive: {}", error_kind(&e)));
-                stats.closed_early.fetch_add(1, Ordering::Relaxed);
+        let (msg, seq, stamp, len) = match next_echo(stats, stream, flow, drain_deadline).await {
+            Received::Echo {
+                msg,
+                seq,
+                stamp,
+                len,
+            } => (msg, seq, stamp, len),
+            Received::Other => continue,
+            Received::Deadline => return outcome,
+            Received::Ended => {
                 outcome.disconnected = true;
                 return outcome;
             }
-            None => {
-                stats.error("receive: connection ended");
-                stats.closed_early.fetch_add(1, Ordering::Relaxed);
-                outcome.disconnected = true;
-                return outcome;
-            }
-        };
-        if let Message::Close(frame) = &msg {
-            let code = frame.as_ref().map_or(1005, |f| u16::from(f.code));
-            stats.error(format!("closed by peer: {code}"));
-            stats.closed_early.fetch_add(1, Ordering::Relaxed);
-            outcome.disconnected = true;
-            return outcome;
-        }
-        let Some((seq, stamp, len)) = parse_echo(&msg) else {
-            if matches!(msg, Message::Text(_) | Message::Binary(_)) {
-                stats.error("bad echo: unparsable");
-            }
-            continue;
         };
         let now = nanos_since_epoch(Instant::now());
         // The writer counts a message before it can be echoed (same task).
