@@ -369,12 +369,22 @@ pub const KEEPALIVE: &[u8] = b"wsrouter-keepalive";
 /// where the message in progress stands.
 ///
 /// The buffer is empty and unallocated while nothing is in flight, so an
-/// idle session costs no read buffer at all.
+/// idle session costs no read buffer at all. Bytes just read can also be
+/// scanned where they lie ([`FrameReader::scan_fresh`]): only what is left
+/// over, an unfinished frame, is copied into the buffer.
 #[derive(Debug)]
 pub struct FrameReader {
     buf: BytesMut,
+    scan: FrameScan,
+}
+
+/// Where a reader stands in the bytes it has not handed on yet: offsets
+/// into them, and the message in progress. Kept apart from the buffer so it
+/// can walk bytes that are not in the buffer.
+#[derive(Debug)]
+pub struct FrameScan {
     /// Start of the unit being parsed (everything before it is whole units
-    /// the caller has not taken yet).
+    /// the caller has not consumed yet).
     unit_start: usize,
     /// Start of the next frame to parse.
     cursor: usize,
@@ -400,12 +410,14 @@ impl FrameReader {
     fn new(masked: bool, check_utf8: bool, max_message: usize, read: Vec<u8>) -> FrameReader {
         FrameReader {
             buf: BytesMut::from(&read[..]),
-            unit_start: 0,
-            cursor: 0,
-            partial: None,
-            masked,
-            check_utf8,
-            max_message,
+            scan: FrameScan {
+                unit_start: 0,
+                cursor: 0,
+                partial: None,
+                masked,
+                check_utf8,
+                max_message,
+            },
         }
     }
 
@@ -417,8 +429,9 @@ impl FrameReader {
     /// Bytes still needed to complete the frame being read, once its header
     /// is known (so the caller can read straight into a buffer that size).
     pub fn wanted(&self) -> usize {
-        match parse_header(&self.buf[self.cursor..], self.masked, usize::MAX) {
-            Ok(Some(h)) => (self.cursor + h.frame_len()).saturating_sub(self.buf.len()),
+        let cursor = self.scan.cursor;
+        match parse_header(&self.buf[cursor..], self.scan.masked, usize::MAX) {
+            Ok(Some(h)) => (cursor + h.frame_len()).saturating_sub(self.buf.len()),
             _ => 0,
         }
     }
@@ -431,8 +444,63 @@ impl FrameReader {
     /// The next whole unit after those already returned, or `None` until
     /// more bytes arrive. A violation leaves the reader where it was.
     pub fn next_unit(&mut self) -> Result<Option<Unit>, Violation> {
+        self.scan.next_unit(&self.buf)
+    }
+
+    /// Hand `walk` the bytes not yet consumed: those carried over, then
+    /// `fresh` (just read). When nothing was carried over, `walk` gets
+    /// `fresh` itself and nothing is copied. `walk` finds units with the
+    /// [`FrameScan`] it is given and returns how many leading bytes (whole
+    /// units it was given) it has dealt with; the rest is kept.
+    pub fn scan_fresh<R>(
+        &mut self,
+        fresh: &[u8],
+        walk: impl FnOnce(&[u8], &mut FrameScan) -> (usize, R),
+    ) -> R {
+        if self.buf.is_empty() {
+            let (used, result) = walk(fresh, &mut self.scan);
+            self.scan.consumed(used);
+            self.buf.extend_from_slice(&fresh[used..]);
+            result
+        } else {
+            self.buf.extend_from_slice(fresh);
+            let (used, result) = walk(&self.buf, &mut self.scan);
+            self.skip(used);
+            result
+        }
+    }
+
+    /// Hand over the first `len` bytes: whole units already returned.
+    pub fn take(&mut self, len: usize) -> Bytes {
+        self.scan.consumed(len);
+        let taken = self.buf.split_to(len).freeze();
+        self.release_if_empty();
+        taken
+    }
+
+    /// Drop the first `len` bytes: whole units already returned.
+    pub fn skip(&mut self, len: usize) {
+        self.scan.consumed(len);
+        self.buf.advance(len);
+        self.release_if_empty();
+    }
+
+    /// An empty buffer gives its memory back (an idle session holds none).
+    fn release_if_empty(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+    }
+}
+
+impl FrameScan {
+    /// The next whole unit in `data` after those already returned, or
+    /// `None` until more bytes arrive. `data` is the bytes not consumed yet,
+    /// from the first: the same bytes as last time, perhaps with more after
+    /// them. A violation leaves the scan where it was.
+    pub fn next_unit(&mut self, data: &[u8]) -> Result<Option<Unit>, Violation> {
         loop {
-            let rest = &self.buf[self.cursor..];
+            let rest = &data[self.cursor..];
             let Some(header) = parse_header(rest, self.masked, self.max_message)? else {
                 return Ok(None);
             };
@@ -520,30 +588,11 @@ impl FrameReader {
         }
     }
 
-    /// Hand over the first `len` bytes: whole units already returned.
-    pub fn take(&mut self, len: usize) -> Bytes {
+    /// The first `len` bytes (whole units already returned) are gone.
+    fn consumed(&mut self, len: usize) {
         debug_assert!(len <= self.unit_start);
-        let taken = self.buf.split_to(len).freeze();
         self.unit_start -= len;
         self.cursor -= len;
-        self.release_if_empty();
-        taken
-    }
-
-    /// Drop the first `len` bytes: whole units already returned.
-    pub fn skip(&mut self, len: usize) {
-        debug_assert!(len <= self.unit_start);
-        self.buf.advance(len);
-        self.unit_start -= len;
-        self.cursor -= len;
-        self.release_if_empty();
-    }
-
-    /// An empty buffer gives its memory back (an idle session holds none).
-    fn release_if_empty(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 0 {
-            self.buf = BytesMut::new();
-        }
     }
 }
 

@@ -839,7 +839,7 @@ async fn send_in_order(
     let now = Instant::now();
     for msg in messages {
         batch.extend_from_slice(&msg);
-        window.push(msg, now);
+        window.push(&msg, now);
     }
     if !batch.is_empty() {
         let _ = upstream.peer.send(batch.freeze()).await;

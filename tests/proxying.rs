@@ -195,6 +195,51 @@ async fn messages_relay_both_ways_and_pings_are_answered() {
     close(client).await;
 }
 
+/// Message `i` of the burst test: sizes across the router's read and
+/// direct-read thresholds, every byte telling which message it belongs to.
+fn burst_message(i: usize) -> Vec<u8> {
+    const SIZES: [usize; 6] = [1, 125, 3_000, 16_500, 40_000, 70_000];
+    let tag = (i % 251) as u8;
+    (0..SIZES[i % SIZES.len()])
+        .map(|j| tag.wrapping_add(j as u8))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_burst_bigger_than_the_socket_buffers_arrives_whole_and_in_order() {
+    let _trace = trace_init();
+    let backend = TestBackend::start("eu-burst").await;
+    let router = router().backend(&backend, "eu").start().await;
+    let (client, _) = router.connect("burst-1", &[]).await;
+    let (mut sink, mut stream) = client.split();
+    // About 8 MB each way, written without waiting for the echoes: every
+    // hop's buffers fill, so the router's writes are cut short and queued,
+    // and its reads stop and start again mid-frame.
+    const COUNT: usize = 360;
+    let writer = tokio::spawn(async move {
+        for i in 0..COUNT {
+            sink.send(Message::binary(burst_message(i))).await.unwrap();
+        }
+        sink
+    });
+    for i in 0..COUNT {
+        let echoed = loop {
+            match tokio::time::timeout(WAIT, stream.next()).await {
+                Ok(Some(Ok(Message::Binary(data)))) => break data,
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                other => panic!("message {i}: expected its echo, got {other:?}"),
+            }
+        };
+        assert!(
+            echoed[..] == burst_message(i)[..],
+            "message {i} came back changed ({} bytes)",
+            echoed.len()
+        );
+    }
+    let sink = writer.await.unwrap();
+    close(sink.reunite(stream).unwrap()).await;
+}
+
 #[tokio::test]
 async fn a_client_close_reaches_the_backend_with_its_code_and_reason() {
     let _trace = trace_init();

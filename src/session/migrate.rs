@@ -115,48 +115,81 @@ impl Control {
 
 /// The last client messages forwarded to the backend, bounded by count and
 /// age, kept so they can be sent again after an abrupt failure.
+///
+/// Messages are copied in, one after another, into one buffer that is
+/// reused as old messages leave: recording a message on the hot path costs
+/// a copy of its frames and no allocation or reference count.
 #[derive(Debug)]
 pub struct ReplayWindow {
-    items: VecDeque<(Instant, Bytes)>,
+    /// The frames of the messages held, oldest first, from `head` on.
+    data: Vec<u8>,
+    /// Bytes at the front of `data` of messages no longer held.
+    head: usize,
+    /// When each message held was forwarded, and its length in `data`.
+    items: VecDeque<(Instant, usize)>,
     max_messages: usize,
     max_age: Duration,
 }
 
+/// A window buffer at least this big whose live bytes fill under a
+/// quarter of it is shrunk when it is compacted (after one large message,
+/// say).
+const SHRINK_ABOVE: usize = 64 * 1024;
+
 impl ReplayWindow {
     pub fn new(max_messages: usize, max_age: Duration) -> ReplayWindow {
         ReplayWindow {
+            data: Vec::new(),
+            head: 0,
             items: VecDeque::new(),
             max_messages,
             max_age,
         }
     }
 
-    /// Remember a message (its frames) as it is forwarded `now`: a cheap
-    /// clone of reference-counted bytes. (The caller reads the clock once
-    /// for a whole batch.)
-    pub fn push(&mut self, message: Bytes, now: Instant) {
+    /// Remember a message (its frames) as it is forwarded `now`. (The caller
+    /// reads the clock once for a whole batch.)
+    pub fn push(&mut self, message: &[u8], now: Instant) {
         if self.max_messages == 0 {
             return;
         }
-        if self.items.len() == self.max_messages {
-            self.items.pop_front();
+        if self.items.len() == self.max_messages
+            && let Some((_, len)) = self.items.pop_front()
+        {
+            self.head += len;
         }
-        self.items.push_back((now, message));
+        // Compact once the dead front is as big as the live rest: each byte
+        // is moved at most once per byte recorded after it.
+        if self.head > 0 && self.head >= self.data.len() - self.head {
+            self.data.drain(..self.head);
+            self.head = 0;
+            if self.data.capacity() > SHRINK_ABOVE && self.data.len() < self.data.capacity() / 4 {
+                self.data.shrink_to(self.data.len() * 2);
+            }
+        }
+        self.data.extend_from_slice(message);
+        self.items.push_back((now, message.len()));
     }
 
     /// The messages still young enough to replay, oldest first, leaving the
     /// window empty: they are pushed again as they are re-sent.
     pub fn take_fresh(&mut self, now: Instant) -> Vec<Bytes> {
-        let max_age = self.max_age;
-        self.items
-            .drain(..)
-            .filter(|(at, _)| now.saturating_duration_since(*at) <= max_age)
-            .map(|(_, m)| m)
-            .collect()
+        let mut offset = self.head;
+        let mut fresh = Vec::with_capacity(self.items.len());
+        for (at, len) in self.items.drain(..) {
+            if now.saturating_duration_since(at) <= self.max_age {
+                fresh.push(Bytes::copy_from_slice(&self.data[offset..offset + len]));
+            }
+            offset += len;
+        }
+        self.clear();
+        fresh
     }
 
     pub fn clear(&mut self) {
         self.items.clear();
+        self.data = Vec::new();
+        self.head = 0;
     }
 
     pub fn len(&self) -> usize {
@@ -221,7 +254,7 @@ mod tests {
     async fn replay_window_is_bounded_by_count_and_age() {
         let mut w = ReplayWindow::new(3, Duration::from_secs(10));
         for i in 0..5 {
-            w.push(Bytes::from(format!("m{i}")), Instant::now());
+            w.push(format!("m{i}").as_bytes(), Instant::now());
         }
         assert_eq!(w.len(), 3);
         let fresh = w.take_fresh(Instant::now());
@@ -231,10 +264,41 @@ mod tests {
         );
         assert!(w.is_empty());
 
-        w.push(Bytes::from("old"), Instant::now());
+        w.push(b"old", Instant::now());
         tokio::time::advance(Duration::from_secs(11)).await;
-        w.push(Bytes::from("new"), Instant::now());
+        w.push(b"new", Instant::now());
         assert_eq!(w.take_fresh(Instant::now()), vec![Bytes::from("new")]);
+    }
+
+    proptest::proptest! {
+        /// However messages come and go, the window replays the last
+        /// `max_messages` pushed, oldest first, minus those past the age.
+        #[test]
+        fn replay_window_keeps_the_last_messages_whole(
+            max_messages in 0usize..8,
+            // (length, seconds after the previous push)
+            pushes in proptest::collection::vec((0usize..300, 0u64..4), 0..60),
+            take_after in 0u64..12,
+        ) {
+            let max_age = Duration::from_secs(10);
+            let mut window = ReplayWindow::new(max_messages, max_age);
+            let mut at = Instant::now();
+            let mut pushed = Vec::new();
+            for (i, &(len, gap)) in pushes.iter().enumerate() {
+                at += Duration::from_secs(gap);
+                let message: Vec<u8> = (0..len).map(|j| (i + j) as u8).collect();
+                window.push(&message, at);
+                pushed.push((at, message));
+            }
+            let now = at + Duration::from_secs(take_after);
+            let expected: Vec<Bytes> = pushed[pushed.len().saturating_sub(max_messages)..]
+                .iter()
+                .filter(|(t, _)| now.duration_since(*t) <= max_age)
+                .map(|(_, m)| Bytes::copy_from_slice(m))
+                .collect();
+            proptest::prop_assert_eq!(window.take_fresh(now), expected);
+            proptest::prop_assert!(window.is_empty());
+        }
     }
 
     #[test]

@@ -1,15 +1,17 @@
 //! One side of a session at the frame level: its socket, a [`FrameReader`]
 //! over what was read from it, and the bytes waiting to be written to it.
 //!
-//! Reads go to a stack buffer first and only what arrived is copied to the
-//! heap, so a quiet peer holds no read buffer; once a frame's header says a
-//! large payload is coming, the rest is read straight into the heap buffer,
-//! which grows (64 KiB at a time) as the bytes arrive. Writes are whole units (or the router's own frames), queued as
-//! reference-counted bytes and written without copying.
+//! Reads go to a buffer shared by the sessions of a thread first. The relay
+//! forwards whole units from there and copies only what is left over (an
+//! unfinished frame) into the peer's own buffer, so a quiet peer holds no
+//! read buffer. Once a frame's header says a large payload is coming, the
+//! rest is read straight into the peer's buffer, which grows (64 KiB at a
+//! time) as the bytes arrive. Writes go straight to the socket when nothing
+//! waits before them; what the socket does not take is queued.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -19,7 +21,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::frame::{self, CloseFrame, FrameReader, OP_CLOSE, Unit, Violation};
 
-/// Bytes read from a socket at a time into the stack buffer.
+/// Bytes read from a socket at a time into the thread's read buffer.
 const READ_CHUNK: usize = 16 * 1024;
 
 /// A frame still missing at least this much is read straight into a heap
@@ -47,6 +49,28 @@ pub enum ReadEnd {
     Lost,
     /// The peer broke the protocol or a limit.
     Violation(Violation),
+}
+
+thread_local! {
+    /// Where reads land first: one buffer per thread, which the sessions on
+    /// the thread take turns with, so a session holds no read buffer of its
+    /// own and no read pays for zeroing one.
+    static READ_SCRATCH: RefCell<Box<[u8]>> =
+        RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+}
+
+/// Run `f` with this thread's read buffer. Not re-entrant: `f` must not
+/// call it again.
+pub fn with_read_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
+    READ_SCRATCH.with_borrow_mut(|scratch| f(scratch))
+}
+
+/// What one read brought.
+pub enum Fresh<'a> {
+    /// Bytes read into the caller's stack buffer.
+    Bytes(&'a [u8]),
+    /// This many bytes read straight into the reader's buffer.
+    InBuffer(usize),
 }
 
 /// A socket with its frame reader and write queue.
@@ -130,6 +154,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
 
     /// Read what the socket has into the reader; `Ok(0)` at end of stream.
     pub fn poll_read_more(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        with_read_scratch(|scratch| {
+            let fresh = match ready!(self.poll_read_chunk(cx, scratch))? {
+                Some(Fresh::Bytes(fresh)) => fresh,
+                Some(Fresh::InBuffer(n)) => return Poll::Ready(Ok(n)),
+                None => return Poll::Ready(Ok(0)),
+            };
+            self.reader.buffer_mut().extend_from_slice(fresh);
+            Poll::Ready(Ok(fresh.len()))
+        })
+    }
+
+    /// Read what the socket has, into `scratch` (see [`with_read_scratch`];
+    /// the caller hands the bytes to the reader with
+    /// [`FrameReader::scan_fresh`](crate::frame::FrameReader::scan_fresh)),
+    /// or, once a frame's header says a large payload is coming, straight
+    /// into the reader's buffer. `None` at end of stream.
+    pub fn poll_read_chunk<'a>(
+        &mut self,
+        cx: &mut Context<'_>,
+        scratch: &'a mut [u8],
+    ) -> Poll<io::Result<Option<Fresh<'a>>>> {
         let wanted = self.reader.wanted();
         if wanted >= DIRECT_READ_MIN {
             let buf = self.reader.buffer_mut();
@@ -138,14 +183,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
             }
             // read_buf is cancel-safe: a pending read leaves nothing behind.
             let read = self.io.read_buf(buf);
-            return std::pin::pin!(read).poll(cx);
+            let n = ready!(std::pin::pin!(read).poll(cx))?;
+            return Poll::Ready(Ok((n > 0).then_some(Fresh::InBuffer(n))));
         }
-        let mut stack = [const { MaybeUninit::<u8>::uninit() }; READ_CHUNK];
-        let mut chunk = ReadBuf::uninit(&mut stack);
+        let mut chunk = ReadBuf::new(scratch);
         ready!(Pin::new(&mut self.io).poll_read(cx, &mut chunk))?;
-        let filled = chunk.filled();
-        self.reader.buffer_mut().extend_from_slice(filled);
-        Poll::Ready(Ok(filled.len()))
+        let filled = chunk.filled().len();
+        Poll::Ready(Ok((filled > 0).then_some(Fresh::Bytes(&scratch[..filled]))))
+    }
+
+    /// Write `bytes` now, behind anything already queued: straight to the
+    /// socket when nothing is, and whatever the socket does not take at once
+    /// is queued (copied). A write error is returned; the bytes are lost
+    /// with the connection.
+    pub fn write_or_queue(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> io::Result<()> {
+        let mut rest = bytes;
+        if self.out.is_empty() {
+            while !rest.is_empty() {
+                match Pin::new(&mut self.io).poll_write(cx, rest) {
+                    Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Ok(n)) => {
+                        rest = &rest[n..];
+                        self.unflushed = true;
+                    }
+                    Poll::Ready(Err(e)) => return Err(e),
+                    Poll::Pending => break,
+                }
+            }
+        }
+        if !rest.is_empty() {
+            self.queue(Bytes::copy_from_slice(rest));
+        }
+        Ok(())
     }
 
     /// Write what is queued (best effort), then return the next unit,

@@ -2,12 +2,14 @@
 //! backend, with keepalive, idle timeout and close-code pass-through.
 //!
 //! Frames are forwarded exactly as they arrived (see [`crate::frame`]): the
-//! relay reads whatever a socket has, finds the whole units in it, and
-//! writes them to the other side in one write, without decoding a payload.
-//! A unit is only ever written whole, so a session can move to another
-//! backend between any two messages. Client messages are counted against
-//! the session's rate limits and recorded in the replay window (as the same
-//! reference-counted bytes that are written) on the way through.
+//! relay reads whatever a socket has into the thread's read buffer, finds
+//! the whole units in it, and writes them to the other side in one write,
+//! straight from there, without decoding a payload. Only leftovers are
+//! copied: an unfinished frame into the source's reader, bytes the
+//! destination would not take into its write queue. A unit is only ever
+//! written whole, so a session can move to another backend between any two
+//! messages. Client messages are counted against the session's rate limits
+//! and copied into the replay window on the way through.
 //!
 //! Both directions, the keepalive timer, the control cell and shutdown
 //! are polled by one future: a side that is slow to read holds back only
@@ -21,7 +23,7 @@
 
 use std::future::poll_fn;
 use std::pin::pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -33,7 +35,7 @@ use crate::frame::{CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::limits::MessageBudget;
 use crate::metrics as m;
 use crate::session::migrate::{Control, MigrationReason, ReplayWindow};
-use crate::session::peer::{Peer, close};
+use crate::session::peer::{Fresh, Peer, close, with_read_scratch};
 
 /// How a relay ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,9 +120,6 @@ enum PumpEnd {
     DestinationLost,
 }
 
-/// Most messages forwarded in one write.
-const MAX_BATCH: usize = 64;
-
 /// One direction's state between polls.
 struct Pump<'a> {
     messages: &'a Counter,
@@ -156,91 +155,116 @@ impl Pump<'_> {
             if let Some(end) = self.pending_end.take() {
                 return Poll::Ready(end);
             }
-            if self.forward_buffered(src, dst) {
+            // Whole units already in the reader (read before the relay
+            // started, or straight into its buffer).
+            if self.forward(cx, src, dst, &[]) {
                 continue;
             }
-            match src.poll_read_more(cx) {
-                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(PumpEnd::SourceLost),
-                Poll::Ready(Ok(_)) => self.heard = true,
+            let read = with_read_scratch(|scratch| {
+                let fresh = match ready!(src.poll_read_chunk(cx, scratch)) {
+                    Ok(Some(Fresh::Bytes(fresh))) => fresh,
+                    Ok(Some(Fresh::InBuffer(_))) => &[],
+                    Ok(None) | Err(_) => return Poll::Ready(Err(PumpEnd::SourceLost)),
+                };
+                self.heard = true;
+                self.forward(cx, src, dst, fresh);
+                Poll::Ready(Ok(()))
+            });
+            match read {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(end)) => return Poll::Ready(end),
                 Poll::Pending => return Poll::Pending,
             }
         }
     }
 
-    /// Queue on `dst` the whole units already read from `src`, as one
-    /// batch. True when there was anything to do (bytes queued, a pong
-    /// dropped, or an end noted for after the write).
-    fn forward_buffered<S, D>(&mut self, src: &mut Peer<S>, dst: &mut Peer<D>) -> bool
+    /// Write to `dst` the whole units found in `src`'s reader followed by
+    /// `fresh`, in one write where they are consecutive, straight from
+    /// where they lie (the socket's leftovers are queued). True when there
+    /// was anything to do (bytes written or queued, a pong dropped, or an
+    /// end noted for after the write).
+    fn forward<S, D>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut Peer<S>,
+        dst: &mut Peer<D>,
+        fresh: &[u8],
+    ) -> bool
     where
         S: AsyncRead + AsyncWrite + Unpin,
         D: AsyncRead + AsyncWrite + Unpin,
     {
-        // (offset, length) of each data message in the batch.
-        let mut messages = [(0usize, 0usize); MAX_BATCH];
-        let mut count = 0;
-        let mut payload_bytes = 0u64;
-        let mut batch = 0;
-        let mut dropped = None;
-        while count < MAX_BATCH {
-            let unit = match src.reader.next_unit() {
-                Ok(Some(unit)) => unit,
-                Ok(None) => break,
-                Err(violation) => {
-                    self.pending_end = Some(PumpEnd::SourceViolation(violation.close_code()));
-                    break;
+        src.reader.scan_fresh(fresh, |data, scan| {
+            // data[written..end] is the batch being gathered.
+            let (mut written, mut end) = (0, 0);
+            let (mut count, mut payload_bytes) = (0u64, 0u64);
+            let mut acted = false;
+            let mut now = None;
+            let mut lost = false;
+            let mut write = |from: usize, to: usize| {
+                if to > from && dst.write_or_queue(cx, &data[from..to]).is_err() {
+                    lost = true;
                 }
             };
-            match unit {
-                Unit::Message { len, payload } => {
-                    if let Some(budget) = self.budget.as_deref_mut()
-                        && !budget.spend(payload)
-                    {
-                        self.pending_end = Some(PumpEnd::SourceViolation(1008));
+            loop {
+                let unit = match scan.next_unit(data) {
+                    Ok(Some(unit)) => unit,
+                    Ok(None) => break,
+                    Err(violation) => {
+                        self.pending_end = Some(PumpEnd::SourceViolation(violation.close_code()));
                         break;
                     }
-                    messages[count] = (batch, len);
-                    count += 1;
-                    payload_bytes += payload as u64;
-                    batch += len;
-                }
-                Unit::Ping { len }
-                | Unit::Pong {
-                    len,
-                    keepalive: false,
-                } => batch += len,
-                // The answer to the router's own ping ends the batch and is
-                // dropped after it.
-                Unit::Pong {
-                    len,
-                    keepalive: true,
-                } => {
-                    dropped = Some(len);
-                    break;
-                }
-                Unit::Close { frame, .. } => {
-                    self.pending_end = Some(PumpEnd::Closed(frame));
-                    break;
+                };
+                match unit {
+                    Unit::Message { len, payload } => {
+                        if let Some(budget) = self.budget.as_deref_mut()
+                            && !budget.spend(payload)
+                        {
+                            self.pending_end = Some(PumpEnd::SourceViolation(1008));
+                            break;
+                        }
+                        if let Some(window) = self.window.as_deref_mut() {
+                            let now = *now.get_or_insert_with(Instant::now);
+                            window.push(&data[end..end + len], now);
+                        }
+                        count += 1;
+                        payload_bytes += payload as u64;
+                        end += len;
+                    }
+                    Unit::Ping { len }
+                    | Unit::Pong {
+                        len,
+                        keepalive: false,
+                    } => end += len,
+                    // The answer to the router's own ping is dropped: what
+                    // came before it is written, and the batch starts after.
+                    Unit::Pong {
+                        len,
+                        keepalive: true,
+                    } => {
+                        write(written, end);
+                        written = end + len;
+                        end = written;
+                        acted = true;
+                    }
+                    Unit::Close { frame, .. } => {
+                        self.pending_end = Some(PumpEnd::Closed(frame));
+                        break;
+                    }
                 }
             }
-        }
-        if batch > 0 {
-            let bytes = src.reader.take(batch);
-            if let Some(window) = self.window.as_deref_mut()
-                && count > 0
-            {
-                let now = Instant::now();
-                for &(offset, len) in &messages[..count] {
-                    window.push(bytes.slice(offset..offset + len), now);
-                }
+            write(written, end);
+            // A failed write takes precedence over an end found after it.
+            if lost {
+                self.pending_end = Some(PumpEnd::DestinationLost);
             }
-            self.messages.increment(count as u64);
-            self.bytes.increment(payload_bytes);
-            dst.queue(bytes);
-        }
-        if let Some(len) = dropped {
-            src.reader.skip(len);
-        }
-        batch > 0 || dropped.is_some() || self.pending_end.is_some()
+            if count > 0 {
+                self.messages.increment(count);
+                self.bytes.increment(payload_bytes);
+            }
+            let acted = acted || end > written || self.pending_end.is_some();
+            (end, acted)
+        })
     }
 }
 
