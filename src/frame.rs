@@ -353,6 +353,24 @@ impl Unit {
     }
 }
 
+/// What [`FrameScan::plain_run`] walked over.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PlainRun {
+    /// Bytes of the units.
+    pub len: usize,
+    pub messages: usize,
+    /// Bytes of their payloads.
+    pub payload: usize,
+}
+
+/// Whether a whole (masked) payload is UTF-8. Kept out of line: the relay's
+/// per-message path stays small for binary messages.
+#[inline(never)]
+fn is_utf8_payload(payload: &[u8], mask: Option<[u8; 4]>) -> bool {
+    let mut check = Utf8Check::default();
+    check_utf8_piece(&mut check, payload, mask) && check.finish()
+}
+
 /// A data message whose final frame has not arrived yet.
 #[derive(Debug, Clone, Copy)]
 struct Partial {
@@ -588,6 +606,60 @@ impl FrameScan {
         }
     }
 
+    /// Walk the run of common-case units from here: whole messages in one
+    /// frame of at most 65,535 bytes that pass their checks, as long as
+    /// `accept` takes each payload length. Stops at anything else, which
+    /// [`FrameScan::next_unit`] then deals with (and reports, if it breaks
+    /// a rule). This is the relay's per-message path: a few header bytes per
+    /// message and no bookkeeping.
+    #[inline]
+    pub fn plain_run(&mut self, data: &[u8], mut accept: impl FnMut(usize) -> bool) -> PlainRun {
+        let mut run = PlainRun::default();
+        if self.partial.is_some() {
+            return run;
+        }
+        let mut at = self.cursor;
+        while let Some(&[b0, b1]) = data.get(at..at + 2) {
+            let text = b0 == 0x80 | OP_TEXT;
+            if !(text || b0 == 0x80 | OP_BINARY) || (b1 & 0x80 != 0) != self.masked {
+                break;
+            }
+            let (payload, mut header) = match b1 & 0x7F {
+                126 => match data.get(at + 2..at + 4) {
+                    Some(&[hi, lo]) => (u16::from_be_bytes([hi, lo]) as usize, 4),
+                    _ => break,
+                },
+                127 => break,
+                short => (short as usize, 2),
+            };
+            let mut mask = None;
+            if self.masked {
+                match data.get(at + header..at + header + 4) {
+                    Some(&[a, b, c, d]) => mask = Some([a, b, c, d]),
+                    _ => break,
+                }
+                header += 4;
+            }
+            let len = header + payload;
+            if payload > self.max_message || data.len() - at < len {
+                break;
+            }
+            if text && self.check_utf8 && !is_utf8_payload(&data[at + header..at + len], mask) {
+                break;
+            }
+            if !accept(payload) {
+                break;
+            }
+            at += len;
+            run.len += len;
+            run.messages += 1;
+            run.payload += payload;
+        }
+        self.cursor = at;
+        self.unit_start = at;
+        run
+    }
+
     /// The first `len` bytes (whole units already returned) are gone.
     fn consumed(&mut self, len: usize) {
         debug_assert!(len <= self.unit_start);
@@ -778,6 +850,88 @@ mod tests {
         out
     }
 
+    /// Any client frame: data, continuation or control, fragment or not,
+    /// with a payload that may or may not be UTF-8 or fit the limits.
+    fn arb_frame() -> impl Strategy<Value = Vec<u8>> {
+        let opcodes = vec![OP_TEXT, OP_BINARY, OP_CONTINUATION, OP_PING, OP_PONG];
+        let payload = prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..300),
+            "[a-zé€]{0,60}".prop_map(String::into_bytes),
+        ];
+        (any::<bool>(), prop::sample::select(opcodes), payload)
+            .prop_map(|(fin, opcode, payload)| client_frame(fin, opcode, &payload))
+    }
+
+    /// The units a client reader finds in `stream`, trying the short path
+    /// first when `plain_first`, and the violation that stopped it.
+    fn units_of(stream: &[u8], max: usize, plain_first: bool) -> (Vec<Unit>, Option<Violation>) {
+        let mut r = FrameReader::client(max, stream.to_vec());
+        let mut units = Vec::new();
+        loop {
+            if plain_first {
+                // One message at a time, to see each unit's boundaries.
+                let mut taken = false;
+                let run = r
+                    .scan
+                    .plain_run(&r.buf, |_| !std::mem::replace(&mut taken, true));
+                if run.messages == 1 {
+                    units.push(Unit::Message {
+                        len: run.len,
+                        payload: run.payload,
+                    });
+                    continue;
+                }
+            }
+            match r.next_unit() {
+                Ok(Some(unit)) => units.push(unit),
+                Ok(None) => return (units, None),
+                Err(violation) => return (units, Some(violation)),
+            }
+        }
+    }
+
+    /// The units a client reader finds in `stream`, taking whole runs of
+    /// common-case messages at a time (each run as one message unit).
+    fn runs_of(stream: &[u8], max: usize) -> (Vec<Unit>, Option<Violation>) {
+        let mut r = FrameReader::client(max, stream.to_vec());
+        let mut units = Vec::new();
+        loop {
+            let run = r.scan.plain_run(&r.buf, |_| true);
+            if run.messages > 0 {
+                units.push(Unit::Message {
+                    len: run.len,
+                    payload: run.payload,
+                });
+            }
+            match r.next_unit() {
+                Ok(Some(unit)) => units.push(unit),
+                Ok(None) => return (units, None),
+                Err(violation) => return (units, Some(violation)),
+            }
+        }
+    }
+
+    /// Consecutive messages as one.
+    fn merge_messages(units: Vec<Unit>) -> Vec<Unit> {
+        let mut merged: Vec<Unit> = Vec::new();
+        for unit in units {
+            match (merged.last_mut(), unit) {
+                (
+                    Some(Unit::Message { len, payload }),
+                    Unit::Message {
+                        len: more,
+                        payload: more_payload,
+                    },
+                ) => {
+                    *len += more;
+                    *payload += more_payload;
+                }
+                (_, unit) => merged.push(unit),
+            }
+        }
+        merged
+    }
+
     proptest! {
         /// However the bytes arrive, the reader finds the same messages,
         /// each spanning exactly its frames, and hands them on unchanged.
@@ -807,6 +961,23 @@ mod tests {
                 prop_assert_eq!(*payload, original.len());
             }
             prop_assert_eq!(r.buffered(), 0);
+        }
+
+        /// The relay's short path finds what the full one finds, and leaves
+        /// to it every frame it does not handle: for any mix of frames,
+        /// valid or not, both give the same units and the same violation.
+        #[test]
+        fn the_plain_message_path_agrees_with_the_full_one(
+            frames in prop::collection::vec(arb_frame(), 1..12),
+            small_limit in any::<bool>(),
+        ) {
+            let stream = frames.concat();
+            let max = if small_limit { 100 } else { 100_000 };
+            let full = units_of(&stream, max, false);
+            prop_assert_eq!(&units_of(&stream, max, true), &full);
+            // Whole runs at a time: the same bytes in the same messages.
+            let merged = |(units, end): (Vec<Unit>, Option<Violation>)| (merge_messages(units), end);
+            prop_assert_eq!(merged(runs_of(&stream, max)), merged(full));
         }
 
         /// The incremental check agrees with the standard library however

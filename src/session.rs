@@ -836,11 +836,12 @@ async fn send_in_order(
     messages: impl Iterator<Item = Bytes>,
 ) {
     let mut batch = BytesMut::new();
-    let now = Instant::now();
+    let mut count = 0;
     for msg in messages {
         batch.extend_from_slice(&msg);
-        window.push(&msg, now);
+        count += 1;
     }
+    window.push(&batch, count, Instant::now());
     if !batch.is_empty() {
         let _ = upstream.peer.send(batch.freeze()).await;
     }

@@ -18,6 +18,8 @@ use futures_util::task::AtomicWaker;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::frame::{FrameReader, Unit};
+
 /// Why a session leaves its backend (`wsrouter_migrations_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -116,19 +118,30 @@ impl Control {
 /// The last client messages forwarded to the backend, bounded by count and
 /// age, kept so they can be sent again after an abrupt failure.
 ///
-/// Messages are copied in, one after another, into one buffer that is
-/// reused as old messages leave: recording a message on the hot path costs
-/// a copy of its frames and no allocation or reference count.
+/// The relay records what it forwards a batch at a time (the frames one
+/// write carried), copied into one buffer that is reused as old batches
+/// leave: recording costs one copy per write and no allocation or
+/// reference count. Batches are split back into messages only to replay.
 #[derive(Debug)]
 pub struct ReplayWindow {
-    /// The frames of the messages held, oldest first, from `head` on.
+    /// The frames of the batches held, oldest first, from `head` on.
     data: Vec<u8>,
-    /// Bytes at the front of `data` of messages no longer held.
+    /// Bytes at the front of `data` of batches no longer held.
     head: usize,
-    /// When each message held was forwarded, and its length in `data`.
-    items: VecDeque<(Instant, usize)>,
+    batches: VecDeque<Batch>,
+    /// Messages in the batches held; the oldest batch may hold some more
+    /// than the window keeps (they are left out of a replay).
+    messages: usize,
     max_messages: usize,
     max_age: Duration,
+}
+
+/// Frames forwarded together.
+#[derive(Debug)]
+struct Batch {
+    at: Instant,
+    len: usize,
+    messages: usize,
 }
 
 /// A window buffer at least this big whose live bytes fill under a
@@ -141,22 +154,26 @@ impl ReplayWindow {
         ReplayWindow {
             data: Vec::new(),
             head: 0,
-            items: VecDeque::new(),
+            batches: VecDeque::new(),
+            messages: 0,
             max_messages,
             max_age,
         }
     }
 
-    /// Remember a message (its frames) as it is forwarded `now`. (The caller
-    /// reads the clock once for a whole batch.)
-    pub fn push(&mut self, message: &[u8], now: Instant) {
-        if self.max_messages == 0 {
+    /// Remember `frames`, whole units holding `messages` data messages (and
+    /// perhaps pings and pongs), as they are forwarded `now`.
+    pub fn push(&mut self, frames: &[u8], messages: usize, now: Instant) {
+        if self.max_messages == 0 || messages == 0 {
             return;
         }
-        if self.items.len() == self.max_messages
-            && let Some((_, len)) = self.items.pop_front()
+        // Batches the last `max_messages` no longer reach go.
+        while let Some(oldest) = self.batches.front()
+            && self.messages + messages - oldest.messages >= self.max_messages
         {
-            self.head += len;
+            self.messages -= oldest.messages;
+            self.head += oldest.len;
+            self.batches.pop_front();
         }
         // Compact once the dead front is as big as the live rest: each byte
         // is moved at most once per byte recorded after it.
@@ -167,37 +184,57 @@ impl ReplayWindow {
                 self.data.shrink_to(self.data.len() * 2);
             }
         }
-        self.data.extend_from_slice(message);
-        self.items.push_back((now, message.len()));
+        self.data.extend_from_slice(frames);
+        self.batches.push_back(Batch {
+            at: now,
+            len: frames.len(),
+            messages,
+        });
+        self.messages += messages;
     }
 
-    /// The messages still young enough to replay, oldest first, leaving the
-    /// window empty: they are pushed again as they are re-sent.
+    /// The messages still young enough to replay, oldest first, each as
+    /// its frames, leaving the window empty: they are pushed again as they
+    /// are re-sent.
     pub fn take_fresh(&mut self, now: Instant) -> Vec<Bytes> {
         let mut offset = self.head;
-        let mut fresh = Vec::with_capacity(self.items.len());
-        for (at, len) in self.items.drain(..) {
-            if now.saturating_duration_since(at) <= self.max_age {
-                fresh.push(Bytes::copy_from_slice(&self.data[offset..offset + len]));
+        let mut fresh = Vec::new();
+        for batch in self.batches.drain(..) {
+            let frames = &self.data[offset..offset + batch.len];
+            offset += batch.len;
+            if now.saturating_duration_since(batch.at) > self.max_age {
+                continue;
             }
-            offset += len;
+            // Already checked on the way in: only the boundaries are needed.
+            let mut reader = FrameReader::client(usize::MAX, frames.to_vec());
+            while let Ok(Some(unit)) = reader.next_unit() {
+                match unit {
+                    Unit::Message { len, .. } => fresh.push(reader.take(len)),
+                    other => reader.skip(other.len()),
+                }
+            }
         }
+        // The oldest batch may reach back past the window.
+        let keep = fresh.len().min(self.max_messages);
+        fresh.drain(..fresh.len() - keep);
         self.clear();
         fresh
     }
 
     pub fn clear(&mut self) {
-        self.items.clear();
+        self.batches.clear();
+        self.messages = 0;
         self.data = Vec::new();
         self.head = 0;
     }
 
+    /// Messages held.
     pub fn len(&self) -> usize {
-        self.items.len()
+        self.messages.min(self.max_messages)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.batches.is_empty()
     }
 }
 
@@ -250,51 +287,79 @@ impl PendingQueue {
 mod tests {
     use super::*;
 
+    use crate::frame::{OP_BINARY, OP_PING, encode};
+
+    /// A client's frame, as the window holds it.
+    fn frame(opcode: u8, payload: &[u8]) -> Bytes {
+        encode(opcode, payload, Some([1, 2, 3, 4]))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn replay_window_is_bounded_by_count_and_age() {
         let mut w = ReplayWindow::new(3, Duration::from_secs(10));
-        for i in 0..5 {
-            w.push(format!("m{i}").as_bytes(), Instant::now());
+        let m: Vec<Bytes> = (0..5)
+            .map(|i| frame(OP_BINARY, format!("m{i}").as_bytes()))
+            .collect();
+        // One write of two messages with a ping between, then three alone.
+        let first = [&m[0][..], &frame(OP_PING, b"p"), &m[1]].concat();
+        w.push(&first, 2, Instant::now());
+        for message in &m[2..] {
+            w.push(message, 1, Instant::now());
         }
         assert_eq!(w.len(), 3);
-        let fresh = w.take_fresh(Instant::now());
-        assert_eq!(
-            fresh,
-            vec![Bytes::from("m2"), Bytes::from("m3"), Bytes::from("m4")]
-        );
+        assert_eq!(w.take_fresh(Instant::now()), m[2..].to_vec());
         assert!(w.is_empty());
 
-        w.push(b"old", Instant::now());
+        // Three messages in one write and one more: the write's oldest is
+        // out of the window, and the ping is never replayed.
+        w.push(&first, 2, Instant::now());
+        w.push(&[&m[2][..], &m[3]].concat(), 2, Instant::now());
+        assert_eq!(w.take_fresh(Instant::now()), m[1..4].to_vec());
+
+        w.push(&m[0], 1, Instant::now());
         tokio::time::advance(Duration::from_secs(11)).await;
-        w.push(b"new", Instant::now());
-        assert_eq!(w.take_fresh(Instant::now()), vec![Bytes::from("new")]);
+        w.push(&m[4], 1, Instant::now());
+        assert_eq!(w.take_fresh(Instant::now()), vec![m[4].clone()]);
     }
 
     proptest::proptest! {
-        /// However messages come and go, the window replays the last
-        /// `max_messages` pushed, oldest first, minus those past the age.
+        /// However messages come and go, one write or many at a time, the
+        /// window replays the last `max_messages` forwarded, oldest first,
+        /// minus those past the age.
         #[test]
         fn replay_window_keeps_the_last_messages_whole(
             max_messages in 0usize..8,
-            // (length, seconds after the previous push)
-            pushes in proptest::collection::vec((0usize..300, 0u64..4), 0..60),
+            // (message lengths, a ping after the first, seconds after the
+            // previous write)
+            writes in proptest::collection::vec(
+                (proptest::collection::vec(0usize..300, 0..5), proptest::bool::ANY, 0u64..4),
+                0..40,
+            ),
             take_after in 0u64..12,
         ) {
             let max_age = Duration::from_secs(10);
             let mut window = ReplayWindow::new(max_messages, max_age);
             let mut at = Instant::now();
-            let mut pushed = Vec::new();
-            for (i, &(len, gap)) in pushes.iter().enumerate() {
-                at += Duration::from_secs(gap);
-                let message: Vec<u8> = (0..len).map(|j| (i + j) as u8).collect();
-                window.push(&message, at);
-                pushed.push((at, message));
+            let mut forwarded = Vec::new();
+            for (i, (lengths, ping, gap)) in writes.iter().enumerate() {
+                at += Duration::from_secs(*gap);
+                let mut batch = Vec::new();
+                for (j, &len) in lengths.iter().enumerate() {
+                    let payload: Vec<u8> = (0..len).map(|k| (i + j + k) as u8).collect();
+                    let message = frame(OP_BINARY, &payload);
+                    batch.extend_from_slice(&message);
+                    if *ping && j == 0 {
+                        batch.extend_from_slice(&frame(OP_PING, b"ping"));
+                    }
+                    forwarded.push((at, message));
+                }
+                window.push(&batch, lengths.len(), at);
             }
             let now = at + Duration::from_secs(take_after);
-            let expected: Vec<Bytes> = pushed[pushed.len().saturating_sub(max_messages)..]
+            let expected: Vec<Bytes> = forwarded[forwarded.len().saturating_sub(max_messages)..]
                 .iter()
                 .filter(|(t, _)| now.duration_since(*t) <= max_age)
-                .map(|(_, m)| Bytes::copy_from_slice(m))
+                .map(|(_, m)| m.clone())
                 .collect();
             proptest::prop_assert_eq!(window.take_fresh(now), expected);
             proptest::prop_assert!(window.is_empty());

@@ -55,8 +55,7 @@ thread_local! {
     /// Where reads land first: one buffer per thread, which the sessions on
     /// the thread take turns with, so a session holds no read buffer of its
     /// own and no read pays for zeroing one.
-    static READ_SCRATCH: RefCell<Box<[u8]>> =
-        RefCell::new(vec![0; READ_CHUNK].into_boxed_slice());
+    static READ_SCRATCH: RefCell<[u8; READ_CHUNK]> = const { RefCell::new([0; READ_CHUNK]) };
 }
 
 /// Run `f` with this thread's read buffer. Not re-entrant: `f` must not

@@ -157,7 +157,7 @@ impl Pump<'_> {
             }
             // Whole units already in the reader (read before the relay
             // started, or straight into its buffer).
-            if self.forward(cx, src, dst, &[]) {
+            if src.reader.buffered() > 0 && self.forward(cx, src, dst, &[]) {
                 continue;
             }
             let read = with_read_scratch(|scratch| {
@@ -195,18 +195,39 @@ impl Pump<'_> {
         D: AsyncRead + AsyncWrite + Unpin,
     {
         src.reader.scan_fresh(fresh, |data, scan| {
-            // data[written..end] is the batch being gathered.
+            // data[written..end] is the batch being gathered, with the
+            // messages counted after the first `counted`.
             let (mut written, mut end) = (0, 0);
-            let (mut count, mut payload_bytes) = (0u64, 0u64);
+            let (mut count, mut counted, mut payload_bytes) = (0, 0, 0);
             let mut acted = false;
-            let mut now = None;
             let mut lost = false;
-            let mut write = |from: usize, to: usize| {
-                if to > from && dst.write_or_queue(cx, &data[from..to]).is_err() {
+            let mut window = self.window.as_deref_mut();
+            let mut write = |from: usize, to: usize, messages: usize| {
+                if to == from {
+                    return;
+                }
+                if let Some(window) = window.as_deref_mut() {
+                    window.push(&data[from..to], messages, Instant::now());
+                }
+                if dst.write_or_queue(cx, &data[from..to]).is_err() {
                     lost = true;
                 }
             };
             loop {
+                // The common case first: a run of whole one-frame messages.
+                let mut over_budget = false;
+                let run = scan.plain_run(data, |payload| {
+                    let spent = self.budget.as_deref_mut().is_none_or(|b| b.spend(payload));
+                    over_budget = !spent;
+                    spent
+                });
+                end += run.len;
+                count += run.messages;
+                payload_bytes += run.payload;
+                if over_budget {
+                    self.pending_end = Some(PumpEnd::SourceViolation(1008));
+                    break;
+                }
                 let unit = match scan.next_unit(data) {
                     Ok(Some(unit)) => unit,
                     Ok(None) => break,
@@ -223,13 +244,9 @@ impl Pump<'_> {
                             self.pending_end = Some(PumpEnd::SourceViolation(1008));
                             break;
                         }
-                        if let Some(window) = self.window.as_deref_mut() {
-                            let now = *now.get_or_insert_with(Instant::now);
-                            window.push(&data[end..end + len], now);
-                        }
-                        count += 1;
-                        payload_bytes += payload as u64;
                         end += len;
+                        count += 1;
+                        payload_bytes += payload;
                     }
                     Unit::Ping { len }
                     | Unit::Pong {
@@ -242,7 +259,8 @@ impl Pump<'_> {
                         len,
                         keepalive: true,
                     } => {
-                        write(written, end);
+                        write(written, end, count - counted);
+                        counted = count;
                         written = end + len;
                         end = written;
                         acted = true;
@@ -253,14 +271,14 @@ impl Pump<'_> {
                     }
                 }
             }
-            write(written, end);
+            write(written, end, count - counted);
             // A failed write takes precedence over an end found after it.
             if lost {
                 self.pending_end = Some(PumpEnd::DestinationLost);
             }
             if count > 0 {
-                self.messages.increment(count);
-                self.bytes.increment(payload_bytes);
+                self.messages.increment(count as u64);
+                self.bytes.increment(payload_bytes as u64);
             }
             let acted = acted || end > written || self.pending_end.is_some();
             (end, acted)
