@@ -363,12 +363,15 @@ pub struct PlainRun {
     pub payload: usize,
 }
 
-/// Whether a whole (masked) payload is UTF-8. Kept out of line: the relay's
-/// per-message path stays small for binary messages.
+/// Whether a whole single-frame message's payload is UTF-8, given the frame
+/// and its header's length (the mask key, if any, ends the header). Kept out
+/// of line: the relay's per-message path stays small for binary messages.
 #[inline(never)]
-fn is_utf8_payload(payload: &[u8], mask: Option<[u8; 4]>) -> bool {
+fn is_utf8_payload(frame: &[u8], header: usize) -> bool {
+    let mask = (frame[1] & 0x80 != 0)
+        .then(|| <[u8; 4]>::try_from(&frame[header - 4..header]).expect("4 bytes"));
     let mut check = Utf8Check::default();
-    check_utf8_piece(&mut check, payload, mask) && check.finish()
+    check_utf8_piece(&mut check, &frame[header..], mask) && check.finish()
 }
 
 /// A data message whose final frame has not arrived yet.
@@ -467,25 +470,36 @@ impl FrameReader {
 
     /// Hand `walk` the bytes not yet consumed: those carried over, then
     /// `fresh` (just read). When nothing was carried over, `walk` gets
-    /// `fresh` itself and nothing is copied. `walk` finds units with the
-    /// [`FrameScan`] it is given and returns how many leading bytes (whole
-    /// units it was given) it has dealt with; the rest is kept.
+    /// `fresh` itself and nothing is copied; otherwise it also gets the
+    /// bytes as [`Bytes`], to keep slices of (a large message, say) without
+    /// a copy. `walk` finds units with the [`FrameScan`] it is given and
+    /// returns how many leading bytes (whole units it was given) it has
+    /// dealt with; the rest is kept.
     pub fn scan_fresh<R>(
         &mut self,
         fresh: &[u8],
-        walk: impl FnOnce(&[u8], &mut FrameScan) -> (usize, R),
+        walk: impl FnOnce(&[u8], &mut FrameScan, Option<&Bytes>) -> (usize, R),
     ) -> R {
         if self.buf.is_empty() {
-            let (used, result) = walk(fresh, &mut self.scan);
+            let (used, result) = walk(fresh, &mut self.scan, None);
             self.scan.consumed(used);
             self.buf.extend_from_slice(&fresh[used..]);
-            result
-        } else {
-            self.buf.extend_from_slice(fresh);
-            let (used, result) = walk(&self.buf, &mut self.scan);
-            self.skip(used);
-            result
+            return result;
         }
+        self.buf.extend_from_slice(fresh);
+        let held = self.buf.split().freeze();
+        let (used, result) = walk(&held, &mut self.scan, Some(&held));
+        self.scan.consumed(used);
+        // The rest stays, in place unless `walk` kept some of the bytes; an
+        // empty buffer holds no memory.
+        self.buf = if used < held.len() {
+            held.slice(used..)
+                .try_into_mut()
+                .unwrap_or_else(|rest| BytesMut::from(&rest[..]))
+        } else {
+            BytesMut::new()
+        };
+        result
     }
 
     /// Hand over the first `len` bytes: whole units already returned.
@@ -618,43 +632,39 @@ impl FrameScan {
         if self.partial.is_some() {
             return run;
         }
-        let mut at = self.cursor;
+        let (mask_bit, mask_len) = if self.masked { (0x80, 4) } else { (0, 0) };
+        let (check_text, max_message) = (self.check_utf8, self.max_message);
+        let start = self.cursor;
+        let mut at = start;
         while let Some(&[b0, b1]) = data.get(at..at + 2) {
+            // FIN with text or binary, and the mask bit this side must use.
             let text = b0 == 0x80 | OP_TEXT;
-            if !(text || b0 == 0x80 | OP_BINARY) || (b1 & 0x80 != 0) != self.masked {
+            if (!text && b0 != 0x80 | OP_BINARY) || b1 & 0x80 != mask_bit {
                 break;
             }
-            let (payload, mut header) = match b1 & 0x7F {
+            let (payload, header) = match b1 & 0x7F {
                 126 => match data.get(at + 2..at + 4) {
-                    Some(&[hi, lo]) => (u16::from_be_bytes([hi, lo]) as usize, 4),
+                    Some(&[hi, lo]) => (u16::from_be_bytes([hi, lo]) as usize, 4 + mask_len),
                     _ => break,
                 },
                 127 => break,
-                short => (short as usize, 2),
+                short => (short as usize, 2 + mask_len),
             };
-            let mut mask = None;
-            if self.masked {
-                match data.get(at + header..at + header + 4) {
-                    Some(&[a, b, c, d]) => mask = Some([a, b, c, d]),
-                    _ => break,
-                }
-                header += 4;
-            }
             let len = header + payload;
-            if payload > self.max_message || data.len() - at < len {
+            if payload > max_message || data.len() - at < len {
                 break;
             }
-            if text && self.check_utf8 && !is_utf8_payload(&data[at + header..at + len], mask) {
+            if text && check_text && !is_utf8_payload(&data[at..at + len], header) {
                 break;
             }
             if !accept(payload) {
                 break;
             }
             at += len;
-            run.len += len;
             run.messages += 1;
             run.payload += payload;
         }
+        run.len = at - start;
         self.cursor = at;
         self.unit_start = at;
         run

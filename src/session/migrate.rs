@@ -105,6 +105,12 @@ impl Control {
         placed
     }
 
+    /// Whether a request waits (a cheap look, for a poller whose waker is
+    /// already registered).
+    pub fn has_request(&self) -> bool {
+        self.request.load(Ordering::Acquire) != 0
+    }
+
     /// Take the waiting request, or be woken when one comes.
     pub fn poll_move(&self, cx: &mut Context<'_>) -> Poll<MigrationReason> {
         self.waker.register(cx.waker());
@@ -119,15 +125,13 @@ impl Control {
 /// age, kept so they can be sent again after an abrupt failure.
 ///
 /// The relay records what it forwards a batch at a time (the frames one
-/// write carried), copied into one buffer that is reused as old batches
-/// leave: recording costs one copy per write and no allocation or
+/// write carried), copied into one ring buffer that is reused as old
+/// batches leave: recording costs one copy per write and no allocation or
 /// reference count. Batches are split back into messages only to replay.
 #[derive(Debug)]
 pub struct ReplayWindow {
-    /// The frames of the batches held, oldest first, from `head` on.
-    data: Vec<u8>,
-    /// Bytes at the front of `data` of batches no longer held.
-    head: usize,
+    /// The frames of the batches held, oldest first.
+    data: VecDeque<u8>,
     batches: VecDeque<Batch>,
     /// Messages in the batches held; the oldest batch may hold some more
     /// than the window keeps (they are left out of a replay).
@@ -140,20 +144,21 @@ pub struct ReplayWindow {
 #[derive(Debug)]
 struct Batch {
     at: Instant,
+    /// Bytes in the ring, or none when the frames are `shared`.
     len: usize,
     messages: usize,
+    /// Large frames are kept as the bytes that were written, not copied.
+    shared: Option<Bytes>,
 }
 
 /// A window buffer at least this big whose live bytes fill under a
-/// quarter of it is shrunk when it is compacted (after one large message,
-/// say).
+/// quarter of it is shrunk (after one large message, say).
 const SHRINK_ABOVE: usize = 64 * 1024;
 
 impl ReplayWindow {
     pub fn new(max_messages: usize, max_age: Duration) -> ReplayWindow {
         ReplayWindow {
-            data: Vec::new(),
-            head: 0,
+            data: VecDeque::new(),
             batches: VecDeque::new(),
             messages: 0,
             max_messages,
@@ -172,35 +177,46 @@ impl ReplayWindow {
             && self.messages + messages - oldest.messages >= self.max_messages
         {
             self.messages -= oldest.messages;
-            self.head += oldest.len;
+            self.data.drain(..oldest.len);
             self.batches.pop_front();
         }
-        // Compact once the dead front is as big as the live rest: each byte
-        // is moved at most once per byte recorded after it.
-        if self.head > 0 && self.head >= self.data.len() - self.head {
-            self.data.drain(..self.head);
-            self.head = 0;
-            if self.data.capacity() > SHRINK_ABOVE && self.data.len() < self.data.capacity() / 4 {
-                self.data.shrink_to(self.data.len() * 2);
-            }
+        if self.data.capacity() > SHRINK_ABOVE && self.data.len() < self.data.capacity() / 4 {
+            self.data.shrink_to(self.data.len() * 2);
         }
-        self.data.extend_from_slice(frames);
+        self.data.extend(frames);
         self.batches.push_back(Batch {
             at: now,
             len: frames.len(),
             messages,
+            shared: None,
         });
         self.messages += messages;
+    }
+
+    /// As [`ReplayWindow::push`], keeping `frames` themselves (for large
+    /// ones, whose copy would cost more than the reference).
+    pub fn push_shared(&mut self, frames: Bytes, messages: usize, now: Instant) {
+        if self.max_messages == 0 || messages == 0 {
+            return;
+        }
+        self.push(&[], messages, now);
+        if let Some(batch) = self.batches.back_mut() {
+            batch.shared = Some(frames);
+        }
     }
 
     /// The messages still young enough to replay, oldest first, each as
     /// its frames, leaving the window empty: they are pushed again as they
     /// are re-sent.
     pub fn take_fresh(&mut self, now: Instant) -> Vec<Bytes> {
-        let mut offset = self.head;
+        let data = self.data.make_contiguous();
+        let mut offset = 0;
         let mut fresh = Vec::new();
         for batch in self.batches.drain(..) {
-            let frames = &self.data[offset..offset + batch.len];
+            let frames = match &batch.shared {
+                Some(shared) => &shared[..],
+                None => &data[offset..offset + batch.len],
+            };
             offset += batch.len;
             if now.saturating_duration_since(batch.at) > self.max_age {
                 continue;
@@ -224,8 +240,7 @@ impl ReplayWindow {
     pub fn clear(&mut self) {
         self.batches.clear();
         self.messages = 0;
-        self.data = Vec::new();
-        self.head = 0;
+        self.data = VecDeque::new();
     }
 
     /// Messages held.
@@ -314,6 +329,12 @@ mod tests {
         // out of the window, and the ping is never replayed.
         w.push(&first, 2, Instant::now());
         w.push(&[&m[2][..], &m[3]].concat(), 2, Instant::now());
+        assert_eq!(w.take_fresh(Instant::now()), m[1..4].to_vec());
+
+        // Kept by reference or copied, the same messages come back.
+        w.push_shared(Bytes::from([&m[0][..], &m[1]].concat()), 2, Instant::now());
+        w.push(&m[2], 1, Instant::now());
+        w.push_shared(m[3].clone(), 1, Instant::now());
         assert_eq!(w.take_fresh(Instant::now()), m[1..4].to_vec());
 
         w.push(&m[0], 1, Instant::now());

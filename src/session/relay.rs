@@ -23,7 +23,7 @@
 
 use std::future::poll_fn;
 use std::pin::pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -120,6 +120,10 @@ enum PumpEnd {
     DestinationLost,
 }
 
+/// A batch at least this big that sits in a reader's own buffer goes into
+/// the replay window by reference, not copied.
+const SHARE_IN_WINDOW: usize = 4 * 1024;
+
 /// One direction's state between polls.
 struct Pump<'a> {
     messages: &'a Counter,
@@ -194,7 +198,7 @@ impl Pump<'_> {
         S: AsyncRead + AsyncWrite + Unpin,
         D: AsyncRead + AsyncWrite + Unpin,
     {
-        src.reader.scan_fresh(fresh, |data, scan| {
+        src.reader.scan_fresh(fresh, |data, scan, shared| {
             // data[written..end] is the batch being gathered, with the
             // messages counted after the first `counted`.
             let (mut written, mut end) = (0, 0);
@@ -207,7 +211,12 @@ impl Pump<'_> {
                     return;
                 }
                 if let Some(window) = window.as_deref_mut() {
-                    window.push(&data[from..to], messages, Instant::now());
+                    match shared {
+                        Some(bytes) if to - from >= SHARE_IN_WINDOW => {
+                            window.push_shared(bytes.slice(from..to), messages, Instant::now())
+                        }
+                        _ => window.push(&data[from..to], messages, Instant::now()),
+                    }
                 }
                 if dst.write_or_queue(cx, &data[from..to]).is_err() {
                     lost = true;
@@ -361,7 +370,13 @@ where
     let started = Instant::now();
     let (mut client_heard_at, mut upstream_heard_at) = (started, started);
     let mut tick = pin!(tokio::time::sleep(config.ping_interval));
+    let stop_probe = shutdown.clone();
     let mut stop = pin!(crate::app::stopped(shutdown));
+    // The stop flag, the move request and the timer each keep the waker they
+    // were last polled with until they fire, so while the task's waker
+    // stays the same they need polling only once they have fired: on most
+    // wakes the relay then costs the two sockets and nothing else.
+    let mut waker_left: Option<Waker> = None;
 
     let stopped = poll_fn(|cx| {
         loop {
@@ -371,13 +386,22 @@ where
             if let Poll::Ready(end) = down.poll(cx, upstream, client) {
                 return Poll::Ready(Stopped::Down(end));
             }
-            if stop.as_mut().poll(cx).is_ready() {
+            let all = !waker_left.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if (all || stop_probe.has_changed().unwrap_or(true))
+                && stop.as_mut().poll(cx).is_ready()
+            {
                 return Poll::Ready(Stopped::Shutdown);
             }
-            if let Poll::Ready(reason) = control.poll_move(cx) {
-                return Poll::Ready(Stopped::Migrate(reason));
+            if all || control.has_request() {
+                if let Poll::Ready(reason) = control.poll_move(cx) {
+                    return Poll::Ready(Stopped::Migrate(reason));
+                }
+            }
+            if !all && !tick.is_elapsed() {
+                return Poll::Pending;
             }
             if tick.as_mut().poll(cx).is_pending() {
+                waker_left = Some(cx.waker().clone());
                 return Poll::Pending;
             }
             let now = Instant::now();
@@ -401,7 +425,9 @@ where
                 upstream.queue(upstream.frame(OP_PING, KEEPALIVE));
             }
             tick.as_mut().reset(now + config.ping_interval);
-            // Go round again: the pings get written and the timer armed.
+            // Go round again: the pings get written and the timer armed
+            // (polled again: it gave its waker up when it fired).
+            waker_left = None;
         }
     })
     .await;
