@@ -29,12 +29,14 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use serde::Deserialize;
+use tokio::io::Interest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::{BackendUrl, ConfigProblem};
+use crate::session::peer::ReadHint;
 
 /// The only application protocol offered: the upgrade is HTTP/1.1.
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
@@ -474,6 +476,30 @@ macro_rules! delegate_io {
 
 delegate_io!(ClientStream);
 delegate_io!(BackendStream);
+
+/// A plain socket can tell cheaply when it has nothing to read; a TLS one
+/// may hold decrypted bytes, so it always might.
+macro_rules! read_hint {
+    ($ty:ident) => {
+        impl ReadHint for $ty {
+            fn may_have_data(&self) -> bool {
+                match self {
+                    $ty::Plain(s) => tcp_may_have_data(s),
+                    $ty::Tls(_) => true,
+                }
+            }
+        }
+    };
+}
+
+read_hint!(ClientStream);
+read_hint!(BackendStream);
+
+/// Whether tokio has seen the socket become readable since it last found
+/// it empty. A look at its readiness: no system call, no waker.
+fn tcp_may_have_data(stream: &TcpStream) -> bool {
+    stream.try_io(Interest::READABLE, || Ok(())).is_ok()
+}
 
 #[cfg(test)]
 mod tests {

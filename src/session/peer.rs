@@ -64,6 +64,16 @@ pub fn with_read_scratch<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     READ_SCRATCH.with_borrow_mut(|scratch| f(scratch))
 }
 
+/// A socket that can say, without a system call and without registering a
+/// waker, that it surely has nothing to read yet.
+pub trait ReadHint {
+    /// False only when nothing arrived since the socket was last found
+    /// empty: the waker that read was given is then still registered.
+    fn may_have_data(&self) -> bool {
+        true
+    }
+}
+
 /// What one read brought.
 pub enum Fresh<'a> {
     /// Bytes read into the caller's stack buffer.
@@ -80,6 +90,8 @@ pub struct Peer<S> {
     out: Bytes,
     /// Written to the socket object but not flushed (TLS buffers).
     unflushed: bool,
+    /// The last read found the socket empty (and registered the waker).
+    pub read_waiting: bool,
     side: Side,
 }
 
@@ -109,6 +121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
             reader,
             out: Bytes::new(),
             unflushed: false,
+            read_waiting: false,
             side,
         }
     }
@@ -181,12 +194,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
                 buf.reserve(wanted.min(DIRECT_READ_MAX));
             }
             // read_buf is cancel-safe: a pending read leaves nothing behind.
-            let read = self.io.read_buf(buf);
-            let n = ready!(std::pin::pin!(read).poll(cx))?;
+            let read = std::pin::pin!(self.io.read_buf(buf)).poll(cx);
+            self.read_waiting = read.is_pending();
+            let n = ready!(read)?;
             return Poll::Ready(Ok((n > 0).then_some(Fresh::InBuffer(n))));
         }
         let mut chunk = ReadBuf::new(scratch);
-        ready!(Pin::new(&mut self.io).poll_read(cx, &mut chunk))?;
+        let read = Pin::new(&mut self.io).poll_read(cx, &mut chunk);
+        self.read_waiting = read.is_pending();
+        ready!(read)?;
         let filled = chunk.filled().len();
         Poll::Ready(Ok((filled > 0).then_some(Fresh::Bytes(&scratch[..filled]))))
     }

@@ -35,7 +35,7 @@ use crate::frame::{CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::limits::MessageBudget;
 use crate::metrics as m;
 use crate::session::migrate::{Control, MigrationReason, ReplayWindow};
-use crate::session::peer::{Fresh, Peer, close, with_read_scratch};
+use crate::session::peer::{Fresh, Peer, ReadHint, close, with_read_scratch};
 
 /// How a relay ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,15 +139,17 @@ struct Pump<'a> {
 
 impl Pump<'_> {
     /// Move data from `src` to `dst` until there is nothing to read, `dst`
-    /// takes no more, or the direction ends.
+    /// takes no more, or the direction ends. `same_waker`: this task's
+    /// waker is the one `src` was last left waiting with.
     fn poll<S, D>(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut Peer<S>,
         dst: &mut Peer<D>,
+        same_waker: bool,
     ) -> Poll<PumpEnd>
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + ReadHint + Unpin,
         D: AsyncRead + AsyncWrite + Unpin,
     {
         loop {
@@ -163,6 +165,11 @@ impl Pump<'_> {
             // started, or straight into its buffer).
             if src.reader.buffered() > 0 && self.forward(cx, src, dst, &[]) {
                 continue;
+            }
+            // Woken for the other socket: this one, still empty, keeps the
+            // waker it had (asking it again would register it again).
+            if same_waker && src.read_waiting && !src.io.may_have_data() {
+                return Poll::Pending;
             }
             let read = with_read_scratch(|scratch| {
                 let fresh = match ready!(src.poll_read_chunk(cx, scratch)) {
@@ -195,7 +202,7 @@ impl Pump<'_> {
         fresh: &[u8],
     ) -> bool
     where
-        S: AsyncRead + AsyncWrite + Unpin,
+        S: AsyncRead + AsyncWrite + ReadHint + Unpin,
         D: AsyncRead + AsyncWrite + Unpin,
     {
         src.reader.scan_fresh(fresh, |data, scan, shared| {
@@ -337,8 +344,8 @@ pub async fn relay<C, U>(
     cx: RelayContext<'_>,
 ) -> RelayEnd
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + ReadHint + Unpin,
+    U: AsyncRead + AsyncWrite + ReadHint + Unpin,
 {
     let RelayContext {
         config,
@@ -380,13 +387,13 @@ where
 
     let stopped = poll_fn(|cx| {
         loop {
-            if let Poll::Ready(end) = up.poll(cx, client, upstream) {
+            let all = !waker_left.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if let Poll::Ready(end) = up.poll(cx, client, upstream, !all) {
                 return Poll::Ready(Stopped::Up(end));
             }
-            if let Poll::Ready(end) = down.poll(cx, upstream, client) {
+            if let Poll::Ready(end) = down.poll(cx, upstream, client, !all) {
                 return Poll::Ready(Stopped::Down(end));
             }
-            let all = !waker_left.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
             if (all || stop_probe.has_changed().unwrap_or(true))
                 && stop.as_mut().poll(cx).is_ready()
             {
