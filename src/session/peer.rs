@@ -76,7 +76,7 @@ pub trait ReadHint {
 
 /// What one read brought.
 pub enum Fresh<'a> {
-    /// Bytes read into the caller's stack buffer.
+    /// Bytes read into the caller's buffer (the thread's read buffer).
     Bytes(&'a [u8]),
     /// This many bytes read straight into the reader's buffer.
     InBuffer(usize),
