@@ -233,9 +233,8 @@ impl Pump<'_> {
                 // The common case first: a run of whole one-frame messages.
                 let mut over_budget = false;
                 let run = scan.plain_run(data, |payload| {
-                    let spent = self.budget.as_deref_mut().is_none_or(|b| b.spend(payload));
-                    over_budget = !spent;
-                    spent
+                    over_budget = !within_budget(&mut self.budget, payload);
+                    !over_budget
                 });
                 end += run.len;
                 count += run.messages;
@@ -254,9 +253,7 @@ impl Pump<'_> {
                 };
                 match unit {
                     Unit::Message { len, payload } => {
-                        if let Some(budget) = self.budget.as_deref_mut()
-                            && !budget.spend(payload)
-                        {
+                        if !within_budget(&mut self.budget, payload) {
                             self.pending_end = Some(PumpEnd::SourceViolation(1008));
                             break;
                         }
@@ -300,6 +297,12 @@ impl Pump<'_> {
             (end, acted)
         })
     }
+}
+
+/// Spend a message of `payload` bytes from the client's rate limits, if it
+/// has any; false when they are used up.
+fn within_budget(budget: &mut Option<&mut MessageBudget>, payload: usize) -> bool {
+    budget.as_deref_mut().is_none_or(|b| b.spend(payload))
 }
 
 /// The reason sent with the close code for a client's violation.
