@@ -25,7 +25,7 @@ use crate::frame::{self, CloseFrame, FrameReader, OP_CLOSE, Unit, Violation};
 const READ_CHUNK: usize = 16 * 1024;
 
 /// A frame still missing at least this much is read straight into a heap
-/// buffer reserved for it, not through the stack buffer.
+/// buffer reserved for it, not through the thread's read buffer.
 const DIRECT_READ_MIN: usize = 4 * 1024;
 
 /// Most bytes reserved ahead of one read. A header only *claims* a length;
