@@ -206,16 +206,23 @@ impl Pump<'_> {
         D: AsyncRead + AsyncWrite + Unpin,
     {
         src.reader.scan_fresh(fresh, |data, scan, shared| {
-            // data[written..end] is the batch being gathered, with the
-            // messages counted after the first `counted`.
+            // data[written..end] is the batch being gathered, with `count`
+            // messages of `payload_bytes` in it.
             let (mut written, mut end) = (0, 0);
-            let (mut count, mut counted, mut payload_bytes) = (0, 0, 0);
+            let (mut count, mut payload_bytes) = (0, 0);
             let mut acted = false;
             let mut lost = false;
+            let (messages_total, bytes_total) = (self.messages, self.bytes);
             let mut window = self.window.as_deref_mut();
-            let mut write = |from: usize, to: usize, messages: usize| {
+            let mut write = |from: usize, to: usize, messages: usize, payload: usize| {
                 if to == from {
                     return;
+                }
+                // Counted before written: whoever sees a message can see it
+                // counted.
+                if messages > 0 {
+                    messages_total.increment(messages as u64);
+                    bytes_total.increment(payload as u64);
                 }
                 if let Some(window) = window.as_deref_mut() {
                     match shared {
@@ -272,8 +279,8 @@ impl Pump<'_> {
                         len,
                         keepalive: true,
                     } => {
-                        write(written, end, count - counted);
-                        counted = count;
+                        write(written, end, count, payload_bytes);
+                        (count, payload_bytes) = (0, 0);
                         written = end + len;
                         end = written;
                         acted = true;
@@ -284,14 +291,10 @@ impl Pump<'_> {
                     }
                 }
             }
-            write(written, end, count - counted);
+            write(written, end, count, payload_bytes);
             // A failed write takes precedence over an end found after it.
             if lost {
                 self.pending_end = Some(PumpEnd::DestinationLost);
-            }
-            if count > 0 {
-                self.messages.increment(count as u64);
-                self.bytes.increment(payload_bytes as u64);
             }
             let acted = acted || end > written || self.pending_end.is_some();
             (end, acted)
