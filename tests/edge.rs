@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use support::{
-    Client, TestBackend, WAIT, close, eventually, key, metric, read_welcome, recv_data, router,
-    trace_init, within,
+    Client, TestBackend, WAIT, close, echo, eventually, key, metric, read_welcome, recv_data,
+    router, trace_init, within,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -159,14 +159,7 @@ async fn a_flood_from_one_address_is_held_to_its_rate_while_others_chat() {
     let mut n = 0;
     while let Some(status) = done_rx.recv().await {
         if n % 200 == 0 {
-            bystander
-                .send(Message::text(format!("still here {n}")))
-                .await
-                .unwrap();
-            assert_eq!(
-                recv_data(&mut bystander).await,
-                Message::text(format!("still here {n}"))
-            );
+            echo(&mut bystander, &format!("still here {n}")).await;
         }
         n += 1;
         let _ = status;
@@ -427,14 +420,7 @@ async fn slowloris_connections_are_cut_at_the_deadline_while_others_chat() {
     }
     // Meanwhile the established session flows, and a newcomer gets in.
     for i in 0..5 {
-        established
-            .send(Message::text(format!("flowing {i}")))
-            .await
-            .unwrap();
-        assert_eq!(
-            recv_data(&mut established).await,
-            Message::text(format!("flowing {i}"))
-        );
+        echo(&mut established, &format!("flowing {i}")).await;
     }
     let (_, newcomer) = router.connect(&key("slow", 1), &[]).await;
     assert_eq!(newcomer.backend, "edge-slow");

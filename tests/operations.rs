@@ -16,12 +16,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::SinkExt;
 use serde_json::Value;
 use support::{
-    CITY_DB, Client, TestBackend, WAIT, Welcome, closed_port, eventually, expect_close, key,
+    CITY_DB, Client, TestBackend, WAIT, Welcome, closed_port, echo, eventually, expect_close, key,
     manifest_dir, raise_fd_limit, read_answer, read_welcome, recv_data, router, temp_file,
-    trace_init, try_connect, within,
+    trace_init, try_connect,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -43,18 +42,6 @@ async fn join_all<T: 'static>(mut set: JoinSet<T>) -> Vec<T> {
         }
     }
     out
-}
-
-/// Send `text` and expect its echo as the very next data message (so a
-/// close, or a welcome from a backend the session moved to, fails here).
-async fn echo(client: &mut Client, text: &str) {
-    within("sending a message", client.send(Message::text(text)))
-        .await
-        .unwrap_or_else(|e| panic!("send {text:?}: {e}"));
-    match recv_data(client).await {
-        Message::Text(t) if t.as_str() == text => {}
-        other => panic!("expected the echo of {text:?}, got {other:?}"),
-    }
 }
 
 /// The welcome of the backend a session was moved to: the next data

@@ -5,7 +5,7 @@ mod support;
 
 use futures_util::{SinkExt, StreamExt};
 use support::{
-    BackendOptions, LONDON, Refusal, TestBackend, WAIT, close, closed_port, eventually,
+    BackendOptions, LONDON, Refusal, TestBackend, WAIT, close, closed_port, echo, eventually,
     expect_close, key, recv, recv_data, router, trace_init, try_connect,
 };
 use tokio_tungstenite::tungstenite::Error as WsError;
@@ -528,14 +528,7 @@ async fn a_public_listener_bound_without_reuseport_is_shared_by_the_session_thre
     for i in 0..12 {
         let (mut client, welcome) = router.connect(&key("shared", i), &[]).await;
         assert_eq!(welcome.backend, backend.id);
-        client
-            .send(Message::text(format!("hello {i}")))
-            .await
-            .unwrap();
-        assert_eq!(
-            recv_data(&mut client).await,
-            Message::text(format!("hello {i}"))
-        );
+        echo(&mut client, &format!("hello {i}")).await;
         close(client).await;
     }
 }

@@ -992,6 +992,18 @@ pub async fn recv_data(client: &mut Client) -> Message {
     }
 }
 
+/// Send `text` and expect its echo as the very next data message (so a
+/// close, or a welcome from a backend the session moved to, fails here).
+pub async fn echo(client: &mut Client, text: &str) {
+    within("sending a message", client.send(Message::text(text)))
+        .await
+        .unwrap_or_else(|e| panic!("send {text:?}: {e}"));
+    match recv_data(client).await {
+        Message::Text(t) if t.as_str() == text => {}
+        other => panic!("expected the echo of {text:?}, got {other:?}"),
+    }
+}
+
 /// The backend's welcome, parsed.
 pub async fn read_welcome(client: &mut Client) -> Welcome {
     match recv_data(client).await {
