@@ -227,12 +227,7 @@ fn start_session_workers(
     listeners.insert(0, public);
     let mut workers = Vec::with_capacity(count);
     for (i, listener) in listeners.into_iter().enumerate() {
-        let mut router = router.clone();
-        // The sessions of a thread watch a copy of the stop flag that the
-        // thread keeps: every session polls it on every wake, and the
-        // router-wide one would move its lock between threads each time.
-        let (thread_stop, thread_stop_rx) = watch::channel(false);
-        let mut stop = std::mem::replace(&mut router.shutdown, thread_stop_rx);
+        let router = router.clone();
         let mut accepting = accepting.clone();
         let mut finished = finished.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -242,10 +237,6 @@ fn start_session_workers(
             .name(format!("wsrouter-sessions-{i}"))
             .spawn(move || {
                 runtime.block_on(async move {
-                    tokio::spawn(async move {
-                        stopped(&mut stop).await;
-                        let _ = thread_stop.send(true);
-                    });
                     let listener = match TcpListener::from_std(listener) {
                         Ok(listener) => listener,
                         Err(error) => {
