@@ -487,14 +487,17 @@ impl FrameReader {
             return result;
         }
         self.buf.extend_from_slice(fresh);
-        let held = self.buf.split().freeze();
+        // Taken whole, spare room included, so that the rest can be handed
+        // back below without a copy when nothing else kept these bytes.
+        let held = std::mem::take(&mut self.buf).freeze();
         let (used, result) = walk(&held, &mut self.scan, Some(&held));
         self.scan.consumed(used);
-        // The rest stays, in place unless `walk` kept some of the bytes; an
-        // empty buffer holds no memory.
+        // The rest stays, in place (with the room reserved after it) unless
+        // `walk` kept some of the bytes; an empty buffer holds no memory.
         self.buf = if used < held.len() {
-            held.slice(used..)
-                .try_into_mut()
+            let rest = held.slice(used..);
+            drop(held);
+            rest.try_into_mut()
                 .unwrap_or_else(|rest| BytesMut::from(&rest[..]))
         } else {
             BytesMut::new()
