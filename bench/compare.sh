@@ -26,6 +26,9 @@ BACKEND_ADDR=127.0.0.1:19001
 PROXY_ADDR=127.0.0.1:18080
 ADMIN_ADDR=127.0.0.1:19090
 ALL_TARGETS=direct,wsrouter,haproxy,nginx
+# Byte tunnels on tokio and on a hand-written loop (examples/), run only
+# when named: BENCHMARKS.md, "The tokio floor".
+YARDSTICKS=tokio-tunnel,mio-tunnel
 ALL_WORKLOADS=latency,throughput,large,idle,churn
 
 targets=$ALL_TARGETS
@@ -42,7 +45,8 @@ usage() {
     cat <<EOF
 usage: bench/compare.sh [options]
 
-  --targets LIST     comma-separated, from: $ALL_TARGETS (default: all)
+  --targets LIST     comma-separated, from: $ALL_TARGETS (default: all),
+                     tokio-tunnel and mio-tunnel (byte tunnels, yardsticks)
   --workloads LIST   comma-separated, from: $ALL_WORKLOADS (default: all)
   --runs N           repeat every workload N times; the summary quotes medians (default 1)
   --quick            tiny sizes (few connections, 2 s) for a smoke test
@@ -81,7 +85,7 @@ log() { echo "[compare] $*" >&2; }
 IFS=, read -r -a target_list <<<"$targets"
 IFS=, read -r -a workload_list <<<"$workloads"
 for t in "${target_list[@]}"; do
-    [[ ",$ALL_TARGETS," == *",$t,"* ]] || die "unknown target $t (choose from $ALL_TARGETS)"
+    [[ ",$ALL_TARGETS,$YARDSTICKS," == *",$t,"* ]] || die "unknown target $t (choose from $ALL_TARGETS,$YARDSTICKS)"
 done
 for w in "${workload_list[@]}"; do
     [[ ",$ALL_WORKLOADS," == *",$w,"* ]] || die "unknown workload $w (choose from $ALL_WORKLOADS)"
@@ -226,6 +230,10 @@ start_target() {
         direct) proxy_pid="" ;;
         wsrouter)
             RUST_LOG=warn "$WSROUTER" --config "$BENCH/wsrouter.toml" 2>"$out/logs/$tag-proxy.log" &
+            proxy_pid=$!
+            ;;
+        tokio-tunnel | mio-tunnel)
+            "$ROOT/target/release/examples/${target/-/_}" --listen "$PROXY_ADDR" --backend "$BACKEND_ADDR" 2>"$out/logs/$tag-proxy.log" &
             proxy_pid=$!
             ;;
         haproxy)

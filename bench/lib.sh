@@ -9,13 +9,15 @@ raise_fd_limit() {
     log "open files limit: $(ulimit -n)"
 }
 
-# Build the release binaries when $1 is 1, then set WSROUTER (or $2, a
+# Build the release binaries when $1 is 1 (with the byte tunnels that
+# compare.sh can measure as yardsticks), then set WSROUTER (or $2, a
 # router binary given on the command line), LOADGEN and ECHO.
 release_binaries() {
     local build=$1 router_bin=$2 b
     if [ "$build" = 1 ]; then
-        log "building release binaries (wsrouter, loadgen, echo_backend), niced"
-        (cd "$ROOT" && nice -n 10 cargo build --release --bin wsrouter --example loadgen --example echo_backend)
+        log "building release binaries (wsrouter, loadgen, echo_backend, the tunnels), niced"
+        (cd "$ROOT" && nice -n 10 cargo build --release --bin wsrouter --example loadgen \
+            --example echo_backend --example tokio_tunnel --example mio_tunnel)
     fi
     WSROUTER=${router_bin:-"$ROOT/target/release/wsrouter"}
     LOADGEN="$ROOT/target/release/examples/loadgen"

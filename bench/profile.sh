@@ -13,6 +13,10 @@
 #   bench/profile.sh strace nginx -- throughput -c 50 --window 16 --size 64 --duration 5s
 #   bench/profile.sh stat haproxy -- throughput -c 50 --window 16 --size 64 --duration 6s
 #
+# The proxy is wsrouter, nginx or haproxy, or one of the byte tunnels in
+# examples/ that serve as yardsticks (tokio-tunnel, mio-tunnel; BENCHMARKS.md,
+# "The tokio floor").
+#
 # WSROUTER=path/to/wsrouter picks another router binary (one built with
 # debug info, say) and WSROUTER_CONFIG=file another configuration (relative
 # to bench/); PERF_CALLGRAPH=dwarf gives perf whole user-space stacks.
@@ -32,8 +36,8 @@ tool=${1:-}
 proxy=${2:-}
 shift 2 || true
 [ "${1:-}" = "--" ] && shift
-case "$tool" in perf | strace | stat | syscalls) ;; *) echo "usage: bench/profile.sh perf|strace|stat|syscalls wsrouter|nginx|haproxy -- LOADGEN ARGS" >&2; exit 64 ;; esac
-case "$proxy" in wsrouter | nginx | haproxy) ;; *) echo "proxy must be wsrouter, nginx or haproxy" >&2; exit 64 ;; esac
+case "$tool" in perf | strace | stat | syscalls) ;; *) echo "usage: bench/profile.sh perf|strace|stat|syscalls wsrouter|nginx|haproxy|tokio-tunnel|mio-tunnel -- LOADGEN ARGS" >&2; exit 64 ;; esac
+case "$proxy" in wsrouter | nginx | haproxy | tokio-tunnel | mio-tunnel) ;; *) echo "proxy must be wsrouter, nginx, haproxy, tokio-tunnel or mio-tunnel" >&2; exit 64 ;; esac
 needs=$tool
 case "$tool" in stat) needs=python3 ;; syscalls) needs=perf ;; esac
 command -v "$needs" >/dev/null || { echo "$needs is not installed (apt-get install linux-perf or strace)" >&2; exit 69; }
@@ -69,6 +73,9 @@ pids+=($!)
 case "$proxy" in
     wsrouter)
         (cd "$BENCH" && exec "${WSROUTER:-$ROOT/target/release/wsrouter}" --config "${WSROUTER_CONFIG:-wsrouter.toml}") 2>"$out/proxy.log" &
+        ;;
+    tokio-tunnel | mio-tunnel)
+        "$ROOT/target/release/examples/${proxy/-/_}" --listen 127.0.0.1:18080 --backend 127.0.0.1:19001 2>"$out/proxy.log" &
         ;;
     nginx)
         nginx -e stderr -p "$out/run/" -c "$BENCH/nginx.conf" -g 'daemon off;' 2>"$out/proxy.log" &
