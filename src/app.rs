@@ -5,9 +5,10 @@
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind
 //! port 0 and stop the router when they like, and `main` passes the
 //! addresses from the config and a signal handler. Shutdown order: stop
-//! accepting (and fail `/readyz`), let sessions keep relaying for the grace
-//! period, then tell every session to close both sides with 1001, and wait,
-//! bounded, until every session's completion guard is dropped.
+//! accepting (every listener closed), then fail `/readyz`, let sessions
+//! keep relaying for the grace period, then tell every session to close
+//! both sides with 1001, and wait, bounded, until every session's
+//! completion guard is dropped.
 
 use std::future::Future;
 use std::io;
@@ -30,6 +31,10 @@ use crate::metrics;
 use crate::session::relay::TrafficCounters;
 use crate::session::{self, Router};
 use crate::tls::Terminator;
+
+/// How long shutdown waits for the session threads to close their
+/// listeners (each notices within a poll; this bounds a stuck one).
+const LISTENERS_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// The router's two listening sockets.
 #[derive(Debug)]
@@ -154,6 +159,8 @@ pub async fn run_with(
     // Dropping the senders (this future cancelled) stops the workers too.
     let (accepting_tx, accepting_rx) = watch::channel(true);
     let (finished_tx, finished_rx) = watch::channel(false);
+    // Each session thread holds a sender until it has closed its listener.
+    let (listener_open, mut listeners_closed) = mpsc::channel::<()>(1);
     let threads = match config.load().session_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -164,13 +171,22 @@ pub async fn run_with(
         &router,
         &accepting_rx,
         &finished_rx,
+        listener_open,
     )?;
     tracing::info!(threads, "session threads started");
     shutdown.await;
 
-    // Stop accepting; sessions keep relaying for the grace period.
+    // Stop accepting; sessions keep relaying for the grace period. Every
+    // listener is closed before `/readyz` fails, so whoever sees it fail
+    // finds new connections refused.
     let _ = accepting_tx.send(false);
     drop(router);
+    if tokio::time::timeout(LISTENERS_CLOSE_WAIT, listeners_closed.recv())
+        .await
+        .is_err()
+    {
+        tracing::warn!("a session thread did not close its listener in time");
+    }
     operator.shared.shutting_down.store(true, Ordering::Relaxed);
     let current = config.load_full();
     tracing::info!(grace = ?current.shutdown_grace, "shutting down: no new sessions, waiting for live ones");
@@ -197,7 +213,8 @@ pub async fn run_with(
 /// Start `count` session threads, each a single-threaded runtime with its
 /// own listener on the public address (the first gets `public`, the others
 /// bind the address again: see [`public_listener`]), accepting until
-/// `accepting` turns false and running its sessions until `finished`.
+/// `accepting` turns false and running its sessions until `finished`. Each
+/// thread drops its clone of `listener_open` once its listener is closed.
 ///
 /// This is HAProxy's `nbthread` and NGINX's `worker_processes` with
 /// `reuseport`: each thread sleeps in its own `epoll_wait` and runs its own
@@ -209,6 +226,7 @@ fn start_session_workers(
     router: &Router,
     accepting: &watch::Receiver<bool>,
     finished: &watch::Receiver<bool>,
+    listener_open: mpsc::Sender<()>,
 ) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
     let addr = public.local_addr()?;
     let public = public.into_std()?;
@@ -230,6 +248,7 @@ fn start_session_workers(
         let router = router.clone();
         let mut accepting = accepting.clone();
         let mut finished = finished.clone();
+        let listener_open = listener_open.clone();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -249,6 +268,7 @@ fn start_session_workers(
                     };
                     accept_loop(&listener, &router, stop_accepting).await;
                     drop(listener);
+                    drop(listener_open);
                     drop(router);
                     // Sessions keep running on this thread until every one
                     // has ended (or the router gave up waiting).
