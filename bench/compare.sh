@@ -26,9 +26,10 @@ BACKEND_ADDR=127.0.0.1:19001
 PROXY_ADDR=127.0.0.1:18080
 ADMIN_ADDR=127.0.0.1:19090
 ALL_TARGETS=direct,wsrouter,haproxy,nginx
-# Byte tunnels on tokio and on a hand-written loop (examples/), run only
-# when named: BENCHMARKS.md, "The tokio floor".
-YARDSTICKS=tokio-tunnel,mio-tunnel
+# Byte tunnels on tokio, on a hand-written epoll loop (examples/) and on
+# io_uring (bench/uring_tunnel/), run only when named: BENCHMARKS.md, "The
+# tokio floor".
+YARDSTICKS=tokio-tunnel,mio-tunnel,uring-tunnel
 ALL_WORKLOADS=latency,throughput,large,idle,churn
 
 targets=$ALL_TARGETS
@@ -46,7 +47,7 @@ usage() {
 usage: bench/compare.sh [options]
 
   --targets LIST     comma-separated, from: $ALL_TARGETS (default: all),
-                     tokio-tunnel and mio-tunnel (byte tunnels, yardsticks)
+                     tokio-tunnel, mio-tunnel, uring-tunnel (byte tunnels, yardsticks)
   --workloads LIST   comma-separated, from: $ALL_WORKLOADS (default: all)
   --runs N           repeat every workload N times; the summary quotes medians (default 1)
   --quick            tiny sizes (few connections, 2 s) for a smoke test
@@ -122,6 +123,13 @@ done
 # One router holds ~9,900 sessions under a hard limit of 20,000 open files.
 raise_fd_limit
 release_binaries "$build" "$wsrouter_bin"
+if [[ ",$targets," == *",uring-tunnel,"* ]]; then
+    if [ "$build" = 1 ]; then
+        log "building the io_uring tunnel (its own package), niced"
+        (cd "$ROOT" && nice -n 10 cargo build --release --manifest-path bench/uring_tunnel/Cargo.toml --target-dir target)
+    fi
+    [ -x "$ROOT/target/release/uring_tunnel" ] || die "target/release/uring_tunnel is missing (run without --no-build)"
+fi
 
 # --- output ----------------------------------------------------------------
 
@@ -234,6 +242,10 @@ start_target() {
             ;;
         tokio-tunnel | mio-tunnel)
             "$ROOT/target/release/examples/${target/-/_}" --listen "$PROXY_ADDR" --backend "$BACKEND_ADDR" 2>"$out/logs/$tag-proxy.log" &
+            proxy_pid=$!
+            ;;
+        uring-tunnel)
+            "$ROOT/target/release/uring_tunnel" --listen "$PROXY_ADDR" --backend "$BACKEND_ADDR" 2>"$out/logs/$tag-proxy.log" &
             proxy_pid=$!
             ;;
         haproxy)

@@ -13,9 +13,9 @@
 #   bench/profile.sh strace nginx -- throughput -c 50 --window 16 --size 64 --duration 5s
 #   bench/profile.sh stat haproxy -- throughput -c 50 --window 16 --size 64 --duration 6s
 #
-# The proxy is wsrouter, nginx or haproxy, or one of the byte tunnels in
-# examples/ that serve as yardsticks (tokio-tunnel, mio-tunnel; BENCHMARKS.md,
-# "The tokio floor").
+# The proxy is wsrouter, nginx or haproxy, or one of the byte tunnels that
+# serve as yardsticks (tokio-tunnel, mio-tunnel and uring-tunnel; built by
+# compare.sh; BENCHMARKS.md, "The tokio floor").
 #
 # WSROUTER=path/to/wsrouter picks another router binary (one built with
 # debug info, say) and WSROUTER_CONFIG=file another configuration (relative
@@ -36,8 +36,8 @@ tool=${1:-}
 proxy=${2:-}
 shift 2 || true
 [ "${1:-}" = "--" ] && shift
-case "$tool" in perf | strace | stat | syscalls) ;; *) echo "usage: bench/profile.sh perf|strace|stat|syscalls wsrouter|nginx|haproxy|tokio-tunnel|mio-tunnel -- LOADGEN ARGS" >&2; exit 64 ;; esac
-case "$proxy" in wsrouter | nginx | haproxy | tokio-tunnel | mio-tunnel) ;; *) echo "proxy must be wsrouter, nginx, haproxy, tokio-tunnel or mio-tunnel" >&2; exit 64 ;; esac
+case "$tool" in perf | strace | stat | syscalls) ;; *) echo "usage: bench/profile.sh perf|strace|stat|syscalls wsrouter|nginx|haproxy|tokio-tunnel|mio-tunnel|uring-tunnel -- LOADGEN ARGS" >&2; exit 64 ;; esac
+case "$proxy" in wsrouter | nginx | haproxy | tokio-tunnel | mio-tunnel | uring-tunnel) ;; *) echo "proxy must be wsrouter, nginx, haproxy, tokio-tunnel, mio-tunnel or uring-tunnel" >&2; exit 64 ;; esac
 needs=$tool
 case "$tool" in stat) needs=python3 ;; syscalls) needs=perf ;; esac
 command -v "$needs" >/dev/null || { echo "$needs is not installed (apt-get install linux-perf or strace)" >&2; exit 69; }
@@ -76,6 +76,9 @@ case "$proxy" in
         ;;
     tokio-tunnel | mio-tunnel)
         "$ROOT/target/release/examples/${proxy/-/_}" --listen 127.0.0.1:18080 --backend 127.0.0.1:19001 2>"$out/proxy.log" &
+        ;;
+    uring-tunnel)
+        "$ROOT/target/release/uring_tunnel" --listen 127.0.0.1:18080 --backend 127.0.0.1:19001 2>"$out/proxy.log" &
         ;;
     nginx)
         nginx -e stderr -p "$out/run/" -c "$BENCH/nginx.conf" -g 'daemon off;' 2>"$out/proxy.log" &
