@@ -14,38 +14,14 @@
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 
-use clap::Parser;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
-#[derive(Parser)]
-struct Args {
-    /// Where clients connect.
-    #[arg(long, default_value = "127.0.0.1:18080")]
-    listen: SocketAddr,
-    /// Where every session is tunnelled to.
-    #[arg(long, default_value = "127.0.0.1:19001")]
-    backend: SocketAddr,
-    /// Event loops (default: one per core).
-    #[arg(long)]
-    threads: Option<usize>,
-}
+#[path = "../bench/tunnel_cli.rs"]
+mod tunnel_cli;
 
 fn main() -> io::Result<()> {
-    let args = Args::parse();
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let loops: Vec<_> = (0..threads)
-        .map(|_| {
-            let (listen, backend) = (args.listen, args.backend);
-            std::thread::spawn(move || event_loop(listen, backend))
-        })
-        .collect();
-    for l in loops {
-        l.join().expect("event loop panicked")?;
-    }
-    Ok(())
+    tunnel_cli::run_per_core(event_loop)
 }
 
 const LISTENER: Token = Token(usize::MAX);
@@ -63,24 +39,10 @@ fn token(slot: usize, side: usize) -> Token {
     Token(slot * 2 + side)
 }
 
-fn listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    Ok(TcpListener::from_std(socket.into()))
-}
-
 fn event_loop(listen: SocketAddr, backend: SocketAddr) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let mut events = Events::with_capacity(1024);
-    let mut accept = listener(listen)?;
+    let mut accept = TcpListener::from_std(tunnel_cli::reuseport_listener(listen, true)?);
     poll.registry()
         .register(&mut accept, LISTENER, Interest::READABLE)?;
     let mut sessions: Vec<Option<Session>> = Vec::new();

@@ -13,37 +13,13 @@
 
 use std::net::SocketAddr;
 
-use clap::Parser;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
-#[derive(Parser)]
-struct Args {
-    /// Where clients connect.
-    #[arg(long, default_value = "127.0.0.1:18080")]
-    listen: SocketAddr,
-    /// Where every session is tunnelled to.
-    #[arg(long, default_value = "127.0.0.1:19001")]
-    backend: SocketAddr,
-    /// Session threads (default: one per core).
-    #[arg(long)]
-    threads: Option<usize>,
-}
+#[path = "../bench/tunnel_cli.rs"]
+mod tunnel_cli;
 
 fn main() -> std::io::Result<()> {
-    let args = Args::parse();
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let (listen, backend) = (args.listen, args.backend);
-            std::thread::spawn(move || serve(listen, backend))
-        })
-        .collect();
-    for worker in workers {
-        worker.join().expect("session thread panicked")?;
-    }
-    Ok(())
+    tunnel_cli::run_per_core(serve)
 }
 
 /// One session thread: accept and tunnel until the process is stopped.
@@ -52,11 +28,8 @@ fn serve(listen: SocketAddr, backend: SocketAddr) -> std::io::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let socket = TcpSocket::new_v4()?;
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.bind(listen)?;
-        let listener = socket.listen(4096)?;
+        let listener =
+            tokio::net::TcpListener::from_std(tunnel_cli::reuseport_listener(listen, true)?)?;
         loop {
             let (client, _) = listener.accept().await?;
             tokio::spawn(async move {

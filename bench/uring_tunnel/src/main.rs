@@ -17,37 +17,13 @@ use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use clap::Parser;
 use io_uring::{IoUring, opcode, squeue, types};
 
-#[derive(Parser)]
-struct Args {
-    /// Where clients connect.
-    #[arg(long, default_value = "127.0.0.1:18080")]
-    listen: SocketAddr,
-    /// Where every session is tunnelled to.
-    #[arg(long, default_value = "127.0.0.1:19001")]
-    backend: SocketAddr,
-    /// Rings (default: one per core).
-    #[arg(long)]
-    threads: Option<usize>,
-}
+#[path = "../../tunnel_cli.rs"]
+mod tunnel_cli;
 
 fn main() -> io::Result<()> {
-    let args = Args::parse();
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let rings: Vec<_> = (0..threads)
-        .map(|_| {
-            let (listen, backend) = (args.listen, args.backend);
-            std::thread::spawn(move || run(listen, backend))
-        })
-        .collect();
-    for ring in rings {
-        ring.join().expect("ring thread panicked")?;
-    }
-    Ok(())
+    tunnel_cli::run_per_core(run)
 }
 
 const BUFFER: usize = 16 * 1024;
@@ -70,25 +46,12 @@ struct Session {
     closing: bool,
 }
 
-fn listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    Ok(socket.into())
-}
-
 fn run(listen: SocketAddr, backend: SocketAddr) -> io::Result<()> {
     let mut ring: IoUring = IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
         .build(4096)?;
-    let accept_from = listener(listen)?;
+    let accept_from = tunnel_cli::reuseport_listener(listen, false)?;
     let mut sessions: Vec<Option<Session>> = Vec::new();
     let mut free: Vec<usize> = Vec::new();
     let mut pending: Vec<squeue::Entry> = vec![accept(&accept_from)];
