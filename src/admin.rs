@@ -11,6 +11,7 @@
 //! | `POST /api/backends/{id}/undrain` | take new sessions again |
 //! | `POST /api/reload` | re-read the config file (as SIGHUP does) |
 //! | `GET /api/attack-mode` | `{"under_attack": bool}` |
+//! | `GET /api/memory` | JSON: bytes held for clients and backends now and at most, the budget, the pressure state |
 //! | `POST /api/attack-mode/on`, `/off` | switch "under attack" mode |
 //!
 //! Mutating (POST) calls need `Authorization: Bearer <admin.token>` when a
@@ -33,12 +34,14 @@ use tokio::sync::watch;
 
 use crate::app::{Operator, ReloadError};
 use crate::backend::Backend;
+use crate::memory::MemoryBudget;
 
 /// What the admin endpoints read and act on.
 #[derive(Clone)]
 pub struct AdminState {
     pub operator: Operator,
     pub metrics: PrometheusHandle,
+    pub memory: MemoryBudget,
 }
 
 /// Accept admin connections until `stop` becomes true.
@@ -100,6 +103,15 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/api/attack-mode" => json(
             StatusCode::OK,
             &serde_json::json!({ "under_attack": state.operator.limits().is_under_attack() }),
+        ),
+        "/api/memory" => json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "held_bytes": state.memory.held(),
+                "peak_bytes": state.memory.peak(),
+                "limit_bytes": state.memory.limit(),
+                "pressure": state.memory.pressure().as_str(),
+            }),
         ),
         "/api/backends" => {
             let set = state.operator.backends().load();

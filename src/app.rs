@@ -27,6 +27,7 @@ use crate::backend::{Backend, BackendSet, Backends};
 use crate::config::{Config, ConfigError};
 use crate::health;
 use crate::limits::Limits;
+use crate::memory::MemoryBudget;
 use crate::metrics;
 use crate::session::relay::TrafficCounters;
 use crate::session::{self, Router};
@@ -116,6 +117,13 @@ pub async fn run_with(
 
     let limits = Limits::new(&config.load().limits);
     spawn_limit_upkeep(limits.clone(), stop_rx.clone());
+    let memory = MemoryBudget::new(config.load().limits.max_buffered_bytes);
+    let mut memory_stop = stop_rx.clone();
+    tokio::spawn(
+        memory
+            .clone()
+            .monitor(async move { stopped(&mut memory_stop).await }),
+    );
     let operator = Operator {
         shared: Arc::new(OperatorShared {
             limits: limits.clone(),
@@ -131,6 +139,7 @@ pub async fn run_with(
     let admin_state = AdminState {
         operator: operator.clone(),
         metrics,
+        memory: memory.clone(),
     };
     tokio::spawn(admin::serve(listeners.admin, admin_state, stop_rx.clone()));
     if options.reload_on_sighup {
@@ -153,6 +162,7 @@ pub async fn run_with(
         next_session_id: Arc::new(AtomicU64::new(1)),
         limits,
         tls,
+        memory: memory.clone(),
     };
     // Sessions run on threads of their own (see `start_session_workers`);
     // this runtime keeps the admin API, health checks, reloads and signals.

@@ -44,12 +44,18 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_QUEUE_MAX_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_REPLAY_MAX_MESSAGES: usize = 64;
+/// Chat messages are mostly JSON events of well under 1 KiB: 64 of them
+/// fit in 64 KiB, so this covers the count bound twice over for chat, and
+/// keeps 10,000 sessions' windows under 1.25 GiB at worst.
+pub const DEFAULT_REPLAY_MAX_BYTES: usize = 128 * 1024;
 pub const DEFAULT_REPLAY_MAX_AGE: Duration = Duration::from_secs(10);
 pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MIGRATION_RATE: u32 = 200;
 pub const DEFAULT_PASSIVE_FAILURES: u32 = 3;
 pub const DEFAULT_PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// The smallest `limits.max_buffered_bytes`: a few sessions' worth.
+pub const MIN_BUFFERED_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_ATTACK_CONNECTION_RATE: u32 = 2;
 pub const DEFAULT_ATTACK_CONNECTION_BURST: u32 = 5;
 pub const DEFAULT_ATTACK_MAX_SESSIONS: u32 = 10;
@@ -227,6 +233,7 @@ struct FileRelay {
 struct FileMigration {
     queue_max_bytes: Option<usize>,
     replay_max_messages: Option<usize>,
+    replay_max_bytes: Option<usize>,
     replay_max_age: Option<String>,
     timeout: Option<String>,
     max_rate_per_backend: Option<u32>,
@@ -243,6 +250,7 @@ struct FilePassiveHealth {
 #[serde(deny_unknown_fields)]
 struct FileLimits {
     max_sessions: Option<usize>,
+    max_buffered_bytes: Option<usize>,
     per_ip_connection_rate: Option<u32>,
     per_ip_connection_burst: Option<u32>,
     per_ip_max_sessions: Option<u32>,
@@ -440,6 +448,8 @@ pub struct MigrationConfig {
     pub queue_max_bytes: usize,
     /// Client messages kept for replay after an abrupt backend failure.
     pub replay_max_messages: usize,
+    /// Bytes of client frames kept for replay; the oldest go first.
+    pub replay_max_bytes: usize,
     /// Messages older than this are not replayed.
     pub replay_max_age: Duration,
     /// A session that finds no new backend within this is closed with 1013.
@@ -453,6 +463,9 @@ pub struct MigrationConfig {
 pub struct LimitsConfig {
     /// Sessions in all; past it, 503 before the upgrade.
     pub max_sessions: usize,
+    /// Bytes held for clients and backends in all (see [`crate::memory`]);
+    /// never 0: the default is half the memory the process may use.
+    pub max_buffered_bytes: usize,
     /// Per client address, normally.
     pub per_ip: PerIpLimits,
     /// Per client address, in "under attack" mode.
@@ -1080,6 +1093,7 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         replay_max_messages: mg
             .replay_max_messages
             .unwrap_or(DEFAULT_REPLAY_MAX_MESSAGES),
+        replay_max_bytes: mg.replay_max_bytes.unwrap_or(DEFAULT_REPLAY_MAX_BYTES),
         replay_max_age: p.duration(
             "migration.replay_max_age",
             mg.replay_max_age.as_ref(),
@@ -1162,8 +1176,18 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             );
         }
     }
+    let max_buffered_bytes = l
+        .max_buffered_bytes
+        .unwrap_or_else(crate::memory::default_budget);
+    if max_buffered_bytes < MIN_BUFFERED_BYTES {
+        p.add(
+            "limits.max_buffered_bytes",
+            format!("{max_buffered_bytes} must be at least {MIN_BUFFERED_BYTES} (16 MiB)"),
+        );
+    }
     let limits = LimitsConfig {
         max_sessions: l.max_sessions.unwrap_or(0),
+        max_buffered_bytes,
         per_ip,
         under_attack,
         start_under_attack: ua.enabled.unwrap_or(false),

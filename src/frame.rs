@@ -471,14 +471,15 @@ impl FrameReader {
     /// Hand `walk` the bytes not yet consumed: those carried over, then
     /// `fresh` (just read). When nothing was carried over, `walk` gets
     /// `fresh` itself and nothing is copied; otherwise it also gets the
-    /// bytes as [`Bytes`], to keep slices of (a large message, say) without
-    /// a copy. `walk` finds units with the [`FrameScan`] it is given and
-    /// returns how many leading bytes (whole units it was given) it has
-    /// dealt with; the rest is kept.
+    /// bytes as [`Bytes`] with the size of the allocation they lie in, to
+    /// keep slices of (a large message, say) without a copy when that
+    /// pins no more than the slice. `walk` finds units with the
+    /// [`FrameScan`] it is given and returns how many leading bytes (whole
+    /// units it was given) it has dealt with; the rest is kept.
     pub fn scan_fresh<R>(
         &mut self,
         fresh: &[u8],
-        walk: impl FnOnce(&[u8], &mut FrameScan, Option<&Bytes>) -> (usize, R),
+        walk: impl FnOnce(&[u8], &mut FrameScan, Option<(&Bytes, usize)>) -> (usize, R),
     ) -> R {
         if self.buf.is_empty() {
             let (used, result) = walk(fresh, &mut self.scan, None);
@@ -487,18 +488,24 @@ impl FrameReader {
             return result;
         }
         self.buf.extend_from_slice(fresh);
+        let allocation = self.buf.capacity();
         // Taken whole, spare room included, so that the rest can be handed
         // back below without a copy when nothing else kept these bytes.
         let held = std::mem::take(&mut self.buf).freeze();
-        let (used, result) = walk(&held, &mut self.scan, Some(&held));
+        let (used, result) = walk(&held, &mut self.scan, Some((&held, allocation)));
         self.scan.consumed(used);
         // The rest stays, in place (with the room reserved after it) unless
-        // `walk` kept some of the bytes; an empty buffer holds no memory.
+        // `walk` kept some of the bytes or the rest is small in a large
+        // buffer (after a large message); an empty buffer holds no memory.
         self.buf = if used < held.len() {
             let rest = held.slice(used..);
             drop(held);
-            rest.try_into_mut()
-                .unwrap_or_else(|rest| BytesMut::from(&rest[..]))
+            if is_oversized(allocation, rest.len()) {
+                BytesMut::from(&rest[..])
+            } else {
+                rest.try_into_mut()
+                    .unwrap_or_else(|rest| BytesMut::from(&rest[..]))
+            }
         } else {
             BytesMut::new()
         };
@@ -509,7 +516,7 @@ impl FrameReader {
     pub fn take(&mut self, len: usize) -> Bytes {
         self.scan.consumed(len);
         let taken = self.buf.split_to(len).freeze();
-        self.release_if_empty();
+        self.release_spare();
         taken
     }
 
@@ -517,15 +524,42 @@ impl FrameReader {
     pub fn skip(&mut self, len: usize) {
         self.scan.consumed(len);
         self.buf.advance(len);
-        self.release_if_empty();
+        self.release_spare();
     }
 
-    /// An empty buffer gives its memory back (an idle session holds none).
-    fn release_if_empty(&mut self) {
-        if self.buf.is_empty() && self.buf.capacity() > 0 {
-            self.buf = BytesMut::new();
+    /// Drop what is buffered, and the buffer (nothing more will be read as
+    /// frames).
+    pub fn clear(&mut self) {
+        self.scan.unit_start = 0;
+        self.scan.cursor = 0;
+        self.scan.partial = None;
+        self.buf = BytesMut::new();
+    }
+
+    /// Bytes of memory the buffer holds.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// An empty buffer gives its memory back (an idle session holds none),
+    /// and a large one that holds little is shrunk to fit.
+    fn release_spare(&mut self) {
+        if self.buf.is_empty() {
+            if self.buf.capacity() > 0 {
+                self.buf = BytesMut::new();
+            }
+        } else if is_oversized(self.buf.capacity(), self.buf.len()) {
+            self.buf = BytesMut::from(&self.buf[..]);
         }
     }
+}
+
+/// A read buffer at least this big that holds under a quarter of it is
+/// shrunk to fit: a large message has gone, its buffer should too.
+const SHRINK_ABOVE: usize = 64 * 1024;
+
+fn is_oversized(capacity: usize, len: usize) -> bool {
+    capacity > SHRINK_ABOVE && len < capacity / 4
 }
 
 impl FrameScan {

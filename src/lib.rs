@@ -32,6 +32,7 @@ pub mod geo;
 pub mod handshake;
 pub mod health;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod session;

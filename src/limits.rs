@@ -283,6 +283,7 @@ mod tests {
     fn config() -> LimitsConfig {
         LimitsConfig {
             max_sessions: 3,
+            max_buffered_bytes: 1 << 30,
             per_ip: PerIpLimits {
                 connection_rate: 1,
                 connection_burst: 2,

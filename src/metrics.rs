@@ -27,6 +27,8 @@ pub const CLOSES_TOTAL: &str = "wsrouter_closes_total";
 pub const MIGRATIONS_TOTAL: &str = "wsrouter_migrations_total";
 pub const MIGRATION_DURATION_SECONDS: &str = "wsrouter_migration_duration_seconds";
 pub const REPLAYED_MESSAGES_TOTAL: &str = "wsrouter_replayed_messages_total";
+pub const BUFFERED_BYTES: &str = "wsrouter_buffered_bytes";
+pub const REPLAY_DROPPED_TOTAL: &str = "wsrouter_replay_dropped_total";
 
 /// `direction` label values.
 pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
@@ -126,5 +128,14 @@ fn describe() {
     describe_counter!(
         REPLAYED_MESSAGES_TOTAL,
         "Client messages sent again to a new backend after a failure."
+    );
+    describe_gauge!(
+        BUFFERED_BYTES,
+        Unit::Bytes,
+        "Bytes the router holds for clients and backends (limits.max_buffered_bytes bounds it)."
+    );
+    describe_counter!(
+        REPLAY_DROPPED_TOTAL,
+        "Client messages the replay window let go of early for its byte bound."
     );
 }

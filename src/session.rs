@@ -32,6 +32,7 @@ use crate::frame::Unit;
 use crate::geo::Location;
 use crate::handshake::{self, HandshakeError, UpgradeRequest, plain_response};
 use crate::limits::{Admission, Limits, MessageBudget, Refused};
+use crate::memory::{MemoryBudget, SessionMemory};
 use crate::metrics as m;
 use crate::proxy_protocol;
 use crate::tls::{ClientStream, Terminator};
@@ -39,6 +40,11 @@ use crate::upstream::{self, ClientInfo, DialError, Upstream};
 use migrate::{Control, MigrationReason, PendingQueue, ReplayWindow, is_migrating_close};
 use peer::{Peer, ReadEnd, close};
 use relay::{RelayContext, RelayEnd, TrafficCounters};
+
+/// Room a moving session must find in the memory budget before each read
+/// from its client: what one read may add to its buffer (see
+/// [`peer::Peer::read_growth`]).
+const MOVE_READ_RESERVE: usize = 64 * 1024;
 
 /// Response headers of a backend refusal that are handed to the client.
 const REFUSAL_HEADERS: &[&str] = &[
@@ -66,6 +72,8 @@ pub struct Router {
     pub limits: Limits,
     /// Set when the public listener speaks TLS (`[tls]`).
     pub tls: Option<Terminator>,
+    /// What sessions hold in memory, against `limits.max_buffered_bytes`.
+    pub memory: MemoryBudget,
 }
 
 impl Router {
@@ -217,8 +225,10 @@ async fn establish(
         _admission: admission,
         window: ReplayWindow::new(
             config.migration.replay_max_messages,
+            config.migration.replay_max_bytes,
             config.migration.replay_max_age,
         ),
+        memory: router.memory.open(id),
         router,
         client,
         slot,
@@ -623,6 +633,8 @@ struct Session {
     window: ReplayWindow,
     /// Per-session message and byte rates, when configured.
     budget: Option<MessageBudget>,
+    /// What the session holds, against the process budget.
+    memory: SessionMemory,
     /// This session's place under the per-IP and global caps.
     _admission: Admission,
 }
@@ -647,6 +659,7 @@ impl Session {
                     control: &self.control,
                     window: &mut self.window,
                     budget: self.budget.as_mut(),
+                    memory: &mut self.memory,
                 },
             )
             .await;
@@ -729,8 +742,15 @@ impl Session {
         // the client, whole messages only.
         let mut old_readable = kept.is_some();
         let moved = loop {
+            // The session cannot wait for room while it moves: when the
+            // process budget has none for what the next read may add, the
+            // session is closed.
+            let held = self.client.held_bytes() + self.window.held_bytes() + queue.bytes();
+            if !self.memory.may_hold(held, MOVE_READ_RESERVE) {
+                break None;
+            }
             let unit = tokio::select! {
-                result = &mut dial => break result,
+                result = &mut dial => break Some(result),
                 unit = self.client.next_unit() => unit,
                 from_old = next_from(kept.as_mut().filter(|_| old_readable)) => {
                     let old = kept.as_mut().expect("only read while kept");
@@ -785,6 +805,18 @@ impl Session {
                     .await;
             }
             return Err(ended);
+        };
+        let Some(moved) = moved else {
+            tracing::warn!("memory budget reached while the session moves; closing it");
+            self.client
+                .finish_close(Some(&close(1013, "try again later")), close_timeout)
+                .await;
+            if let Some(old) = kept.as_mut() {
+                old.peer
+                    .finish_close(Some(&close(1001, "client went away")), close_timeout)
+                    .await;
+            }
+            return Err("memory_pressure");
         };
 
         let Some((mut upstream, slot)) = moved else {
@@ -841,7 +873,8 @@ async fn send_in_order(
         batch.extend_from_slice(&msg);
         count += 1;
     }
-    window.push(&batch, count, Instant::now());
+    let dropped = window.push(&batch, count, Instant::now());
+    metrics::counter!(m::REPLAY_DROPPED_TOTAL).increment(dropped as u64);
     if !batch.is_empty() {
         let _ = upstream.peer.send(batch.freeze()).await;
     }

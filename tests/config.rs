@@ -279,3 +279,17 @@ fn session_threads_default_to_one_per_core_and_are_bounded() {
     let text = valid().extra("[runtime]\nsession_threads = 5000\n").toml();
     assert!(problem_for(&text, "runtime.session_threads").contains("at most 1024"));
 }
+
+#[test]
+fn the_memory_budget_has_a_floor_and_a_default_from_the_machine() {
+    let text = valid()
+        .extra("[limits]\nmax_buffered_bytes = 1000\n")
+        .toml();
+    let problem = problem_for(&text, "limits.max_buffered_bytes");
+    assert!(problem.contains("16 MiB"), "{problem}");
+    // Unset: half of what the process may use, which on any machine that
+    // runs these tests is more than the floor.
+    let config = valid().config().unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.limits.max_buffered_bytes >= 16 << 20);
+    assert_eq!(config.migration.replay_max_bytes, 128 << 10);
+}

@@ -6,15 +6,18 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use support::{
-    Client, TestBackend, WAIT, close, echo, eventually, key, metric, read_welcome, recv_data,
-    router, trace_init, within,
+    Client, TestBackend, WAIT, close, echo, eventually, key, masked_header, metric, raw_session,
+    read_close_code, read_frame, read_welcome, recv_data, router, trace_init, within,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -443,62 +446,6 @@ async fn slowloris_connections_are_cut_at_the_deadline_while_others_chat() {
     );
 }
 
-/// An upgraded raw connection to the router, for sending invalid frames.
-async fn raw_session(router: SocketAddr) -> TcpStream {
-    let mut stream = TcpStream::connect(router).await.expect("connect");
-    let request = format!(
-        "GET /chat?session=raw HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n{KEY_HEADER}\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    // Read the 101 head, then the welcome frame (small, unmasked).
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        within("the 101", stream.read_exact(&mut byte))
-            .await
-            .unwrap();
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    stream
-}
-
-/// Read one (unmasked) frame: its first byte (FIN and opcode) and payload.
-async fn read_frame(stream: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
-    let mut header = [0u8; 2];
-    stream.read_exact(&mut header).await.ok()?;
-    let mut len = u64::from(header[1] & 0x7f);
-    if len == 126 {
-        let mut ext = [0u8; 2];
-        stream.read_exact(&mut ext).await.ok()?;
-        len = u64::from(u16::from_be_bytes(ext));
-    } else if len == 127 {
-        let mut ext = [0u8; 8];
-        stream.read_exact(&mut ext).await.ok()?;
-        len = u64::from_be_bytes(ext);
-    }
-    let mut payload = vec![0u8; len as usize];
-    stream.read_exact(&mut payload).await.ok()?;
-    Some((header[0], payload))
-}
-
-/// Read frames until a close frame; return its code.
-async fn read_close_code(stream: &mut TcpStream) -> Option<u16> {
-    within("a close frame", async {
-        loop {
-            let (first, payload) = read_frame(stream).await?;
-            if first & 0x0f == 0x8 {
-                return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
-            }
-        }
-    })
-    .await
-}
-
 /// A client frame: FIN/RSV/opcode byte, masked payload.
 fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
     let mut out = vec![first];
@@ -572,7 +519,7 @@ async fn garbage_gets_the_protocol_answer_and_never_reaches_a_backend() {
         ),
     ];
     for (what, bytes, expected) in cases {
-        let mut raw = raw_session(router.public).await;
+        let mut raw = raw_session(router.public, "raw").await;
         raw.write_all(&bytes).await.unwrap();
         assert_eq!(read_close_code(&mut raw).await, Some(expected), "{what}");
     }
@@ -796,7 +743,7 @@ async fn keepalive_holds_a_quiet_session_and_the_idle_timeout_cuts_a_silent_one(
     assert_eq!(recv_data(&mut quiet).await, Message::text("still here"));
 
     // A client that never answers is closed with 1001 once idle.
-    let mut silent = raw_session(router.public).await;
+    let mut silent = raw_session(router.public, "raw").await;
     let started = Instant::now();
     assert_eq!(read_close_code(&mut silent).await, Some(1001));
     assert!(
@@ -817,7 +764,7 @@ async fn a_fragmented_message_with_a_ping_inside_reaches_the_backend_whole() {
     let _trace = trace_init();
     let backend = TestBackend::start("edge-fragments").await;
     let router = router().backend(&backend, "eu").start().await;
-    let mut raw = raw_session(router.public).await;
+    let mut raw = raw_session(router.public, "raw").await;
     // A text message in three fragments, the é cut between the first two,
     // and a ping between them; written 3 bytes at a time.
     let text = "héllo wörld";
@@ -853,4 +800,62 @@ async fn a_fragmented_message_with_a_ping_inside_reaches_the_backend_whole() {
         backend.received(),
         vec![("raw".to_string(), text.to_string())]
     );
+}
+
+/// A client that keeps writing after breaking the size limit still gets the
+/// 1009 close frame, on a busy router: after its close frame the router
+/// drains what the client sends (a lingering close) instead of dropping
+/// the socket, whose unread bytes would make the kernel answer with a
+/// reset that destroys the close frame on its way.
+#[tokio::test]
+async fn a_client_that_keeps_writing_past_the_size_limit_still_gets_1009() {
+    let _trace = trace_init();
+    let backend = TestBackend::start("edge-linger").await;
+    let router = router().backend(&backend, "eu").start().await;
+    // The load: sessions echoing 4 KiB messages while the violations run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = JoinSet::new();
+    for i in 0..10 {
+        let (mut client, _) = router.connect(&key("linger-load", i), &[]).await;
+        let stop = Arc::clone(&stop);
+        load.spawn(async move {
+            let text = "x".repeat(4096);
+            for _ in 0..2_000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                client.send(Message::text(text.clone())).await.unwrap();
+                recv_data(&mut client).await;
+            }
+        });
+    }
+    for round in 0..6 {
+        let raw = raw_session(router.public, &key("linger", round)).await;
+        let (mut from_router, mut to_router) = raw.into_split();
+        // A text message announced at 20 MiB (the limit is 1 MiB), and
+        // all of it sent regardless of what the router answers.
+        let writer = tokio::spawn(async move {
+            let _ = to_router.write_all(&masked_header(0x81, 20 << 20)).await;
+            let chunk = vec![b'a'; 64 * 1024];
+            for _ in 0..320 {
+                if to_router.write_all(&chunk).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        });
+        assert_eq!(
+            read_close_code(&mut from_router).await,
+            Some(1009),
+            "round {round}: the close frame was lost"
+        );
+        assert!(
+            writer.await.unwrap(),
+            "round {round}: the router reset the connection while the client wrote"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    while let Some(done) = load.join_next().await {
+        done.unwrap();
+    }
 }

@@ -11,16 +11,15 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 use support::{
-    CITY_DB, Client, TestBackend, WAIT, Welcome, closed_port, echo, eventually, expect_close, key,
-    manifest_dir, raise_fd_limit, read_answer, read_welcome, recv_data, router, temp_file,
-    trace_init, try_connect,
+    CITY_DB, ChildGuard, Client, TestBackend, WAIT, Welcome, closed_port, echo, eventually,
+    expect_close, free_port, key, log_of, manifest_dir, raise_fd_limit, read_answer, read_welcome,
+    recv_data, router, temp_file, trace_init, try_connect, try_status,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -799,38 +798,6 @@ async fn a_failed_dial_ejects_a_backend_before_active_checks_notice() {
 }
 
 // === SIGTERM on the binary ===
-
-/// The router process; killed (and reaped) whichever way the test ends.
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("address")
-        .port()
-}
-
-/// `GET path` that reports a refused connection as `None` instead of
-/// panicking.
-async fn try_status(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut stream = TcpStream::connect(addr).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    read_answer(&mut stream).await.status
-}
-
-fn log_of(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
 
 #[tokio::test]
 async fn sigterm_stops_accepting_keeps_relaying_for_the_grace_then_closes_with_1001() {

@@ -121,13 +121,19 @@ impl Control {
     }
 }
 
-/// The last client messages forwarded to the backend, bounded by count and
-/// age, kept so they can be sent again after an abrupt failure.
+/// The last client messages forwarded to the backend, bounded by count,
+/// bytes and age, kept so they can be sent again after an abrupt failure.
 ///
 /// The relay records what it forwards a batch at a time (the frames one
 /// write carried), copied into one ring buffer that is reused as old
 /// batches leave: recording costs one copy per write and no allocation or
 /// reference count. Batches are split back into messages only to replay.
+///
+/// The byte bound counts the frames held; a batch that alone is bigger than
+/// it empties the window (what is held is always the latest run of
+/// messages, with no gap). Messages that leave because of the byte bound,
+/// not the count or the age, are reported by [`ReplayWindow::push`] as
+/// dropped. [`ReplayWindow::expire`] lets an idle session's window go.
 #[derive(Debug)]
 pub struct ReplayWindow {
     /// The frames of the batches held, oldest first.
@@ -136,7 +142,12 @@ pub struct ReplayWindow {
     /// Messages in the batches held; the oldest batch may hold some more
     /// than the window keeps (they are left out of a replay).
     messages: usize,
+    /// Bytes of the frames held (in the ring and shared).
+    bytes: usize,
+    /// Bytes of the frames held by reference.
+    shared_bytes: usize,
     max_messages: usize,
+    max_bytes: usize,
     max_age: Duration,
 }
 
@@ -151,58 +162,152 @@ struct Batch {
     shared: Option<Bytes>,
 }
 
+impl Batch {
+    fn bytes(&self) -> usize {
+        self.len + self.shared.as_ref().map_or(0, Bytes::len)
+    }
+}
+
 /// A window buffer at least this big whose live bytes fill under a
 /// quarter of it is shrunk (after one large message, say).
 const SHRINK_ABOVE: usize = 64 * 1024;
 
 impl ReplayWindow {
-    pub fn new(max_messages: usize, max_age: Duration) -> ReplayWindow {
+    pub fn new(max_messages: usize, max_bytes: usize, max_age: Duration) -> ReplayWindow {
         ReplayWindow {
             data: VecDeque::new(),
             batches: VecDeque::new(),
             messages: 0,
+            bytes: 0,
+            shared_bytes: 0,
             max_messages,
+            max_bytes,
             max_age,
         }
     }
 
     /// Remember `frames`, whole units holding `messages` data messages (and
-    /// perhaps pings and pongs), as they are forwarded `now`.
-    pub fn push(&mut self, frames: &[u8], messages: usize, now: Instant) {
+    /// perhaps pings and pongs), as they are forwarded `now`. Returns how
+    /// many messages the byte bound made the window let go of.
+    pub fn push(&mut self, frames: &[u8], messages: usize, now: Instant) -> usize {
+        self.push_batch(frames, None, messages, now)
+    }
+
+    /// As [`ReplayWindow::push`], keeping `frames` themselves (for large
+    /// ones, whose copy would cost more than the reference). The caller
+    /// makes sure `frames` pins no allocation much bigger than itself.
+    pub fn push_shared(&mut self, frames: Bytes, messages: usize, now: Instant) -> usize {
+        self.push_batch(&[], Some(frames), messages, now)
+    }
+
+    fn push_batch(
+        &mut self,
+        frames: &[u8],
+        shared: Option<Bytes>,
+        messages: usize,
+        now: Instant,
+    ) -> usize {
         if self.max_messages == 0 || messages == 0 {
-            return;
+            return 0;
         }
-        // Batches the last `max_messages` no longer reach go.
-        while let Some(oldest) = self.batches.front()
-            && self.messages + messages - oldest.messages >= self.max_messages
-        {
-            self.messages -= oldest.messages;
-            self.data.drain(..oldest.len);
-            self.batches.pop_front();
+        let size = frames.len() + shared.as_ref().map_or(0, Bytes::len);
+        if size > self.max_bytes {
+            return self.let_go_for(messages);
+        }
+        let mut dropped = 0;
+        while let Some(oldest) = self.batches.front() {
+            let over_count = self.messages + messages - oldest.messages >= self.max_messages;
+            let over_bytes = self.bytes + size > self.max_bytes;
+            if !over_count && !over_bytes {
+                break;
+            }
+            if !over_count {
+                // Of the oldest batch's messages, those the count still
+                // covers are lost to the byte bound.
+                let past_count = self.messages.saturating_sub(self.max_messages);
+                dropped += oldest.messages.saturating_sub(past_count);
+            }
+            self.pop_oldest();
         }
         if self.data.capacity() > SHRINK_ABOVE && self.data.len() < self.data.capacity() / 4 {
             self.data.shrink_to(self.data.len() * 2);
         }
+        // The ring grows by doubling, but never past the byte bound.
+        let needed = self.data.len() + frames.len();
+        if needed > self.data.capacity() {
+            let target = (self.data.capacity() * 2).clamp(needed, self.max_bytes.max(needed));
+            self.data.reserve_exact(target - self.data.len());
+        }
         self.data.extend(frames);
+        if let Some(shared) = &shared {
+            self.shared_bytes += shared.len();
+        }
         self.batches.push_back(Batch {
             at: now,
             len: frames.len(),
             messages,
-            shared: None,
+            shared,
         });
         self.messages += messages;
+        self.bytes += size;
+        dropped
     }
 
-    /// As [`ReplayWindow::push`], keeping `frames` themselves (for large
-    /// ones, whose copy would cost more than the reference).
-    pub fn push_shared(&mut self, frames: Bytes, messages: usize, now: Instant) {
+    /// Whether a batch of `len` bytes is too big to keep at all: the
+    /// caller calls [`ReplayWindow::let_go_for`] instead of copying it.
+    pub fn too_big(&self, len: usize) -> bool {
+        len > self.max_bytes
+    }
+
+    /// A batch of `messages` too big for the byte bound was forwarded: kept
+    /// alone it would break the bound, and kept without it the window would
+    /// replay older messages around a hole, so the window empties. Returns
+    /// the messages dropped (those held and the batch's).
+    pub fn let_go_for(&mut self, messages: usize) -> usize {
         if self.max_messages == 0 || messages == 0 {
-            return;
+            return 0;
         }
-        self.push(&[], messages, now);
-        if let Some(batch) = self.batches.back_mut() {
-            batch.shared = Some(frames);
+        let dropped = self.len() + messages.min(self.max_messages);
+        self.clear();
+        dropped
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some(oldest) = self.batches.pop_front() {
+            self.messages -= oldest.messages;
+            self.bytes -= oldest.bytes();
+            if let Some(shared) = &oldest.shared {
+                self.shared_bytes -= shared.len();
+            }
+            self.data.drain(..oldest.len);
         }
+    }
+
+    /// Let go of the batches older than the age bound; an empty window
+    /// gives its memory back.
+    pub fn expire(&mut self, now: Instant) {
+        while let Some(oldest) = self.batches.front()
+            && now.saturating_duration_since(oldest.at) >= self.max_age
+        {
+            self.pop_oldest();
+        }
+        if self.batches.is_empty() {
+            self.clear();
+        } else if self.data.capacity() > SHRINK_ABOVE && self.data.len() < self.data.capacity() / 4
+        {
+            self.data.shrink_to(self.data.len() * 2);
+        }
+    }
+
+    /// When the oldest batch held passes the age bound; `None` when empty.
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.batches.front().map(|oldest| oldest.at + self.max_age)
+    }
+
+    /// Bytes of memory the window holds: its ring's allocation and the
+    /// frames it keeps by reference.
+    pub fn held_bytes(&self) -> usize {
+        self.data.capacity() + self.shared_bytes
     }
 
     /// The messages still young enough to replay, oldest first, each as
@@ -240,6 +345,8 @@ impl ReplayWindow {
     pub fn clear(&mut self) {
         self.batches.clear();
         self.messages = 0;
+        self.bytes = 0;
+        self.shared_bytes = 0;
         self.data = VecDeque::new();
     }
 
@@ -293,6 +400,11 @@ impl PendingQueue {
         self.items.len()
     }
 
+    /// Bytes of the messages held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
@@ -311,7 +423,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn replay_window_is_bounded_by_count_and_age() {
-        let mut w = ReplayWindow::new(3, Duration::from_secs(10));
+        let mut w = ReplayWindow::new(3, usize::MAX, Duration::from_secs(10));
         let m: Vec<Bytes> = (0..5)
             .map(|i| frame(OP_BINARY, format!("m{i}").as_bytes()))
             .collect();
@@ -359,7 +471,7 @@ mod tests {
             take_after in 0u64..12,
         ) {
             let max_age = Duration::from_secs(10);
-            let mut window = ReplayWindow::new(max_messages, max_age);
+            let mut window = ReplayWindow::new(max_messages, usize::MAX, max_age);
             let mut at = Instant::now();
             let mut forwarded = Vec::new();
             for (i, (lengths, ping, gap)) in writes.iter().enumerate() {

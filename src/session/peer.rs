@@ -17,7 +17,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::frame::{self, CloseFrame, FrameReader, OP_CLOSE, Unit, Violation};
 
@@ -32,6 +32,10 @@ const DIRECT_READ_MIN: usize = 4 * 1024;
 /// memory grows with the bytes that actually arrive, so a peer cannot make
 /// the router reserve `max_message_bytes` with a 14-byte header.
 const DIRECT_READ_MAX: usize = 64 * 1024;
+
+/// Most bytes read and dropped after a close that answers a violation
+/// (within the close timeout); past it the connection is dropped.
+const LINGER_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// Which end of the session a peer is; it decides masking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +148,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
             joined.extend_from_slice(&self.out);
             joined.extend_from_slice(&bytes);
             self.out = joined.freeze();
+        }
+    }
+
+    /// Bytes of memory this side holds: its read buffer and its write
+    /// queue.
+    pub fn held_bytes(&self) -> usize {
+        self.reader.capacity() + self.out.len()
+    }
+
+    /// How much the next read may grow the read buffer by: a read through
+    /// the thread's buffer copies at most [`READ_CHUNK`] of leftovers, a
+    /// read straight into the buffer may double it (see
+    /// [`Peer::poll_read_chunk`]).
+    pub fn read_growth(&self) -> usize {
+        if self.reader.buffered() == 0 {
+            return 0;
+        }
+        let wanted = self.reader.wanted();
+        if wanted < DIRECT_READ_MIN {
+            return 0;
+        }
+        let capacity = self.reader.capacity();
+        let spare = capacity - self.reader.buffered();
+        if spare >= DIRECT_READ_MIN {
+            0
+        } else {
+            capacity.max(wanted.min(DIRECT_READ_MAX))
         }
     }
 
@@ -260,21 +291,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
     }
 
     /// Send a close frame (if the socket still takes one) and wait, bounded,
-    /// for the peer's, discarding anything else it sends meanwhile.
+    /// for the peer's, discarding anything else it sends meanwhile. When
+    /// what the peer sends can no longer be read as frames (the close
+    /// answers a violation), the rest is drained: see [`Peer::linger`].
     pub async fn finish_close(&mut self, close: Option<&CloseFrame>, timeout: Duration) {
         let frame = self.frame(OP_CLOSE, &frame::close_payload(close));
         let _ = tokio::time::timeout(timeout, async {
             if self.send(frame).await.is_err() {
                 return;
             }
-            while let Ok(unit) = self.next_unit().await {
-                if matches!(unit, Unit::Close { .. }) {
-                    break;
+            loop {
+                match self.next_unit().await {
+                    Ok(Unit::Close { .. }) | Err(ReadEnd::Lost) => return,
+                    Ok(unit) => self.reader.skip(unit.len()),
+                    Err(ReadEnd::Violation(_)) => return self.linger().await,
                 }
-                self.reader.skip(unit.len());
             }
         })
         .await;
+    }
+
+    /// A lingering close, as HTTP servers do it: after the close frame, end
+    /// the write side and read and drop what the peer still sends (up to
+    /// [`LINGER_MAX_BYTES`]) until it closes. Dropping the socket with the
+    /// peer's bytes unread would make the kernel answer with a reset, which
+    /// destroys the close frame still on its way to the peer.
+    async fn linger(&mut self) {
+        self.reader.clear();
+        let _ = self.io.shutdown().await;
+        let mut sink = vec![0u8; READ_CHUNK];
+        let mut left = LINGER_MAX_BYTES;
+        while left > 0 {
+            match self.io.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
     }
 
     /// Answer a peer's close frame with the same code, without waiting.

@@ -25,6 +25,7 @@ use std::future::poll_fn;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker, ready};
 
+use bytes::Bytes;
 use metrics::Counter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
@@ -33,6 +34,7 @@ use tokio::time::Instant;
 use crate::config::RelayConfig;
 use crate::frame::{CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::limits::MessageBudget;
+use crate::memory::SessionMemory;
 use crate::metrics as m;
 use crate::session::migrate::{Control, MigrationReason, ReplayWindow};
 use crate::session::peer::{Fresh, Peer, ReadHint, close, with_read_scratch};
@@ -58,6 +60,9 @@ pub enum RelayEnd {
     ClientViolation(u16),
     /// The router is shutting down; both sides were closed with 1001.
     Shutdown,
+    /// The process passed its memory budget and this session held the
+    /// most: the client was closed with 1013, the backend with 1001.
+    MemoryPressure,
     /// The router asked the session to move; both sides are untouched.
     MigrateRequested(MigrationReason),
 }
@@ -76,6 +81,7 @@ impl RelayEnd {
             RelayEnd::ClientViolation(1008) => "message_rate",
             RelayEnd::ClientViolation(_) => "protocol_error",
             RelayEnd::Shutdown => "shutdown",
+            RelayEnd::MemoryPressure => "memory_pressure",
             RelayEnd::MigrateRequested(_) => "migrate",
         }
     }
@@ -88,6 +94,7 @@ pub struct TrafficCounters {
     bytes_up: Counter,
     messages_down: Counter,
     bytes_down: Counter,
+    pub replay_dropped: Counter,
 }
 
 impl TrafficCounters {
@@ -97,6 +104,7 @@ impl TrafficCounters {
             bytes_up: metrics::counter!(m::BYTES_TOTAL, "direction" => m::CLIENT_TO_BACKEND),
             messages_down: metrics::counter!(m::MESSAGES_TOTAL, "direction" => m::BACKEND_TO_CLIENT),
             bytes_down: metrics::counter!(m::BYTES_TOTAL, "direction" => m::BACKEND_TO_CLIENT),
+            replay_dropped: metrics::counter!(m::REPLAY_DROPPED_TOTAL),
         }
     }
 }
@@ -128,9 +136,14 @@ const SHARE_IN_WINDOW: usize = 4 * 1024;
 struct Pump<'a> {
     messages: &'a Counter,
     bytes: &'a Counter,
+    /// Client messages the replay window let go of for its byte bound.
+    replay_dropped: &'a Counter,
     /// Client messages are recorded here as they are forwarded.
     window: Option<&'a mut ReplayWindow>,
     budget: Option<&'a mut MessageBudget>,
+    /// The session's memory account: reading from the source waits while
+    /// the process budget says so (the client's direction only).
+    memory: Option<&'a mut SessionMemory>,
     /// An end found while units before it were still to be written.
     pending_end: Option<PumpEnd>,
     /// The source sent something since the last keepalive tick.
@@ -170,6 +183,14 @@ impl Pump<'_> {
             // waker it had (asking it again would register it again).
             if same_waker && src.read_waiting && !src.io.may_have_data() {
                 return Poll::Pending;
+            }
+            if let Some(memory) = self.memory.as_deref_mut() {
+                let held = src.held_bytes()
+                    + dst.held_bytes()
+                    + self.window.as_deref().map_or(0, ReplayWindow::held_bytes);
+                if !memory.may_read(cx, held, src.read_growth()) {
+                    return Poll::Pending;
+                }
             }
             let read = with_read_scratch(|scratch| {
                 let fresh = match ready!(src.poll_read_chunk(cx, scratch)) {
@@ -213,6 +234,7 @@ impl Pump<'_> {
             let mut acted = false;
             let mut lost = false;
             let (messages_total, bytes_total) = (self.messages, self.bytes);
+            let replay_dropped = self.replay_dropped;
             let mut window = self.window.as_deref_mut();
             let mut write = |from: usize, to: usize, messages: usize, payload: usize| {
                 if to == from {
@@ -225,11 +247,26 @@ impl Pump<'_> {
                     bytes_total.increment(payload as u64);
                 }
                 if let Some(window) = window.as_deref_mut() {
-                    match shared {
-                        Some(bytes) if to - from >= SHARE_IN_WINDOW => {
+                    let len = to - from;
+                    let dropped = match shared {
+                        // Not kept at all: no copy.
+                        _ if window.too_big(len) => window.let_go_for(messages),
+                        // Kept by reference only when that pins little
+                        // more than the frames themselves.
+                        Some((bytes, allocation))
+                            if len >= SHARE_IN_WINDOW && len >= allocation / 8 * 7 =>
+                        {
                             window.push_shared(bytes.slice(from..to), messages, Instant::now())
                         }
+                        _ if len >= SHARE_IN_WINDOW => window.push_shared(
+                            Bytes::copy_from_slice(&data[from..to]),
+                            messages,
+                            Instant::now(),
+                        ),
                         _ => window.push(&data[from..to], messages, Instant::now()),
+                    };
+                    if dropped > 0 {
+                        replay_dropped.increment(dropped as u64);
                     }
                 }
                 if dst.write_or_queue(cx, &data[from..to]).is_err() {
@@ -330,6 +367,8 @@ pub struct RelayContext<'a> {
     pub window: &'a mut ReplayWindow,
     /// The client's message and byte rate limits, when configured.
     pub budget: Option<&'a mut MessageBudget>,
+    /// The session's account under the process memory budget.
+    pub memory: &'a mut SessionMemory,
 }
 
 /// Why the relay loop stopped, before the ends are tidied up.
@@ -339,6 +378,7 @@ enum Stopped {
     Idle,
     Shutdown,
     Migrate(MigrationReason),
+    MemoryPressure,
 }
 
 /// Relay until one side closes or fails, a hop goes idle, the session is
@@ -360,29 +400,39 @@ where
         control,
         window,
         budget,
+        memory,
     } = cx;
     let mut up = Pump {
         messages: &counters.messages_up,
         bytes: &counters.bytes_up,
+        replay_dropped: &counters.replay_dropped,
         window: Some(window),
         budget,
+        memory: Some(memory),
         pending_end: None,
         heard: false,
     };
     let mut down = Pump {
         messages: &counters.messages_down,
         bytes: &counters.bytes_down,
+        replay_dropped: &counters.replay_dropped,
         window: None,
         budget: None,
+        memory: None,
         pending_end: None,
         heard: false,
     };
-    // One timer for both hops: each tick pings a hop that was silent since
-    // the last one, and ends the session when a hop has been silent past
-    // the idle timeout.
+    // One timer for both hops and the replay window: at each keepalive
+    // tick it pings a hop that was silent since the last one, and ends the
+    // session when a hop has been silent past the idle timeout; in between
+    // it fires when the window's oldest messages pass their age, so an
+    // idle session lets its window go.
     let started = Instant::now();
     let (mut client_heard_at, mut upstream_heard_at) = (started, started);
-    let mut tick = pin!(tokio::time::sleep(config.ping_interval));
+    let mut next_ping = started + config.ping_interval;
+    let mut tick = pin!(tokio::time::sleep_until(next_ping));
+    // The timer covers the window's expiry (or the window is empty).
+    let mut expiry_armed = false;
     let stop_probe = shutdown.clone();
     let mut stop = pin!(crate::app::stopped(shutdown));
     // The stop flag, the move request and the timer each keep the waker they
@@ -400,6 +450,17 @@ where
             if let Poll::Ready(end) = down.poll(cx, upstream, client, !all) {
                 return Poll::Ready(Stopped::Down(end));
             }
+            if let Some(memory) = up.memory.as_deref_mut() {
+                if memory.must_close(cx, all) {
+                    return Poll::Ready(Stopped::MemoryPressure);
+                }
+                // What a direction let go of (a large message written,
+                // say) is given back to the process total.
+                let held = client.held_bytes()
+                    + upstream.held_bytes()
+                    + up.window.as_deref().map_or(0, ReplayWindow::held_bytes);
+                memory.update(held);
+            }
             if (all || stop_probe.has_changed().unwrap_or(true))
                 && stop.as_mut().poll(cx).is_ready()
             {
@@ -410,7 +471,17 @@ where
                     return Poll::Ready(Stopped::Migrate(reason));
                 }
             }
-            if !all && !tick.is_elapsed() {
+            let mut rearmed = false;
+            if !expiry_armed && let Some(window) = up.window.as_deref() {
+                if let Some(expires) = window.expires_at() {
+                    expiry_armed = true;
+                    if expires < tick.deadline() {
+                        tick.as_mut().reset(expires);
+                        rearmed = true;
+                    }
+                }
+            }
+            if !all && !rearmed && !tick.is_elapsed() {
                 return Poll::Pending;
             }
             if tick.as_mut().poll(cx).is_pending() {
@@ -418,26 +489,39 @@ where
                 return Poll::Pending;
             }
             let now = Instant::now();
-            for (heard, at) in [
-                (&mut up.heard, &mut client_heard_at),
-                (&mut down.heard, &mut upstream_heard_at),
-            ] {
-                if std::mem::take(heard) {
-                    *at = now;
+            if let Some(window) = up.window.as_deref_mut() {
+                window.expire(now);
+                if let Some(memory) = up.memory.as_deref_mut() {
+                    let held = client.held_bytes() + upstream.held_bytes() + window.held_bytes();
+                    memory.update(held);
                 }
             }
-            if now - client_heard_at >= config.idle_timeout
-                || now - upstream_heard_at >= config.idle_timeout
-            {
-                return Poll::Ready(Stopped::Idle);
+            if now >= next_ping {
+                for (heard, at) in [
+                    (&mut up.heard, &mut client_heard_at),
+                    (&mut down.heard, &mut upstream_heard_at),
+                ] {
+                    if std::mem::take(heard) {
+                        *at = now;
+                    }
+                }
+                if now - client_heard_at >= config.idle_timeout
+                    || now - upstream_heard_at >= config.idle_timeout
+                {
+                    return Poll::Ready(Stopped::Idle);
+                }
+                if client_heard_at < now {
+                    client.queue(client.frame(OP_PING, KEEPALIVE));
+                }
+                if upstream_heard_at < now {
+                    upstream.queue(upstream.frame(OP_PING, KEEPALIVE));
+                }
+                next_ping = now + config.ping_interval;
             }
-            if client_heard_at < now {
-                client.queue(client.frame(OP_PING, KEEPALIVE));
-            }
-            if upstream_heard_at < now {
-                upstream.queue(upstream.frame(OP_PING, KEEPALIVE));
-            }
-            tick.as_mut().reset(now + config.ping_interval);
+            let expires = up.window.as_deref().and_then(ReplayWindow::expires_at);
+            expiry_armed = expires.is_some();
+            tick.as_mut()
+                .reset(expires.map_or(next_ping, |at| at.min(next_ping)));
             // Go round again: the pings get written and the timer armed
             // (polled again: it gave its waker up when it fired).
             waker_left = None;
@@ -492,6 +576,13 @@ where
             RelayEnd::Idle
         }
         Stopped::Migrate(reason) => RelayEnd::MigrateRequested(reason),
+        Stopped::MemoryPressure => {
+            client
+                .finish_close(Some(&close(1013, "try again later")), timeout)
+                .await;
+            upstream.finish_close(Some(&going_away), timeout).await;
+            RelayEnd::MemoryPressure
+        }
         Stopped::Shutdown => {
             let bye = close(1001, "router shutting down");
             tokio::join!(

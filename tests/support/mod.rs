@@ -1127,6 +1127,202 @@ pub fn raise_fd_limit() {
     }
 }
 
+// === raw WebSocket ===
+
+/// An upgraded raw connection to the router, for sending invalid frames.
+pub async fn raw_session(router: SocketAddr, key: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(router).await.expect("connect");
+    let request = format!(
+        "GET /chat?session={key} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Read the 101 head, then the welcome frame (small, unmasked).
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        within("the 101", stream.read_exact(&mut byte))
+            .await
+            .unwrap();
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    stream
+}
+
+/// Read one (unmasked) frame: its first byte (FIN and opcode) and payload.
+pub async fn read_frame(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<(u8, Vec<u8>)> {
+    let mut header = [0u8; 2];
+    stream.read_exact(&mut header).await.ok()?;
+    let mut len = u64::from(header[1] & 0x7f);
+    if len == 126 {
+        let mut ext = [0u8; 2];
+        stream.read_exact(&mut ext).await.ok()?;
+        len = u64::from(u16::from_be_bytes(ext));
+    } else if len == 127 {
+        let mut ext = [0u8; 8];
+        stream.read_exact(&mut ext).await.ok()?;
+        len = u64::from_be_bytes(ext);
+    }
+    let mut payload = vec![0u8; len as usize];
+    stream.read_exact(&mut payload).await.ok()?;
+    Some((header[0], payload))
+}
+
+/// Read frames until a close frame; return its code.
+pub async fn read_close_code(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<u16> {
+    within("a close frame", async {
+        loop {
+            let (first, payload) = read_frame(stream).await?;
+            if first & 0x0f == 0x8 {
+                return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            }
+        }
+    })
+    .await
+}
+
+/// The header of a masked client frame of `len` bytes (`first`: FIN, RSV
+/// and opcode), with an all-zero mask: the payload is sent as it is.
+pub fn masked_header(first: u8, len: u64) -> Vec<u8> {
+    let mut out = vec![first];
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if len <= u64::from(u16::MAX) {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+    out.extend_from_slice(&[0; 4]);
+    out
+}
+
+// === the router binary ===
+
+/// A child process; killed (and reaped) whichever way the test ends.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// `GET path` that reports a refused connection as `None` instead of
+/// panicking.
+pub async fn try_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    read_answer(&mut stream).await.status
+}
+
+pub fn log_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A router run as its own process (the `wsrouter` binary, as a user runs
+/// it), for what only a process shows: its resident memory.
+pub struct RouterProcess {
+    pub public: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: PathBuf,
+    child: ChildGuard,
+}
+
+impl RouterProcess {
+    /// Start the binary on `builder`'s configuration, on free loopback
+    /// ports, and wait until `/readyz` answers 200.
+    pub async fn start(builder: &RouterBuilder, name: &str) -> RouterProcess {
+        let (public, admin): (SocketAddr, SocketAddr) = (
+            ([127, 0, 0, 1], free_port()).into(),
+            ([127, 0, 0, 1], free_port()).into(),
+        );
+        let config = temp_file(&format!("{name}.toml"));
+        builder.write_to(&config);
+        let toml = std::fs::read_to_string(&config).expect("read config back");
+        let toml = toml
+            .replacen(
+                "public = \"127.0.0.1:0\"",
+                &format!("public = \"{public}\""),
+                1,
+            )
+            .replacen(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"{admin}\""),
+                1,
+            );
+        std::fs::write(&config, toml).expect("write config");
+        let log = temp_file(&format!("{name}.log"));
+        let child = ChildGuard(
+            std::process::Command::new(env!("CARGO_BIN_EXE_wsrouter"))
+                .arg("--config")
+                .arg(&config)
+                .env("RUST_LOG", "wsrouter=info")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log).expect("log file"))
+                .spawn()
+                .expect("start the wsrouter binary"),
+        );
+        let mut router = RouterProcess {
+            public,
+            admin,
+            log,
+            child,
+        };
+        let deadline = Instant::now() + WAIT;
+        while try_status(admin, "/readyz").await != Some(200) {
+            if let Some(status) = router.child.0.try_wait().expect("child status") {
+                panic!("wsrouter exited early ({status}):\n{}", log_of(&router.log));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wsrouter not ready:\n{}",
+                log_of(&router.log)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        router
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// The client URL for a session key.
+    pub fn url(&self, key: &str) -> String {
+        format!("ws://{}/chat?session={key}", self.public)
+    }
+
+    /// The process's resident memory (`VmRSS`), in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib * 1024
+    }
+}
+
 /// A unique path in the temp directory for a test file.
 pub fn temp_file(name: &str) -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
