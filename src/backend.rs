@@ -404,13 +404,14 @@ impl BackendSet {
     }
 
     /// The first `limit` backends that may take a new session for this
-    /// client, best first, never `exclude` (the backend a session leaves).
+    /// client, best first, never one in `exclude` (the backends a moving
+    /// session left).
     /// With `last_resort`, passively ejected backends count as available.
     pub fn rank(
         &self,
         location: &Location,
         key: &str,
-        exclude: Option<&str>,
+        exclude: &[String],
         limit: usize,
         last_resort: bool,
     ) -> Vec<Arc<Backend>> {
@@ -426,7 +427,7 @@ impl BackendSet {
             .collect();
         let available = |i: usize| {
             let b = &self.backends[i];
-            exclude != Some(b.id.as_str())
+            !exclude.contains(&b.id)
                 && if last_resort {
                     b.accepts_sessions_as_last_resort()
                 } else {

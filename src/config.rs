@@ -51,6 +51,13 @@ pub const DEFAULT_REPLAY_MAX_BYTES: usize = 128 * 1024;
 pub const DEFAULT_REPLAY_MAX_AGE: Duration = Duration::from_secs(10);
 pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MIGRATION_RATE: u32 = 200;
+/// A rolling restart moves a session at most once per backend restarted,
+/// and no deploy restarts backends faster than one every few seconds: 10
+/// moves in a minute is past any honest failover, and a loop reaches it in
+/// about a second.
+pub const DEFAULT_MAX_MOVES: u32 = 10;
+pub const DEFAULT_MOVES_WINDOW: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_REDELIVERIES: u32 = 2;
 pub const DEFAULT_PASSIVE_FAILURES: u32 = 3;
 pub const DEFAULT_PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -237,6 +244,9 @@ struct FileMigration {
     replay_max_age: Option<String>,
     timeout: Option<String>,
     max_rate_per_backend: Option<u32>,
+    max_moves: Option<u32>,
+    moves_window: Option<String>,
+    max_redeliveries: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -456,6 +466,13 @@ pub struct MigrationConfig {
     pub timeout: Duration,
     /// Planned moves (drain, health, removal) per second per backend.
     pub max_rate_per_backend: u32,
+    /// A session that moves more often than this within `moves_window` is
+    /// closed with 1011 (a move loop).
+    pub max_moves: u32,
+    pub moves_window: Duration,
+    /// A message that backends failed right after receiving, on this many
+    /// backends, is not replayed again: the session is closed with 1011.
+    pub max_redeliveries: u32,
 }
 
 /// Edge limits; 0 turns a limit off.
@@ -1105,7 +1122,20 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             DEFAULT_MIGRATION_TIMEOUT,
         ),
         max_rate_per_backend: mg.max_rate_per_backend.unwrap_or(DEFAULT_MIGRATION_RATE),
+        max_moves: mg.max_moves.unwrap_or(DEFAULT_MAX_MOVES),
+        moves_window: p.duration(
+            "migration.moves_window",
+            mg.moves_window.as_ref(),
+            DEFAULT_MOVES_WINDOW,
+        ),
+        max_redeliveries: mg.max_redeliveries.unwrap_or(DEFAULT_MAX_REDELIVERIES),
     };
+    if migration.max_moves == 0 {
+        p.add("migration.max_moves", "must be at least 1 move");
+    }
+    if migration.max_redeliveries == 0 {
+        p.add("migration.max_redeliveries", "must be at least 1 backend");
+    }
     if migration.queue_max_bytes == 0 {
         p.add("migration.queue_max_bytes", "must be at least 1");
     }

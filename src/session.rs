@@ -16,6 +16,7 @@ pub mod relay;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
@@ -37,7 +38,9 @@ use crate::metrics as m;
 use crate::proxy_protocol;
 use crate::tls::{ClientStream, Terminator};
 use crate::upstream::{self, ClientInfo, DialError, Upstream};
-use migrate::{Control, MigrationReason, PendingQueue, ReplayWindow, is_migrating_close};
+use migrate::{
+    Control, MigrationReason, MoveChain, PendingQueue, ReplayWindow, is_migrating_close,
+};
 use peer::{Peer, ReadEnd, close};
 use relay::{RelayContext, RelayEnd, TrafficCounters};
 
@@ -79,6 +82,13 @@ pub struct Router {
 impl Router {
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+}
+
+impl Placement {
+    /// The session key's hash, for log lines (never the key itself).
+    fn key_hash(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(self.key.as_bytes())
     }
 }
 
@@ -229,6 +239,7 @@ async fn establish(
             config.migration.replay_max_age,
         ),
         memory: router.memory.open(id),
+        moves: MoveChain::default(),
         router,
         client,
         slot,
@@ -413,6 +424,9 @@ fn place(
 #[derive(Clone, Copy)]
 struct MigrationDial<'a> {
     from: &'a str,
+    /// Every backend the session left in its current chain of moves,
+    /// `from` first.
+    avoid: &'a [String],
     replayed: usize,
 }
 
@@ -430,18 +444,29 @@ async fn dial_candidates(
 ) -> Result<(Upstream, SessionSlot), Refusal> {
     let set = router.backends.load();
     let attempts = config.steering.max_dial_attempts as usize;
-    let exclude = migration.map(|m| m.from);
-    let mut candidates = set.rank(
-        &placement.location,
-        &placement.key,
-        exclude,
-        attempts,
-        false,
-    );
+    // A moving session avoids every backend it left in its chain of moves
+    // while another is available, and then only the one it leaves; it
+    // would rather try a backend that passive health ejected than have
+    // nowhere to go.
+    let (avoid_all, avoid_last): (&[String], &[String]) = match migration {
+        Some(m) => (m.avoid, &m.avoid[..m.avoid.len().min(1)]),
+        None => (&[], &[]),
+    };
+    let rank = |exclude: &[String], last_resort: bool| {
+        set.rank(
+            &placement.location,
+            &placement.key,
+            exclude,
+            attempts,
+            last_resort,
+        )
+    };
+    let mut candidates = rank(avoid_all, false);
     if candidates.is_empty() && migration.is_some() {
-        // A moving session would rather try a backend that passive health
-        // ejected than have nowhere to go.
-        candidates = set.rank(&placement.location, &placement.key, exclude, attempts, true);
+        candidates = rank(avoid_last, false);
+    }
+    if candidates.is_empty() && migration.is_some() {
+        candidates = rank(avoid_last, true);
     }
     if candidates.is_empty() {
         if migration.is_none() {
@@ -635,6 +660,8 @@ struct Session {
     budget: Option<MessageBudget>,
     /// What the session holds, against the process budget.
     memory: SessionMemory,
+    /// The backends it left lately, against move loops.
+    moves: MoveChain,
     /// This session's place under the per-IP and global caps.
     _admission: Admission,
 }
@@ -683,8 +710,9 @@ impl Session {
                     return;
                 }
             };
-            if !reason.is_planned() {
-                self.slot.backend().report_failure(&config.passive_health);
+            if let Err(close_reason) = self.may_move(reason, &config).await {
+                metrics::counter!(m::CLOSES_TOTAL, "reason" => close_reason).increment(1);
+                return;
             }
             // Boxed: a move is rare and its dial state is large; inline it
             // would make every idle session's task that much bigger.
@@ -696,6 +724,60 @@ impl Session {
                 }
             };
         }
+    }
+
+    /// Whether the session may move on from a backend it leaves for
+    /// `reason`, and the backend's share of the blame. After a failure,
+    /// the client messages the backend received within [`SUSPECT_WITHIN`]
+    /// get a strike; one that backends failed right after on
+    /// `max_redeliveries` backends is a poison message, and is not replayed
+    /// again: the client is closed with 1011. So is a session that moved
+    /// `max_moves` times within `moves_window` (a loop). A failure right
+    /// after a message that already broke another backend is the
+    /// message's, not the backend's: passive health does not count it.
+    async fn may_move(
+        &mut self,
+        reason: MigrationReason,
+        config: &Config,
+    ) -> Result<(), CloseReason> {
+        let now = Instant::now();
+        let failed = matches!(
+            reason,
+            MigrationReason::UpstreamLost | MigrationReason::UpstreamClosed
+        );
+        let (strikes, size) = if failed {
+            self.window.strike_recent(now, SUSPECT_WITHIN)
+        } else {
+            (0, 0)
+        };
+        if !reason.is_planned() && strikes <= 1 {
+            self.slot.backend().report_failure(&config.passive_health);
+        }
+        let migration = &config.migration;
+        let (close_reason, why) = if strikes >= migration.max_redeliveries {
+            tracing::warn!(
+                key_hash = %format_args!("{:016x}", self.placement.key_hash()),
+                backend = %self.slot.backend().id,
+                message_bytes = size,
+                backends_failed = strikes,
+                "poison message: backends failed right after receiving it; closing the session"
+            );
+            ("poison_message", "message refused by the backends")
+        } else if self.moves.recent(now, migration.moves_window) >= migration.max_moves as usize {
+            tracing::warn!(
+                key_hash = %format_args!("{:016x}", self.placement.key_hash()),
+                moves = migration.max_moves,
+                window = ?migration.moves_window,
+                "move loop: the session moved too often; closing it"
+            );
+            ("migration_loop", "session could not be kept on any backend")
+        } else {
+            return Ok(());
+        };
+        self.client
+            .finish_close(Some(&close(1011, why)), config.relay.close_timeout)
+            .await;
+        Err(close_reason)
     }
 
     /// Move from `old` to another backend and return the new connection.
@@ -716,23 +798,34 @@ impl Session {
         let started = Instant::now();
         let from = self.slot.backend().id.clone();
         let replay = if reason.replays() {
-            self.window.take_fresh(started)
+            self.window.take_fresh_struck(started)
         } else {
             self.window.clear();
             Vec::new()
         };
+        // The second move of a chain and those after it wait, as dial
+        // rounds do: a loop that escaped the poison check still crawls.
+        let earlier = self.moves.recent(started, config.migration.moves_window);
+        let first_pause = match earlier {
+            0 => Duration::ZERO,
+            n => FIRST_REDIAL_PAUSE
+                .saturating_mul(1 << (n - 1).min(10))
+                .min(LAST_REDIAL_PAUSE),
+        };
+        self.moves.record(started, &from);
         tracing::debug!(backend = %from, reason = reason.as_label(), replay = replay.len(), "moving session");
         let mut queue = PendingQueue::new(config.migration.queue_max_bytes);
         let deadline = started + config.migration.timeout;
         let dial = redial(
             self.router.clone(),
             Arc::clone(&self.placement),
-            from.clone(),
+            self.moves.backends(),
             replay.len(),
             deadline,
             self.id,
             Arc::clone(&self.control),
             reason.is_planned(),
+            first_pause,
         );
         tokio::pin!(dial);
         let close_timeout = config.relay.close_timeout;
@@ -822,7 +915,7 @@ impl Session {
         let Some((mut upstream, slot)) = moved else {
             if let Some(mut old) = kept {
                 tracing::debug!(backend = %from, reason = reason.as_label(), "no other backend took the session; it stays");
-                send_in_order(&mut old, &mut self.window, queue.drain()).await;
+                send_in_order(&mut old, &mut self.window, Vec::new(), queue.drain()).await;
                 return Ok(old);
             }
             tracing::warn!(backend = %from, "no backend took the session in time");
@@ -849,31 +942,35 @@ impl Session {
         tracing::debug!(from = %from, to = %to, reason = reason.as_label(), elapsed = ?started.elapsed(), "session moved");
 
         // Replays first, then what queued up, in order.
-        send_in_order(
-            &mut upstream,
-            &mut self.window,
-            replay.into_iter().chain(queue.drain()),
-        )
-        .await;
+        send_in_order(&mut upstream, &mut self.window, replay, queue.drain()).await;
         Ok(upstream)
     }
 }
 
-/// Forward messages to a backend in order, recording each in the replay
-/// window. A failed write is left for the relay to notice; the window then
-/// replays these again.
+/// Forward to a backend, in order, the replayed messages (each with its
+/// strikes) and then the queued ones, in one write, recording each in the
+/// replay window. A failed write is left for the relay to notice; the
+/// window then replays these again.
 async fn send_in_order(
     upstream: &mut Upstream,
     window: &mut ReplayWindow,
-    messages: impl Iterator<Item = Bytes>,
+    replay: Vec<(Bytes, u32)>,
+    queued: impl Iterator<Item = Bytes>,
 ) {
+    let now = Instant::now();
     let mut batch = BytesMut::new();
+    let mut dropped = 0;
+    for (message, strikes) in replay {
+        batch.extend_from_slice(&message);
+        dropped += window.push_replayed(&message, strikes, now);
+    }
+    let replayed = batch.len();
     let mut count = 0;
-    for msg in messages {
-        batch.extend_from_slice(&msg);
+    for message in queued {
+        batch.extend_from_slice(&message);
         count += 1;
     }
-    let dropped = window.push(&batch, count, Instant::now());
+    dropped += window.push(&batch[replayed..], count, now);
     metrics::counter!(m::REPLAY_DROPPED_TOTAL).increment(dropped as u64);
     if !batch.is_empty() {
         let _ = upstream.peer.send(batch.freeze()).await;
@@ -889,25 +986,39 @@ async fn next_from(old: Option<&mut Upstream>) -> Result<Unit, ReadEnd> {
     }
 }
 
-/// Dial rounds with backoff until a backend other than `from` accepts, or
-/// `deadline` passes.
+/// The pause between dial rounds, and before each move of a chain after
+/// the first, doubles from this...
+const FIRST_REDIAL_PAUSE: Duration = Duration::from_millis(50);
+/// ...to this.
+const LAST_REDIAL_PAUSE: Duration = Duration::from_secs(1);
+
+/// A backend that fails this soon after receiving a client message is
+/// suspected of failing because of it (a poison message).
+const SUSPECT_WITHIN: Duration = Duration::from_secs(1);
+
+/// Dial rounds with backoff, after `first_pause`, until a backend not in
+/// `avoid` (the backends the session left, the one it leaves first)
+/// accepts, or `deadline` passes.
 #[allow(clippy::too_many_arguments)]
 async fn redial(
     router: Router,
     placement: Arc<Placement>,
-    from: String,
+    avoid: Vec<String>,
     replayed: usize,
     deadline: Instant,
     session_id: u64,
     control: Arc<Control>,
     planned: bool,
+    first_pause: Duration,
 ) -> Option<(Upstream, SessionSlot)> {
     let attempt = async {
-        let mut pause = std::time::Duration::from_millis(50);
+        tokio::time::sleep(first_pause).await;
+        let mut pause = FIRST_REDIAL_PAUSE;
         loop {
             let config = router.config();
             let migration = MigrationDial {
-                from: &from,
+                from: &avoid[0],
+                avoid: &avoid,
                 replayed,
             };
             match dial_candidates(
@@ -927,7 +1038,7 @@ async fn redial(
                 Err(_) => {}
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            pause = (pause * 2).min(LAST_REDIAL_PAUSE);
         }
     };
     tokio::time::timeout_at(deadline, attempt)

@@ -293,3 +293,13 @@ fn the_memory_budget_has_a_floor_and_a_default_from_the_machine() {
     assert!(config.limits.max_buffered_bytes >= 16 << 20);
     assert_eq!(config.migration.replay_max_bytes, 128 << 10);
 }
+
+#[test]
+fn move_limits_must_allow_a_move() {
+    let text = valid()
+        .extra("[migration]\nmax_moves = 0\nmax_redeliveries = 0\nmoves_window = \"soon\"\n")
+        .toml();
+    assert!(problem_for(&text, "migration.max_moves").contains("at least 1"));
+    assert!(problem_for(&text, "migration.max_redeliveries").contains("at least 1"));
+    assert!(!problem_for(&text, "migration.moves_window").is_empty());
+}

@@ -155,6 +155,8 @@ pub struct ReplayWindow {
 #[derive(Debug)]
 struct Batch {
     at: Instant,
+    /// Backends that failed right after receiving these frames.
+    strikes: u32,
     /// Bytes in the ring, or none when the frames are `shared`.
     len: usize,
     messages: usize,
@@ -244,6 +246,7 @@ impl ReplayWindow {
         }
         self.batches.push_back(Batch {
             at: now,
+            strikes: 0,
             len: frames.len(),
             messages,
             shared,
@@ -251,6 +254,33 @@ impl ReplayWindow {
         self.messages += messages;
         self.bytes += size;
         dropped
+    }
+
+    /// Remember a replayed message, `frames`, with the strikes it carried.
+    pub fn push_replayed(&mut self, frames: &[u8], strikes: u32, now: Instant) -> usize {
+        let dropped = self.push(frames, 1, now);
+        if let Some(batch) = self.batches.back_mut() {
+            batch.strikes = strikes;
+        }
+        dropped
+    }
+
+    /// The backend failed at `now`: every message it received within
+    /// `suspect_within` before is suspected of killing it, and gets a strike.
+    /// Returns the most strikes a message now has (0 when none was that
+    /// recent), with the size of that message's batch.
+    pub fn strike_recent(&mut self, now: Instant, suspect_within: Duration) -> (u32, usize) {
+        let mut worst = (0, 0);
+        for batch in self.batches.iter_mut().rev() {
+            if now.saturating_duration_since(batch.at) > suspect_within {
+                break;
+            }
+            batch.strikes += 1;
+            if batch.strikes > worst.0 {
+                worst = (batch.strikes, batch.bytes());
+            }
+        }
+        worst
     }
 
     /// Whether a batch of `len` bytes is too big to keep at all: the
@@ -314,6 +344,16 @@ impl ReplayWindow {
     /// its frames, leaving the window empty: they are pushed again as they
     /// are re-sent.
     pub fn take_fresh(&mut self, now: Instant) -> Vec<Bytes> {
+        self.take_fresh_struck(now)
+            .into_iter()
+            .map(|(message, _)| message)
+            .collect()
+    }
+
+    /// As [`ReplayWindow::take_fresh`], each message with its strikes (see
+    /// [`ReplayWindow::strike_recent`]), to be pushed again with
+    /// [`ReplayWindow::push_replayed`].
+    pub fn take_fresh_struck(&mut self, now: Instant) -> Vec<(Bytes, u32)> {
         let data = self.data.make_contiguous();
         let mut offset = 0;
         let mut fresh = Vec::new();
@@ -330,7 +370,7 @@ impl ReplayWindow {
             let mut reader = FrameReader::client(usize::MAX, frames.to_vec());
             while let Ok(Some(unit)) = reader.next_unit() {
                 match unit {
-                    Unit::Message { len, .. } => fresh.push(reader.take(len)),
+                    Unit::Message { len, .. } => fresh.push((reader.take(len), batch.strikes)),
                     other => reader.skip(other.len()),
                 }
             }
@@ -357,6 +397,37 @@ impl ReplayWindow {
 
     pub fn is_empty(&self) -> bool {
         self.batches.is_empty()
+    }
+}
+
+/// A session's recent moves: the backends it left within the moves window,
+/// oldest first. A new move avoids them all while another backend is
+/// available (a chain never returns to a backend it left), and a session
+/// that moved `max_moves` times within the window is in a loop.
+#[derive(Debug, Default)]
+pub struct MoveChain {
+    left: VecDeque<(Instant, String)>,
+}
+
+impl MoveChain {
+    /// Forget the moves older than `window` before `now`; the moves left.
+    pub fn recent(&mut self, now: Instant, window: Duration) -> usize {
+        while let Some((at, _)) = self.left.front()
+            && now.saturating_duration_since(*at) >= window
+        {
+            self.left.pop_front();
+        }
+        self.left.len()
+    }
+
+    /// The session left `backend` at `now`.
+    pub fn record(&mut self, now: Instant, backend: &str) {
+        self.left.push_back((now, backend.to_string()));
+    }
+
+    /// The backends left in the chain, the most recent first.
+    pub fn backends(&self) -> Vec<String> {
+        self.left.iter().rev().map(|(_, id)| id.clone()).collect()
     }
 }
 
@@ -419,6 +490,49 @@ mod tests {
     /// A client's frame, as the window holds it.
     fn frame(opcode: u8, payload: &[u8]) -> Bytes {
         encode(opcode, payload, Some([1, 2, 3, 4]))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_strikes_the_messages_of_the_last_second_only() {
+        let mut w = ReplayWindow::new(64, usize::MAX, Duration::from_secs(10));
+        let within = Duration::from_secs(1);
+        let start = Instant::now();
+        w.push(&frame(OP_BINARY, b"old"), 1, start);
+        w.push(
+            &frame(OP_BINARY, b"recent"),
+            1,
+            start + Duration::from_millis(500),
+        );
+        // 1 s after "recent": it is struck, "old" (1.5 s) is not.
+        let failed_at = start + Duration::from_millis(1500);
+        assert_eq!(w.strike_recent(failed_at, within).0, 1);
+        let struck: Vec<u32> = w
+            .take_fresh_struck(failed_at)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        assert_eq!(struck, [0, 1]);
+        // Strikes travel with a replayed message, and a second failure
+        // right after the replay adds one.
+        let replayed_at = failed_at + Duration::from_millis(100);
+        w.push_replayed(&frame(OP_BINARY, b"recent"), 1, replayed_at);
+        assert_eq!(w.strike_recent(replayed_at + within, within).0, 2);
+        // A failure a moment later than the bound strikes nothing.
+        let later = replayed_at + within + Duration::from_millis(1);
+        assert_eq!(w.strike_recent(later, within).0, 0);
+    }
+
+    #[test]
+    fn a_move_chain_remembers_the_backends_left_within_its_window() {
+        let mut chain = MoveChain::default();
+        let window = Duration::from_secs(60);
+        let start = Instant::now();
+        chain.record(start, "a");
+        chain.record(start + Duration::from_secs(30), "b");
+        assert_eq!(chain.recent(start + Duration::from_secs(30), window), 2);
+        assert_eq!(chain.backends(), ["b", "a"]);
+        assert_eq!(chain.recent(start + Duration::from_secs(60), window), 1);
+        assert_eq!(chain.backends(), ["b"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -153,9 +153,9 @@ struct BackendShared {
 /// sends a JSON welcome `{"backend", "headers", "path"}` with every request
 /// header (names lower-cased, repeated headers joined with ", "), then
 /// echoes text and binary messages. A text `close:CODE:reason` makes it close
-/// the session with that code and reason. `GET /healthz` on the same port
-/// answers the current health status. Dropping it stops it: the listener
-/// closes and its sessions are cut.
+/// the session with that code and reason (it is recorded as received too).
+/// `GET /healthz` on the same port answers the current health status.
+/// Dropping it stops it: the listener closes and its sessions are cut.
 pub struct TestBackend {
     pub id: String,
     pub addr: SocketAddr,
@@ -464,6 +464,10 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
             }
             Ok(Message::Text(text)) => match text.as_str().strip_prefix("close:") {
                 Some(rest) => {
+                    shared
+                        .received
+                        .lock()
+                        .push((session.clone(), text.as_str().to_string()));
                     let (code, reason) = rest.split_once(':').unwrap_or((rest, ""));
                     let code: u16 = code.parse().expect("close:CODE:reason with a numeric code");
                     closing = true;
