@@ -295,8 +295,10 @@ async fn order_holds_and_a_message_in_flight_arrives_whole() {
         // Room to queue every message, should the move be slow, and to
         // replay every message: on loopback the dead backend's socket
         // buffers can hold most of the 6 MB sent, unread, when it dies (the
-        // window's own bound is tested in unit tests).
-        .extra("[migration]\nreplay_max_messages = 128\nqueue_max_bytes = 16777216\n")
+        // window's own bounds are tested in unit tests and tests/memory.rs).
+        .extra(
+            "[migration]\nreplay_max_messages = 128\nreplay_max_bytes = 16777216\nqueue_max_bytes = 16777216\n",
+        )
         .start()
         .await;
     // Large binary messages (a distinct length per sequence number), sent

@@ -94,7 +94,7 @@ pub struct TrafficCounters {
     bytes_up: Counter,
     messages_down: Counter,
     bytes_down: Counter,
-    pub replay_dropped: Counter,
+    replay_dropped: Counter,
 }
 
 impl TrafficCounters {
