@@ -2,16 +2,20 @@
 //! poison message) reaches at most `max_redeliveries` backends and the
 //! session is closed with 1011; a chain of moves never returns to a backend
 //! it left while another is available; ordinary failover (a crash, then a
-//! second crash of the next backend seconds later) never hits either limit.
+//! second crash of the next backend seconds later, a rolling restart) never
+//! hits either limit. Backend processes that crash on a message (killed
+//! with SIGKILL) are this test binary run again as a backend.
 
 mod support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use support::{
-    Client, TestBackend, WAIT, echo, eventually, key, read_welcome, recv_data, router, trace_init,
-    try_connect,
+    BackendOptions, ChildGuard, Client, TestBackend, WAIT, echo, eventually, free_port, key,
+    read_welcome, recv_data, router, trace_init, try_connect, within,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -190,4 +194,182 @@ async fn two_honest_crashes_seconds_apart_close_no_session() {
         router.backend_state(&c.id).await == "healthy"
     })
     .await;
+}
+
+/// Send `text` and wait for its echo, skipping the welcome of a backend the
+/// session moved to and the echoes of messages replayed to it (delivery
+/// across a move is at-least-once); a close fails the test.
+async fn echo_across_moves(client: &mut Client, text: &str) {
+    client.send(Message::text(text)).await.expect("send");
+    loop {
+        match recv_data(client).await {
+            Message::Text(got) if got == text => return,
+            Message::Text(_) => continue,
+            other => panic!("expected the echo of {text:?}, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "not a test: the body of a backend process that the crash test starts and kills"]
+async fn backend_process() {
+    let (Ok(id), Ok(addr), Ok(poison)) = (
+        std::env::var("POISON_TEST_BACKEND_ID"),
+        std::env::var("POISON_TEST_BACKEND_ADDR"),
+        std::env::var("POISON_TEST_MESSAGE"),
+    ) else {
+        return;
+    };
+    let addr = addr.parse().expect("backend address");
+    let backend = TestBackend::start_on(&id, BackendOptions::default(), addr).await;
+    println!("BACKEND READY");
+    loop {
+        if backend.received().iter().any(|(_, text)| *text == poison) {
+            // The test kills this process with SIGKILL when it reads this.
+            println!("BACKEND POISONED");
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A backend in a process of its own (this test binary, running
+/// [`backend_process`]), killed with SIGKILL as soon as it receives the
+/// poison message: a backend that crashes on it.
+struct CrashingBackend {
+    id: String,
+    url: String,
+    killed: Arc<AtomicBool>,
+    _child: ChildGuard,
+}
+
+async fn crashing_backend(id: &str, poison: &str) -> CrashingBackend {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args(["backend_process", "--exact", "--ignored", "--nocapture"])
+        .env("POISON_TEST_BACKEND_ID", id)
+        .env("POISON_TEST_BACKEND_ADDR", &addr)
+        .env("POISON_TEST_MESSAGE", poison)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start a backend process");
+    let pid = child.id().to_string();
+    let stdout = child.stdout.take().expect("piped stdout");
+    let killed = Arc::new(AtomicBool::new(false));
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let watcher_killed = Arc::clone(&killed);
+    std::thread::spawn(move || {
+        let mut ready = Some(ready_tx);
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            let Ok(line) = line else { break };
+            if line.contains("BACKEND READY") {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+            } else if line.contains("BACKEND POISONED") {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", &pid])
+                    .status();
+                watcher_killed.store(true, Ordering::SeqCst);
+            }
+        }
+    });
+    within("the backend process to listen", ready_rx)
+        .await
+        .expect("the backend process started");
+    CrashingBackend {
+        id: id.to_string(),
+        url: format!("ws://{addr}"),
+        killed,
+        _child: ChildGuard(child),
+    }
+}
+
+#[tokio::test]
+async fn a_message_that_crashes_backend_processes_kills_at_most_max_redeliveries_of_them() {
+    let _trace = trace_init();
+    let poison = "crash the server";
+    let backends = [
+        crashing_backend("proc-a", poison).await,
+        crashing_backend("proc-b", poison).await,
+        crashing_backend("proc-c", poison).await,
+    ];
+    let mut builder = router();
+    for backend in &backends {
+        builder = builder.backend_entry(&backend.id, &backend.url, "eu", None, None);
+    }
+    let router = builder.start().await;
+    let mut ordinary = Vec::new();
+    for i in 0..6 {
+        let (mut client, _) = router.connect(&key("proc-ordinary", i), &[]).await;
+        echo(&mut client, "before").await;
+        ordinary.push(client);
+    }
+    let (mut poisoned, _) = router.connect("proc-poisoned", &[]).await;
+    poisoned.send(Message::text(poison)).await.unwrap();
+    let (_, code, reason) = until_close(&mut poisoned).await;
+    assert_eq!(code, 1011, "{reason}");
+
+    // The processes killed are those the message reached: the first and
+    // the one it was replayed to, no more.
+    let killed: Vec<&str> = backends
+        .iter()
+        .filter(|b| b.killed.load(Ordering::SeqCst))
+        .map(|b| b.id.as_str())
+        .collect();
+    assert!(
+        (1..=2).contains(&killed.len()),
+        "killed {killed:?} (max_redeliveries is 2)"
+    );
+    // The sessions on the killed backends moved to the survivor; nobody
+    // was closed, and a new session is served.
+    for client in &mut ordinary {
+        echo_across_moves(client, "after").await;
+    }
+    let (mut newcomer, welcome) = router.connect("proc-after", &[]).await;
+    assert!(!killed.contains(&welcome.backend.as_str()));
+    echo(&mut newcomer, "hello").await;
+}
+
+#[tokio::test]
+async fn a_rolling_restart_of_every_backend_closes_no_session() {
+    let _trace = trace_init();
+    let (a, b, c) = one_region().await;
+    let router = router()
+        .backend(&a, "eu")
+        .backend(&b, "eu")
+        .backend(&c, "eu")
+        .fast_health_checks()
+        .start()
+        .await;
+    // Sessions that each send a message every 100 ms for 10 s, and expect
+    // every echo and no close.
+    let mut sessions = tokio::task::JoinSet::new();
+    for i in 0..9 {
+        let url = router.url(&key("rolling", i));
+        sessions.spawn(async move {
+            let (mut client, _) = try_connect(&url, &[]).await.expect("connect");
+            read_welcome(&mut client).await;
+            for n in 0..100 {
+                echo_across_moves(&mut client, &format!("m{n}")).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+    // Each backend in turn closes its sessions with 1001, goes away and is
+    // back 1.5 s later; the next one follows 3 s after the previous.
+    let mut restarted = Vec::new();
+    for backend in [a, b, c] {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        backend.close_all(1001, "restarting");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        backend.stop();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        restarted.push(backend.restart().await);
+    }
+    while let Some(session) = sessions.join_next().await {
+        session.expect("a session survived the rolling restart");
+    }
 }
