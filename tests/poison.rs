@@ -373,3 +373,36 @@ async fn a_rolling_restart_of_every_backend_closes_no_session() {
         session.expect("a session survived the rolling restart");
     }
 }
+
+#[tokio::test]
+async fn a_backend_failing_under_many_sessions_is_still_ejected() {
+    let _trace = trace_init();
+    let (a, b, c) = one_region().await;
+    let router = router()
+        .backend(&a, "eu")
+        .backend(&b, "eu")
+        .backend(&c, "eu")
+        .start()
+        .await;
+    // Three sessions on `a`, each with a message just sent (so each failure
+    // follows a message: a first strike, which is the backend's fault).
+    let mut on_a = Vec::new();
+    for i in 0.. {
+        let (mut client, welcome) = router.connect(&key("failing", i), &[]).await;
+        if welcome.backend == a.id {
+            echo(&mut client, "hello").await;
+            on_a.push(client);
+            if on_a.len() == 3 {
+                break;
+            }
+        }
+    }
+    a.close_all(1011, "internal error");
+    eventually("the failing backend is ejected", WAIT, async || {
+        router.backend_state(&a.id).await == "ejected"
+    })
+    .await;
+    for client in &mut on_a {
+        echo_across_moves(client, "moved on").await;
+    }
+}
