@@ -12,7 +12,10 @@
 //! - no read buffer grows past the budget: a read that would is refused and
 //!   wakes the monitor, which closes the largest holders, newest first,
 //!   until the total is back under [`RELIEF_AT`] (`1013 Try Again Later`,
-//!   `wsrouter_closes_total{reason="memory_pressure"}`).
+//!   `wsrouter_closes_total{reason="memory_pressure"}`);
+//! - pausing is for a burst: when the total stays past [`PAUSE_AT`] for
+//!   [`PAUSE_GRACE`], the largest holders are closed the same way until it
+//!   is back under the pause threshold.
 //!
 //! Sessions under [`PAUSE_FLOOR`] are never paused or closed. Leaves to
 //! others: what counts as held (the session and its relay add it up), and
@@ -46,6 +49,10 @@ pub const REPORT_STEP: usize = 16 * 1024;
 const PRESSURE_CHECK: Duration = Duration::from_millis(50);
 /// How often the monitor looks otherwise (one load).
 const CALM_CHECK: Duration = Duration::from_millis(250);
+/// Pausing is for a burst: pressure that lasts this long closes the
+/// largest holders down to the pause threshold (a client that holds a
+/// message half-sent forever is never let go of otherwise).
+pub const PAUSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Flags the monitor leaves on a session's account.
 const PAUSED: u8 = 1;
@@ -166,15 +173,17 @@ impl MemoryBudget {
     }
 
     /// One look: pause, resume or close sessions as the total calls for.
-    pub fn enforce(&self) -> Pressure {
-        let pressure = self.look();
+    /// `sustained`: the total has been past the pause threshold for
+    /// [`PAUSE_GRACE`].
+    pub fn enforce(&self, sustained: bool) -> Pressure {
+        let pressure = self.look(sustained);
         self.shared
             .pressure
             .store(pressure as u8, Ordering::Relaxed);
         pressure
     }
 
-    fn look(&self) -> Pressure {
+    fn look(&self, sustained: bool) -> Pressure {
         let shared = &*self.shared;
         let held = self.held();
         let (limit, pause_at, relief_at) = (self.limit(), self.pause_at(), self.relief_at());
@@ -189,9 +198,16 @@ impl MemoryBudget {
             }
             return Pressure::Normal;
         }
-        if held < limit && wanted == 0 {
+        if held < limit && wanted == 0 && !sustained {
             return Pressure::Pausing;
         }
+        // Past the budget (or with a read refused), down to relief;
+        // after sustained pausing, down to the pause threshold.
+        let target = if held >= limit || wanted > 0 {
+            relief_at
+        } else {
+            pause_at
+        };
         // The largest holders (at least half the largest one's bytes), the
         // newest first, until the total and the refused read are back
         // under relief.
@@ -217,7 +233,7 @@ impl MemoryBudget {
         holders.sort_by_key(|holder| std::cmp::Reverse(holder.0));
         let mut left = held;
         for (_, bytes, account) in holders {
-            if left + wanted < relief_at {
+            if left + wanted < target {
                 break;
             }
             account.flags.fetch_or(EVICT, Ordering::AcqRel);
@@ -241,8 +257,16 @@ impl MemoryBudget {
     pub async fn monitor(self, stop: impl Future<Output = ()>) {
         let mut stop = std::pin::pin!(stop);
         let mut state = Pressure::Normal;
+        let mut pressed_since: Option<std::time::Instant> = None;
         loop {
-            let next = self.enforce();
+            let sustained = pressed_since.is_some_and(|at| at.elapsed() >= PAUSE_GRACE);
+            let next = self.enforce(sustained);
+            pressed_since = match next {
+                Pressure::Normal => None,
+                // A shed after sustained pausing gives the rest a new grace.
+                _ if sustained => Some(std::time::Instant::now()),
+                _ => pressed_since.or_else(|| Some(std::time::Instant::now())),
+            };
             if next != state {
                 let (held, limit) = (self.held(), self.limit());
                 match next {
@@ -427,9 +451,9 @@ mod tests {
         assert!(big.may_read(&mut cx(), 40 * mb, 0), "under 3/4: reads");
         assert!(!big.may_read(&mut cx(), 50 * mb, 0), "past 3/4: paused");
         assert!(small.may_read(&mut cx(), 8 * 1024, 0));
-        assert_eq!(budget.enforce(), Pressure::Pausing);
+        assert_eq!(budget.enforce(false), Pressure::Pausing);
         drop(big);
-        assert_eq!(budget.enforce(), Pressure::Normal);
+        assert_eq!(budget.enforce(false), Pressure::Normal);
     }
 
     #[test]
@@ -442,7 +466,7 @@ mod tests {
         }
         // 12 MiB held: the fifth may not grow its buffer past 16 MiB.
         assert!(!sessions[4].may_read(&mut cx(), 0, 5 * mb));
-        assert_eq!(budget.enforce(), Pressure::Shedding);
+        assert_eq!(budget.enforce(false), Pressure::Shedding);
         let closing: Vec<bool> = sessions
             .iter_mut()
             .map(|s| s.must_close(&mut cx(), true))
@@ -450,5 +474,26 @@ mod tests {
         // Until what is held and the refused 5 MiB fit under 14 MiB: the
         // two newest of the equal holders (the fifth holds too little).
         assert_eq!(closing, [false, false, true, true, false]);
+    }
+
+    #[test]
+    fn pausing_that_lasts_closes_the_largest_down_to_the_pause_threshold() {
+        let mb = 1 << 20;
+        let budget = MemoryBudget::new(64 * mb);
+        let mut sessions: Vec<SessionMemory> = (1..=6).map(|id| budget.open(id)).collect();
+        for s in &mut sessions[..5] {
+            s.report(10 * mb);
+        }
+        sessions[5].report(32 * 1024);
+        // 50 MiB held, past 3/4 of 64: paused, and nobody closed...
+        assert_eq!(budget.enforce(false), Pressure::Pausing);
+        assert!(sessions.iter_mut().all(|s| !s.must_close(&mut cx(), true)));
+        // ...until it lasts: the newest large holder goes, down under 48.
+        assert_eq!(budget.enforce(true), Pressure::Shedding);
+        let closing: Vec<bool> = sessions
+            .iter_mut()
+            .map(|s| s.must_close(&mut cx(), true))
+            .collect();
+        assert_eq!(closing, [false, false, false, false, true, false]);
     }
 }
