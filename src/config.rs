@@ -43,7 +43,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_QUEUE_MAX_BYTES: usize = 1024 * 1024;
-pub const DEFAULT_REPLAY_MAX_MESSAGES: usize = 64;
+/// The margin: client messages the backend read (its pong says so) that
+/// are still replayed after it fails, in case its application had not
+/// handled them yet.
+pub const DEFAULT_REPLAY_MAX_MESSAGES: usize = 8;
 /// Chat messages are mostly JSON events of well under 1 KiB: 64 of them
 /// fit in 64 KiB, so this covers the count bound twice over for chat, and
 /// keeps 10,000 sessions' windows under 1.25 GiB at worst.
@@ -58,6 +61,13 @@ pub const DEFAULT_MIGRATION_RATE: u32 = 200;
 pub const DEFAULT_MAX_MOVES: u32 = 10;
 pub const DEFAULT_MOVES_WINDOW: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_REDELIVERIES: u32 = 2;
+/// Often enough that a backend's read watermark trails its client by
+/// little; at 20 watermark pings a second, a few per cent of a busy
+/// session's frames at most.
+pub const DEFAULT_WATERMARK_INTERVAL: Duration = Duration::from_millis(50);
+/// Longer than a healthy backend's pauses (a GC, a burst), short enough
+/// that a hung one costs its clients seconds, not the health checks' 15.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_PASSIVE_FAILURES: u32 = 3;
 pub const DEFAULT_PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
@@ -247,6 +257,8 @@ struct FileMigration {
     max_moves: Option<u32>,
     moves_window: Option<String>,
     max_redeliveries: Option<u32>,
+    watermark_interval: Option<String>,
+    stall_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -473,6 +485,12 @@ pub struct MigrationConfig {
     /// A message that backends failed right after receiving, on this many
     /// backends, is not replayed again: the session is closed with 1011.
     pub max_redeliveries: u32,
+    /// Forwarded client messages are followed by a watermark ping at most
+    /// this often (see [`crate::session::migrate::ReplayWindow`]).
+    pub watermark_interval: Duration,
+    /// A backend whose watermark does not move this long while messages
+    /// wait for it is hung: the session moves.
+    pub stall_timeout: Duration,
 }
 
 /// Edge limits; 0 turns a limit off.
@@ -1129,7 +1147,26 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
             DEFAULT_MOVES_WINDOW,
         ),
         max_redeliveries: mg.max_redeliveries.unwrap_or(DEFAULT_MAX_REDELIVERIES),
+        watermark_interval: p.duration(
+            "migration.watermark_interval",
+            mg.watermark_interval.as_ref(),
+            DEFAULT_WATERMARK_INTERVAL,
+        ),
+        stall_timeout: p.duration(
+            "migration.stall_timeout",
+            mg.stall_timeout.as_ref(),
+            DEFAULT_STALL_TIMEOUT,
+        ),
     };
+    if migration.replay_max_bytes < 1024 {
+        p.add("migration.replay_max_bytes", "must be at least 1024 bytes");
+    }
+    if migration.stall_timeout <= migration.watermark_interval {
+        p.add(
+            "migration.stall_timeout",
+            "must be longer than migration.watermark_interval",
+        );
+    }
     if migration.max_moves == 0 {
         p.add("migration.max_moves", "must be at least 1 move");
     }

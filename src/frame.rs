@@ -326,10 +326,11 @@ pub enum Unit {
     Ping {
         len: usize,
     },
-    /// `keepalive` when the payload is the router's own ping payload.
+    /// `own` when it answers one of the router's own pings (keepalive or
+    /// watermark): it is not relayed.
     Pong {
         len: usize,
-        keepalive: bool,
+        own: bool,
     },
     Close {
         len: usize,
@@ -385,6 +386,37 @@ struct Partial {
 /// Payload of the router's keepalive pings; pongs carrying it are the
 /// router's own and are not relayed.
 pub const KEEPALIVE: &[u8] = b"wsrouter-keepalive";
+
+/// A watermark ping's payload starts with this, followed by the session's
+/// count of client messages forwarded when it was sent (8 bytes, big
+/// endian). The backend's pong carries it back once it has read them all
+/// (RFC 6455 5.5.3: a pong answers with the ping's payload, in order with
+/// the data).
+pub const WATERMARK_PREFIX: &[u8] = b"wsrouter-wm:";
+const WATERMARK_PAYLOAD_LEN: usize = WATERMARK_PREFIX.len() + 8;
+
+/// The payload of a watermark ping for `forwarded` client messages.
+pub fn watermark_payload(forwarded: u64) -> [u8; WATERMARK_PAYLOAD_LEN] {
+    let mut payload = [0u8; WATERMARK_PAYLOAD_LEN];
+    payload[..WATERMARK_PREFIX.len()].copy_from_slice(WATERMARK_PREFIX);
+    payload[WATERMARK_PREFIX.len()..].copy_from_slice(&forwarded.to_be_bytes());
+    payload
+}
+
+/// The count a backend's (unmasked) pong frame carries back, when it
+/// answers a watermark ping.
+pub fn watermark_of(pong_frame: &[u8]) -> Option<u64> {
+    let payload = match pong_frame {
+        [first, len, payload @ ..]
+            if *first == 0x80 | OP_PONG && usize::from(*len) == WATERMARK_PAYLOAD_LEN =>
+        {
+            payload
+        }
+        _ => return None,
+    };
+    let count = payload.strip_prefix(WATERMARK_PREFIX)?;
+    Some(u64::from_be_bytes(count.try_into().ok()?))
+}
 
 /// The receiving half of one peer: bytes read but not yet handed on, and
 /// where the message in progress stands.
@@ -615,15 +647,18 @@ impl FrameScan {
                 }
                 OP_PING => Some(Unit::Ping { len: 0 }),
                 OP_PONG => {
-                    let keepalive = payload.len() == KEEPALIVE.len() && {
-                        let mut p = [0u8; KEEPALIVE.len()];
-                        p.copy_from_slice(payload);
-                        if let Some(key) = header.mask {
-                            apply_mask(&mut p, key, 0);
-                        }
-                        p == KEEPALIVE
-                    };
-                    Some(Unit::Pong { len: 0, keepalive })
+                    let own = (payload.len() == KEEPALIVE.len()
+                        || payload.len() == WATERMARK_PAYLOAD_LEN)
+                        && {
+                            let mut p = [0u8; WATERMARK_PAYLOAD_LEN];
+                            let p = &mut p[..payload.len()];
+                            p.copy_from_slice(payload);
+                            if let Some(key) = header.mask {
+                                apply_mask(p, key, 0);
+                            }
+                            p == KEEPALIVE || p.starts_with(WATERMARK_PREFIX)
+                        };
+                    Some(Unit::Pong { len: 0, own })
                 }
                 _ => {
                     let mut p = [0u8; MAX_CONTROL_PAYLOAD];
@@ -651,7 +686,7 @@ impl FrameScan {
             return Ok(Some(match unit {
                 Unit::Message { payload, .. } => Unit::Message { len, payload },
                 Unit::Ping { .. } => Unit::Ping { len },
-                Unit::Pong { keepalive, .. } => Unit::Pong { len, keepalive },
+                Unit::Pong { own, .. } => Unit::Pong { len, own },
                 Unit::Close { frame, .. } => Unit::Close { len, frame },
             }));
         }
@@ -776,8 +811,28 @@ mod tests {
             r.next_unit(),
             Ok(Some(Unit::Pong {
                 len: bytes.len() - len,
-                keepalive: true
+                own: true
             }))
+        );
+    }
+
+    #[test]
+    fn a_watermark_pong_is_the_routers_own_and_carries_its_count_back() {
+        let ping = encode(OP_PING, &watermark_payload(1234), None);
+        let pong = encode(OP_PONG, &ping[2..], None);
+        let mut r = FrameReader::backend(1 << 20, pong.to_vec());
+        assert_eq!(
+            r.next_unit(),
+            Ok(Some(Unit::Pong {
+                len: pong.len(),
+                own: true
+            }))
+        );
+        assert_eq!(watermark_of(&pong), Some(1234));
+        assert_eq!(watermark_of(&encode(OP_PONG, KEEPALIVE, None)), None);
+        assert_eq!(
+            watermark_of(&encode(OP_PONG, b"wsrouter-wm:1234567", None)),
+            None
         );
     }
 

@@ -681,6 +681,7 @@ impl Session {
                 &mut upstream.peer,
                 RelayContext {
                     config: &config.relay,
+                    migration: &config.migration,
                     counters: &self.router.counters,
                     shutdown: &mut shutdown,
                     control: &self.control,
@@ -743,7 +744,9 @@ impl Session {
         let now = Instant::now();
         let failed = matches!(
             reason,
-            MigrationReason::UpstreamLost | MigrationReason::UpstreamClosed
+            MigrationReason::UpstreamLost
+                | MigrationReason::UpstreamClosed
+                | MigrationReason::Stalled
         );
         let (strikes, size) = if failed {
             self.window.strike_recent(now, SUSPECT_WITHIN)

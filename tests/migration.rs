@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use support::{
-    Client, TestBackend, WAIT, eventually, expect_close, key, metric, raise_fd_limit, read_welcome,
-    recv_data, router, trace_init, try_connect, within,
+    BackendOptions, BackendProcess, Client, TestBackend, WAIT, eventually, expect_close, key,
+    metric, raise_fd_limit, read_welcome, recv_data, router, trace_init, try_connect, within,
 };
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -68,16 +68,18 @@ async fn killing_a_backend_mid_stream_closes_no_client_and_loses_no_message() {
     raise_fd_limit();
     const SESSIONS: usize = 200;
     const MESSAGES: usize = 40;
-    const REPLAY_WINDOW: usize = 64;
+    // The replay margin (`replay_max_messages`, default 8): messages the
+    // backend was seen to read that are replayed all the same.
+    const MARGIN: usize = 8;
+    // What the window held before the watermark: the last 64 forwarded.
+    const OLD_WINDOW: usize = 64;
     let doomed = TestBackend::start("chaos-doomed").await;
     let spare = TestBackend::start("chaos-spare").await;
     // Loopback clients land on the default region, eu: all on `doomed`.
     let router = router()
         .backend(&doomed, "eu")
         .backend(&spare, "us")
-        .extra(&format!(
-            "[migration]\nreplay_max_messages = {REPLAY_WINDOW}\ntimeout = \"20s\"\n"
-        ))
+        .extra("[migration]\ntimeout = \"20s\"\n")
         .start()
         .await;
 
@@ -118,7 +120,7 @@ async fn killing_a_backend_mid_stream_closes_no_client_and_loses_no_message() {
 
     // Kill the backend abruptly once it is well into the streams.
     eventually("the streams are under way", WAIT, async || {
-        doomed.received().len() >= SESSIONS * MESSAGES / 4
+        doomed.received().len() >= SESSIONS * MESSAGES * 3 / 4
     })
     .await;
     doomed.stop();
@@ -139,6 +141,9 @@ async fn killing_a_backend_mid_stream_closes_no_client_and_loses_no_message() {
         *delivered.entry(session).or_default().entry(n).or_default() += 1;
     }
     let mut duplicates = 0;
+    // What replaying the last 64 forwarded (the window before watermarks)
+    // would have sent again.
+    let mut old_duplicates = 0;
     for i in 0..SESSIONS {
         let key = key("chaos", i);
         let seen = &results[&key];
@@ -157,11 +162,13 @@ async fn killing_a_backend_mid_stream_closes_no_client_and_loses_no_message() {
             );
         }
         let dups: usize = got.values().map(|c| c - 1).sum();
+        let before_kill = doomed.received().iter().filter(|(s, _)| *s == key).count();
         assert!(
-            dups <= REPLAY_WINDOW,
-            "{key}: {dups} duplicates, more than the replay window"
+            dups <= before_kill,
+            "{key}: {dups} duplicates, more than the {before_kill} messages sent before the kill"
         );
         duplicates += dups;
+        old_duplicates += before_kill.min(OLD_WINDOW);
         // The session was greeted again by the spare, told where it came from.
         let resumed = seen
             .welcomes
@@ -174,7 +181,22 @@ async fn killing_a_backend_mid_stream_closes_no_client_and_loses_no_message() {
         );
         assert!(resumed["headers"]["x-wsrouter-replayed"].as_str().is_some());
     }
-    tracing::info!(duplicates, ?moved_within, "chaos run");
+    println!(
+        "chaos run: {duplicates} duplicates for {} messages (a 64-message window: \
+         {old_duplicates}); all sessions moved within {moved_within:?}",
+        SESSIONS * MESSAGES
+    );
+    // Only what the backend had not read, and the margin, came again.
+    assert!(
+        duplicates < old_duplicates,
+        "{duplicates} duplicates, no fewer than a 64-message window's {old_duplicates}"
+    );
+    // The margin of read messages is replayed all the same, in case the
+    // application had not handled them.
+    assert!(
+        duplicates >= SESSIONS * MARGIN,
+        "{duplicates} duplicates: the margin of {MARGIN} a session was not replayed"
+    );
 
     let moved = metric(
         router.admin,
@@ -374,4 +396,124 @@ async fn order_holds_and_a_message_in_flight_arrives_whole() {
     let lost: Vec<usize> = (0..MESSAGES).filter(|&n| !delivered[n]).collect();
     assert!(lost.is_empty(), "lost messages: {lost:?}");
     drop(router);
+}
+
+#[tokio::test]
+#[ignore = "not a test: the body of a backend process that the frozen-backend test starts"]
+async fn backend_process() {
+    support::backend_process_main().await;
+}
+
+/// One client sending `count` numbered messages every `every`, and what
+/// came back: the echoed numbers, the backends that greeted it, closes.
+async fn stream_and_collect(url: String, key: String, count: usize, every: Duration) -> Seen {
+    let (client, _) = try_connect(&url, &[]).await.expect("connect");
+    let (mut tx, rx) = client.split();
+    let reader = tokio::spawn(read_until_echo(rx, key.clone(), count - 1));
+    for n in 0..count {
+        tx.send(Message::text(format!("{key}#{n}")))
+            .await
+            .expect("send");
+        tokio::time::sleep(every).await;
+    }
+    let seen = within("the echo of the last message", reader)
+        .await
+        .expect("reader");
+    let _ = tx.send(Message::Close(None)).await;
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_backend_loses_no_message_and_its_sessions_move_before_the_health_checks_notice() {
+    let _trace = trace_init();
+    raise_fd_limit();
+    const SESSIONS: usize = 100;
+    const MESSAGES: usize = 120;
+    // A backend process that will be frozen (SIGSTOP, never resumed), with
+    // the default health settings (5 s, 2 s timeout, fall 3: ~14 s).
+    let frozen = BackendProcess::start("frozen-eu", None).await;
+    let spare = TestBackend::start("frozen-spare").await;
+    let router = router()
+        .backend_entry(&frozen.id, &frozen.url, "eu", None, None)
+        .backend(&spare, "us")
+        .start()
+        .await;
+    // 100 clients at 20 messages a second for 6 s.
+    let mut clients = tokio::task::JoinSet::new();
+    for i in 0..SESSIONS {
+        let (url, key) = (router.url(&key("frozen", i)), key("frozen", i));
+        clients.spawn(async move {
+            let seen =
+                stream_and_collect(url, key.clone(), MESSAGES, Duration::from_millis(50)).await;
+            (key, seen)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    frozen.freeze();
+
+    while let Some(joined) = clients.join_next().await {
+        let (key, seen) = joined.expect("client task");
+        assert!(
+            seen.closes.is_empty(),
+            "{key} saw a close: {:?}",
+            seen.closes
+        );
+        // Every message came back: none was lost in the frozen backend.
+        let echoed: std::collections::BTreeSet<usize> = seen.echoes.iter().copied().collect();
+        let lost: Vec<usize> = (0..MESSAGES).filter(|n| !echoed.contains(n)).collect();
+        assert!(lost.is_empty(), "{key} lost {lost:?}");
+        let resumed = seen.welcomes.last().expect("a welcome");
+        assert_eq!(resumed["backend"], "frozen-spare", "{key}");
+    }
+    // The stalls moved the sessions and told passive health, before the
+    // active checks (three failed checks, 5 s apart) could notice.
+    let stalled = metric(
+        router.admin,
+        r#"wsrouter_migrations_total{from="frozen-eu",to="frozen-spare",reason="stalled"}"#,
+    )
+    .await;
+    assert_eq!(stalled as usize, SESSIONS);
+    assert_eq!(router.backend_state(&frozen.id).await, "ejected");
+}
+
+#[tokio::test]
+async fn a_slow_backend_then_killed_loses_nothing_it_had_not_read() {
+    let _trace = trace_init();
+    const MESSAGES: usize = 300;
+    // Reads 50 messages a second; the client sends 300 at once: far more
+    // outstanding than the old 64-message window held.
+    let slow = TestBackend::start_with(
+        "slow-eu",
+        BackendOptions {
+            read_delay: Some(Duration::from_millis(20)),
+            ..BackendOptions::default()
+        },
+    )
+    .await;
+    let spare = TestBackend::start("slow-spare").await;
+    let router = router()
+        .backend(&slow, "eu")
+        .backend(&spare, "us")
+        .start()
+        .await;
+    let session = key("slow", 1);
+    let collect = tokio::spawn(stream_and_collect(
+        router.url(&session),
+        session.clone(),
+        MESSAGES,
+        Duration::ZERO,
+    ));
+    eventually("the slow backend is under way", WAIT, async || {
+        slow.received().len() >= 20
+    })
+    .await;
+    slow.stop();
+    let seen = collect.await.expect("client");
+    assert!(seen.closes.is_empty(), "{:?}", seen.closes);
+    let mut delivered = std::collections::BTreeSet::new();
+    for (_, text) in slow.received().into_iter().chain(spare.received()) {
+        delivered.insert(text.rsplit('#').next().unwrap().parse::<usize>().unwrap());
+    }
+    let lost: Vec<usize> = (0..MESSAGES).filter(|n| !delivered.contains(n)).collect();
+    assert!(lost.is_empty(), "lost {lost:?}");
 }

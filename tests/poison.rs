@@ -8,14 +8,12 @@
 
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::SinkExt;
 use support::{
-    BackendOptions, ChildGuard, Client, TestBackend, WAIT, echo, eventually, free_port, key,
-    read_welcome, recv_data, router, trace_init, try_connect, within,
+    BackendProcess, Client, TestBackend, WAIT, echo, eventually, key, read_welcome, recv_data,
+    router, trace_init, try_connect,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -213,78 +211,7 @@ async fn echo_across_moves(client: &mut Client, text: &str) {
 #[tokio::test]
 #[ignore = "not a test: the body of a backend process that the crash test starts and kills"]
 async fn backend_process() {
-    let (Ok(id), Ok(addr), Ok(poison)) = (
-        std::env::var("POISON_TEST_BACKEND_ID"),
-        std::env::var("POISON_TEST_BACKEND_ADDR"),
-        std::env::var("POISON_TEST_MESSAGE"),
-    ) else {
-        return;
-    };
-    let addr = addr.parse().expect("backend address");
-    let backend = TestBackend::start_on(&id, BackendOptions::default(), addr).await;
-    println!("BACKEND READY");
-    loop {
-        if backend.received().iter().any(|(_, text)| *text == poison) {
-            // The test kills this process with SIGKILL when it reads this.
-            println!("BACKEND POISONED");
-            std::future::pending::<()>().await;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// A backend in a process of its own (this test binary, running
-/// [`backend_process`]), killed with SIGKILL as soon as it receives the
-/// poison message: a backend that crashes on it.
-struct CrashingBackend {
-    id: String,
-    url: String,
-    killed: Arc<AtomicBool>,
-    _child: ChildGuard,
-}
-
-async fn crashing_backend(id: &str, poison: &str) -> CrashingBackend {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args(["backend_process", "--exact", "--ignored", "--nocapture"])
-        .env("POISON_TEST_BACKEND_ID", id)
-        .env("POISON_TEST_BACKEND_ADDR", &addr)
-        .env("POISON_TEST_MESSAGE", poison)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start a backend process");
-    let pid = child.id().to_string();
-    let stdout = child.stdout.take().expect("piped stdout");
-    let killed = Arc::new(AtomicBool::new(false));
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let watcher_killed = Arc::clone(&killed);
-    std::thread::spawn(move || {
-        let mut ready = Some(ready_tx);
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
-            let Ok(line) = line else { break };
-            if line.contains("BACKEND READY") {
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(());
-                }
-            } else if line.contains("BACKEND POISONED") {
-                let _ = std::process::Command::new("kill")
-                    .args(["-KILL", &pid])
-                    .status();
-                watcher_killed.store(true, Ordering::SeqCst);
-            }
-        }
-    });
-    within("the backend process to listen", ready_rx)
-        .await
-        .expect("the backend process started");
-    CrashingBackend {
-        id: id.to_string(),
-        url: format!("ws://{addr}"),
-        killed,
-        _child: ChildGuard(child),
-    }
+    support::backend_process_main().await;
 }
 
 #[tokio::test]
@@ -292,9 +219,9 @@ async fn a_message_that_crashes_backend_processes_kills_at_most_max_redeliveries
     let _trace = trace_init();
     let poison = "crash the server";
     let backends = [
-        crashing_backend("proc-a", poison).await,
-        crashing_backend("proc-b", poison).await,
-        crashing_backend("proc-c", poison).await,
+        BackendProcess::start("proc-a", Some(poison)).await,
+        BackendProcess::start("proc-b", Some(poison)).await,
+        BackendProcess::start("proc-c", Some(poison)).await,
     ];
     let mut builder = router();
     for backend in &backends {
@@ -316,7 +243,7 @@ async fn a_message_that_crashes_backend_processes_kills_at_most_max_redeliveries
     // the one it was replayed to, no more.
     let killed: Vec<&str> = backends
         .iter()
-        .filter(|b| b.killed.load(Ordering::SeqCst))
+        .filter(|b| b.was_killed())
         .map(|b| b.id.as_str())
         .collect();
     assert!(

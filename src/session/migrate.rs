@@ -34,6 +34,9 @@ pub enum MigrationReason {
     Drain = 4,
     /// A reload removed the backend from the configuration.
     Removed = 5,
+    /// Client messages waited for the backend and its watermark did not
+    /// move for `migration.stall_timeout`: it is hung.
+    Stalled = 6,
 }
 
 impl MigrationReason {
@@ -44,6 +47,7 @@ impl MigrationReason {
             3 => MigrationReason::Health,
             4 => MigrationReason::Drain,
             5 => MigrationReason::Removed,
+            6 => MigrationReason::Stalled,
             _ => return None,
         })
     }
@@ -55,6 +59,7 @@ impl MigrationReason {
             MigrationReason::Health => "health",
             MigrationReason::Drain => "drain",
             MigrationReason::Removed => "removed",
+            MigrationReason::Stalled => "stalled",
         }
     }
 
@@ -121,31 +126,55 @@ impl Control {
     }
 }
 
-/// The last client messages forwarded to the backend, bounded by count,
-/// bytes and age, kept so they can be sent again after an abrupt failure.
+/// The client messages forwarded to the backend that may still be needed
+/// after it fails: every one it has not yet been seen to read, and a margin
+/// of those it has. Sent again to the next backend after an abrupt failure.
+///
+/// **The watermark.** The relay follows the messages it forwards with a
+/// watermark ping (see [`crate::frame::watermark_payload`]) carrying the
+/// count of messages recorded so far; the backend's pong carries it back
+/// once its WebSocket layer has read every one of them
+/// ([`ReplayWindow::read_up_to`]). Messages after the watermark are kept
+/// whatever their number or age: once they fill `max_bytes`, the relay
+/// stops reading from the client ([`ReplayWindow::is_full`]) until the
+/// watermark moves, so a slow backend slows its client and never loses its
+/// messages. Messages before the watermark were read by the backend's
+/// socket layer, perhaps not yet handled by the application: the last
+/// `max_messages` of them are kept as a margin, within `max_bytes` and
+/// `max_age`. A backend whose watermark does not move while messages wait
+/// for it is stalled ([`ReplayWindow::stalled_at`]).
 ///
 /// The relay records what it forwards a batch at a time (the frames one
 /// write carried), copied into one ring buffer that is reused as old
 /// batches leave: recording costs one copy per write and no allocation or
-/// reference count. Batches are split back into messages only to replay.
-///
-/// The byte bound counts the frames held; a batch that alone is bigger than
-/// it empties the window (what is held is always the latest run of
-/// messages, with no gap). Messages that leave because of the byte bound,
-/// not the count or the age, are reported by [`ReplayWindow::push`] as
-/// dropped. [`ReplayWindow::expire`] lets an idle session's window go.
+/// reference count (large batches are kept by reference instead). Batches
+/// are split back into messages only to replay.
 #[derive(Debug)]
 pub struct ReplayWindow {
-    /// The frames of the batches held, oldest first.
+    /// The frames of the batches held in the ring, oldest first.
     data: VecDeque<u8>,
     batches: VecDeque<Batch>,
-    /// Messages in the batches held; the oldest batch may hold some more
-    /// than the window keeps (they are left out of a replay).
+    /// Messages in the batches held.
     messages: usize,
     /// Bytes of the frames held (in the ring and shared).
     bytes: usize,
     /// Bytes of the frames held by reference.
     shared_bytes: usize,
+    /// Client messages recorded since the session began; each batch's
+    /// `end` is this count after it.
+    recorded: u64,
+    /// Of those, the count the backend was last seen to have read.
+    watermark: u64,
+    /// The count the last watermark ping carried, and when it was sent.
+    pinged: u64,
+    pinged_at: Option<Instant>,
+    /// The leading batches the backend has read, and their messages.
+    read_batches: usize,
+    read_messages: usize,
+    /// Bytes of the batches after the watermark.
+    unread_bytes: usize,
+    /// Since when messages have waited without the watermark moving.
+    waiting_since: Option<Instant>,
     max_messages: usize,
     max_bytes: usize,
     max_age: Duration,
@@ -155,6 +184,8 @@ pub struct ReplayWindow {
 #[derive(Debug)]
 struct Batch {
     at: Instant,
+    /// The session's count of recorded messages after this batch.
+    end: u64,
     /// Backends that failed right after receiving these frames.
     strikes: u32,
     /// Bytes in the ring, or none when the frames are `shared`.
@@ -175,6 +206,9 @@ impl Batch {
 const SHRINK_ABOVE: usize = 64 * 1024;
 
 impl ReplayWindow {
+    /// A window keeping a margin of `max_messages` read messages, at most
+    /// `max_bytes` of frames (the batch that crosses it aside), read ones
+    /// no older than `max_age`.
     pub fn new(max_messages: usize, max_bytes: usize, max_age: Duration) -> ReplayWindow {
         ReplayWindow {
             data: VecDeque::new(),
@@ -182,6 +216,14 @@ impl ReplayWindow {
             messages: 0,
             bytes: 0,
             shared_bytes: 0,
+            recorded: 0,
+            watermark: 0,
+            pinged: 0,
+            pinged_at: None,
+            read_batches: 0,
+            read_messages: 0,
+            unread_bytes: 0,
+            waiting_since: None,
             max_messages,
             max_bytes,
             max_age,
@@ -190,7 +232,8 @@ impl ReplayWindow {
 
     /// Remember `frames`, whole units holding `messages` data messages (and
     /// perhaps pings and pongs), as they are forwarded `now`. Returns how
-    /// many messages the byte bound made the window let go of.
+    /// many read messages of the margin the byte bound made the window let
+    /// go of.
     pub fn push(&mut self, frames: &[u8], messages: usize, now: Instant) -> usize {
         self.push_batch(frames, None, messages, now)
     }
@@ -209,25 +252,21 @@ impl ReplayWindow {
         messages: usize,
         now: Instant,
     ) -> usize {
-        if self.max_messages == 0 || messages == 0 {
+        if messages == 0 {
             return 0;
         }
         let size = frames.len() + shared.as_ref().map_or(0, Bytes::len);
-        if size > self.max_bytes {
-            return self.let_go_for(messages);
-        }
+        // Read batches leave once later read ones cover the margin, or for
+        // the byte bound; unread ones never do.
         let mut dropped = 0;
-        while let Some(oldest) = self.batches.front() {
-            let over_count = self.messages + messages - oldest.messages >= self.max_messages;
-            let over_bytes = self.bytes + size > self.max_bytes;
-            if !over_count && !over_bytes {
+        while self.read_batches > 0 {
+            let oldest = &self.batches[0];
+            let margin_covered = self.read_messages - oldest.messages >= self.max_messages;
+            if !margin_covered && self.bytes + size <= self.max_bytes {
                 break;
             }
-            if !over_count {
-                // Of the oldest batch's messages, those the count still
-                // covers are lost to the byte bound.
-                let past_count = self.messages.saturating_sub(self.max_messages);
-                dropped += oldest.messages.saturating_sub(past_count);
+            if !margin_covered {
+                dropped += oldest.messages;
             }
             self.pop_oldest();
         }
@@ -244,8 +283,10 @@ impl ReplayWindow {
         if let Some(shared) = &shared {
             self.shared_bytes += shared.len();
         }
+        self.recorded += messages as u64;
         self.batches.push_back(Batch {
             at: now,
+            end: self.recorded,
             strikes: 0,
             len: frames.len(),
             messages,
@@ -253,6 +294,8 @@ impl ReplayWindow {
         });
         self.messages += messages;
         self.bytes += size;
+        self.unread_bytes += size;
+        self.waiting_since.get_or_insert(now);
         dropped
     }
 
@@ -263,6 +306,98 @@ impl ReplayWindow {
             batch.strikes = strikes;
         }
         dropped
+    }
+
+    /// The backend's pong says it has read the first `count` messages
+    /// recorded. True when that moved the watermark.
+    pub fn read_up_to(&mut self, count: u64, now: Instant) -> bool {
+        let count = count.min(self.recorded);
+        if count <= self.watermark {
+            return false;
+        }
+        self.watermark = count;
+        while let Some(batch) = self.batches.get(self.read_batches)
+            && batch.end <= count
+        {
+            self.unread_bytes -= batch.bytes();
+            self.read_messages += batch.messages;
+            self.read_batches += 1;
+        }
+        self.waiting_since = (self.read_batches < self.batches.len()).then_some(now);
+        while self.read_batches > 0
+            && self.read_messages - self.batches[0].messages >= self.max_messages
+        {
+            self.pop_oldest();
+        }
+        if self.batches.is_empty() {
+            self.release();
+        }
+        true
+    }
+
+    /// Whether the messages after the watermark fill the byte bound: the
+    /// relay stops reading from the client until the watermark moves.
+    pub fn is_full(&self) -> bool {
+        self.unread_bytes > 0 && self.unread_bytes >= self.max_bytes
+    }
+
+    /// Bytes of the frames after the watermark.
+    pub fn unread_bytes(&self) -> usize {
+        self.unread_bytes
+    }
+
+    /// The count for a watermark ping, when one is due at `now`: messages
+    /// were recorded since the last ping, and `interval` has passed since
+    /// it (or the window is half full and the last one was answered).
+    pub fn ping_due(&mut self, now: Instant, interval: Duration) -> Option<u64> {
+        if self.recorded == self.pinged {
+            return None;
+        }
+        let urgent = self.unread_bytes >= self.max_bytes / 2 && self.watermark >= self.pinged;
+        let waited = self.pinged_at.is_none_or(|at| now >= at + interval);
+        if !urgent && !waited {
+            return None;
+        }
+        self.pinged = self.recorded;
+        self.pinged_at = Some(now);
+        Some(self.recorded)
+    }
+
+    /// Whether messages wait for a watermark ping (a cheap look).
+    pub fn has_unpinged(&self) -> bool {
+        self.recorded != self.pinged
+    }
+
+    /// When the backend counts as stalled: messages have waited for it,
+    /// without the watermark moving, for `stall_timeout`.
+    pub fn stalled_at(&self, stall_timeout: Duration) -> Option<Instant> {
+        if self.read_batches == self.batches.len() {
+            return None;
+        }
+        self.waiting_since.map(|since| since + stall_timeout)
+    }
+
+    /// Start the stall clock again at `now` (the backend may have been held
+    /// up by the relay itself).
+    pub fn defer_stall(&mut self, now: Instant) {
+        if self.waiting_since.is_some() {
+            self.waiting_since = Some(now);
+        }
+    }
+
+    /// The next moment the relay must look at the window: a watermark ping
+    /// falls due, the backend would be stalled, or the oldest read batch
+    /// passes the age bound.
+    pub fn next_deadline(&self, interval: Duration, stall_timeout: Duration) -> Option<Instant> {
+        let ping = self
+            .has_unpinged()
+            .then(|| self.pinged_at.map(|at| at + interval))
+            .flatten();
+        let expiry = (self.read_batches > 0).then(|| self.batches[0].at + self.max_age);
+        [ping, self.stalled_at(stall_timeout), expiry]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The backend failed at `now`: every message it received within
@@ -283,29 +418,16 @@ impl ReplayWindow {
         worst
     }
 
-    /// Whether a batch of `len` bytes is too big to keep at all: the
-    /// caller calls [`ReplayWindow::let_go_for`] instead of copying it.
-    pub fn too_big(&self, len: usize) -> bool {
-        len > self.max_bytes
-    }
-
-    /// A batch of `messages` too big for the byte bound was forwarded: kept
-    /// alone it would break the bound, and kept without it the window would
-    /// replay older messages around a hole, so the window empties. Returns
-    /// the messages dropped (those held and the batch's).
-    pub fn let_go_for(&mut self, messages: usize) -> usize {
-        if self.max_messages == 0 || messages == 0 {
-            return 0;
-        }
-        let dropped = self.len() + messages.min(self.max_messages);
-        self.clear();
-        dropped
-    }
-
     fn pop_oldest(&mut self) {
         if let Some(oldest) = self.batches.pop_front() {
             self.messages -= oldest.messages;
             self.bytes -= oldest.bytes();
+            if self.read_batches > 0 {
+                self.read_batches -= 1;
+                self.read_messages -= oldest.messages;
+            } else {
+                self.unread_bytes -= oldest.bytes();
+            }
             if let Some(shared) = &oldest.shared {
                 self.shared_bytes -= shared.len();
             }
@@ -313,25 +435,20 @@ impl ReplayWindow {
         }
     }
 
-    /// Let go of the batches older than the age bound; an empty window
-    /// gives its memory back.
+    /// Let go of the read batches older than the age bound; an empty
+    /// window gives its memory back.
     pub fn expire(&mut self, now: Instant) {
-        while let Some(oldest) = self.batches.front()
-            && now.saturating_duration_since(oldest.at) >= self.max_age
+        while self.read_batches > 0
+            && now.saturating_duration_since(self.batches[0].at) >= self.max_age
         {
             self.pop_oldest();
         }
         if self.batches.is_empty() {
-            self.clear();
+            self.release();
         } else if self.data.capacity() > SHRINK_ABOVE && self.data.len() < self.data.capacity() / 4
         {
             self.data.shrink_to(self.data.len() * 2);
         }
-    }
-
-    /// When the oldest batch held passes the age bound; `None` when empty.
-    pub fn expires_at(&self) -> Option<Instant> {
-        self.batches.front().map(|oldest| oldest.at + self.max_age)
     }
 
     /// Bytes of memory the window holds: its ring's allocation and the
@@ -340,9 +457,10 @@ impl ReplayWindow {
         self.data.capacity() + self.shared_bytes
     }
 
-    /// The messages still young enough to replay, oldest first, each as
-    /// its frames, leaving the window empty: they are pushed again as they
-    /// are re-sent.
+    /// The messages to replay, oldest first, each as its frames: the last
+    /// `max_messages` the backend read that are still young enough, then
+    /// every one after the watermark. Leaves the window empty: they are
+    /// pushed again as they are re-sent.
     pub fn take_fresh(&mut self, now: Instant) -> Vec<Bytes> {
         self.take_fresh_struck(now)
             .into_iter()
@@ -356,43 +474,55 @@ impl ReplayWindow {
     pub fn take_fresh_struck(&mut self, now: Instant) -> Vec<(Bytes, u32)> {
         let data = self.data.make_contiguous();
         let mut offset = 0;
-        let mut fresh = Vec::new();
-        for batch in self.batches.drain(..) {
+        let (mut read, mut unread) = (Vec::new(), Vec::new());
+        for (i, batch) in self.batches.iter().enumerate() {
             let frames = match &batch.shared {
                 Some(shared) => &shared[..],
                 None => &data[offset..offset + batch.len],
             };
             offset += batch.len;
-            if now.saturating_duration_since(batch.at) > self.max_age {
+            let is_read = i < self.read_batches;
+            if is_read && now.saturating_duration_since(batch.at) > self.max_age {
                 continue;
             }
+            let into = if is_read { &mut read } else { &mut unread };
             // Already checked on the way in: only the boundaries are needed.
             let mut reader = FrameReader::client(usize::MAX, frames.to_vec());
             while let Ok(Some(unit)) = reader.next_unit() {
                 match unit {
-                    Unit::Message { len, .. } => fresh.push((reader.take(len), batch.strikes)),
+                    Unit::Message { len, .. } => into.push((reader.take(len), batch.strikes)),
                     other => reader.skip(other.len()),
                 }
             }
         }
-        // The oldest batch may reach back past the window.
-        let keep = fresh.len().min(self.max_messages);
-        fresh.drain(..fresh.len() - keep);
+        // The oldest read batch may reach back past the margin.
+        read.drain(..read.len().saturating_sub(self.max_messages));
+        read.append(&mut unread);
         self.clear();
-        fresh
+        read
     }
 
+    /// Forget every message held (the count of those recorded goes on).
     pub fn clear(&mut self) {
         self.batches.clear();
         self.messages = 0;
         self.bytes = 0;
         self.shared_bytes = 0;
+        self.read_batches = 0;
+        self.read_messages = 0;
+        self.unread_bytes = 0;
+        self.waiting_since = None;
+        self.release();
+    }
+
+    /// Give the ring's memory back (it holds nothing).
+    fn release(&mut self) {
         self.data = VecDeque::new();
     }
 
     /// Messages held.
     pub fn len(&self) -> usize {
-        self.messages.min(self.max_messages)
+        self.messages
     }
 
     pub fn is_empty(&self) -> bool {
@@ -535,8 +665,13 @@ mod tests {
         assert_eq!(chain.backends(), ["b"]);
     }
 
+    /// The backend read everything forwarded so far.
+    fn all_read(w: &mut ReplayWindow) {
+        w.read_up_to(u64::MAX, Instant::now());
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn replay_window_is_bounded_by_count_and_age() {
+    async fn read_messages_are_bounded_by_count_and_age() {
         let mut w = ReplayWindow::new(3, usize::MAX, Duration::from_secs(10));
         let m: Vec<Bytes> = (0..5)
             .map(|i| frame(OP_BINARY, format!("m{i}").as_bytes()))
@@ -547,39 +682,103 @@ mod tests {
         for message in &m[2..] {
             w.push(message, 1, Instant::now());
         }
+        all_read(&mut w);
         assert_eq!(w.len(), 3);
         assert_eq!(w.take_fresh(Instant::now()), m[2..].to_vec());
         assert!(w.is_empty());
 
         // Three messages in one write and one more: the write's oldest is
-        // out of the window, and the ping is never replayed.
+        // out of the margin, and the ping is never replayed.
         w.push(&first, 2, Instant::now());
         w.push(&[&m[2][..], &m[3]].concat(), 2, Instant::now());
+        all_read(&mut w);
         assert_eq!(w.take_fresh(Instant::now()), m[1..4].to_vec());
 
         // Kept by reference or copied, the same messages come back.
         w.push_shared(Bytes::from([&m[0][..], &m[1]].concat()), 2, Instant::now());
         w.push(&m[2], 1, Instant::now());
         w.push_shared(m[3].clone(), 1, Instant::now());
+        all_read(&mut w);
         assert_eq!(w.take_fresh(Instant::now()), m[1..4].to_vec());
 
         w.push(&m[0], 1, Instant::now());
+        all_read(&mut w);
         tokio::time::advance(Duration::from_secs(11)).await;
         w.push(&m[4], 1, Instant::now());
+        all_read(&mut w);
         assert_eq!(w.take_fresh(Instant::now()), vec![m[4].clone()]);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn unread_messages_stay_whatever_their_number_or_age_until_the_bytes_fill() {
+        let m: Vec<Bytes> = (0..100)
+            .map(|i| frame(OP_BINARY, format!("message {i:03}").as_bytes()))
+            .collect();
+        let size = m[0].len();
+        let mut w = ReplayWindow::new(2, 40 * size, Duration::from_secs(10));
+        for message in &m[..30] {
+            w.push(message, 1, Instant::now());
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        w.expire(Instant::now());
+        assert!(!w.is_full());
+        for message in &m[30..40] {
+            w.push(message, 1, Instant::now());
+        }
+        assert!(w.is_full(), "40 unread messages fill the window");
+        // The backend read the first 35: the 5 after and a margin of 2.
+        assert!(w.read_up_to(35, Instant::now()));
+        assert!(!w.is_full());
+        assert_eq!(w.take_fresh(Instant::now()), m[33..40].to_vec());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watermark_that_does_not_move_marks_the_backend_stalled() {
+        let mut w = ReplayWindow::new(8, usize::MAX, Duration::from_secs(10));
+        let (interval, stall) = (Duration::from_millis(50), Duration::from_secs(3));
+        let start = Instant::now();
+        assert_eq!(w.stalled_at(stall), None, "nothing waits");
+        w.push(&frame(OP_BINARY, b"a"), 1, start);
+        assert_eq!(
+            w.ping_due(start, interval),
+            Some(1),
+            "the first ping at once"
+        );
+        w.push(&frame(OP_BINARY, b"b"), 1, start);
+        assert_eq!(
+            w.ping_due(start, interval),
+            None,
+            "then at most every interval"
+        );
+        assert_eq!(w.next_deadline(interval, stall), Some(start + interval));
+        assert_eq!(w.ping_due(start + interval, interval), Some(2));
+        assert_eq!(w.stalled_at(stall), Some(start + stall));
+        // The watermark moves: what still waits, waits from now.
+        let later = start + Duration::from_secs(2);
+        assert!(w.read_up_to(1, later));
+        assert_eq!(w.stalled_at(stall), Some(later + stall));
+        assert!(w.read_up_to(2, later));
+        assert_eq!(w.stalled_at(stall), None, "caught up");
+        assert!(!w.read_up_to(2, later), "an old count moves nothing");
+    }
+
     proptest::proptest! {
-        /// However messages come and go, one write or many at a time, the
-        /// window replays the last `max_messages` forwarded, oldest first,
-        /// minus those past the age.
+        /// However messages come and go, one write or many at a time, and
+        /// whatever the backend is seen to have read, the window replays
+        /// the last `max_messages` it read (minus those past the age) and
+        /// every one it did not, oldest first.
         #[test]
-        fn replay_window_keeps_the_last_messages_whole(
+        fn replay_window_keeps_every_unread_message_and_a_margin(
             max_messages in 0usize..8,
             // (message lengths, a ping after the first, seconds after the
-            // previous write)
+            // previous write, writes the backend has read after it)
             writes in proptest::collection::vec(
-                (proptest::collection::vec(0usize..300, 0..5), proptest::bool::ANY, 0u64..4),
+                (
+                    proptest::collection::vec(0usize..300, 0..5),
+                    proptest::bool::ANY,
+                    0u64..4,
+                    0usize..3,
+                ),
                 0..40,
             ),
             take_after in 0u64..12,
@@ -587,10 +786,13 @@ mod tests {
             let max_age = Duration::from_secs(10);
             let mut window = ReplayWindow::new(max_messages, usize::MAX, max_age);
             let mut at = Instant::now();
-            let mut forwarded = Vec::new();
-            for (i, (lengths, ping, gap)) in writes.iter().enumerate() {
+            // Per write: when, its messages, whether the backend read it.
+            let mut forwarded: Vec<(Instant, Vec<Bytes>, bool)> = Vec::new();
+            let mut recorded = 0u64;
+            for (i, (lengths, ping, gap, read_now)) in writes.iter().enumerate() {
                 at += Duration::from_secs(*gap);
                 let mut batch = Vec::new();
+                let mut messages = Vec::new();
                 for (j, &len) in lengths.iter().enumerate() {
                     let payload: Vec<u8> = (0..len).map(|k| (i + j + k) as u8).collect();
                     let message = frame(OP_BINARY, &payload);
@@ -598,16 +800,35 @@ mod tests {
                     if *ping && j == 0 {
                         batch.extend_from_slice(&frame(OP_PING, b"ping"));
                     }
-                    forwarded.push((at, message));
+                    messages.push(message);
                 }
                 window.push(&batch, lengths.len(), at);
+                recorded += lengths.len() as u64;
+                forwarded.push((at, messages, false));
+                // The backend reads up to a write boundary: all but the
+                // last `read_now` writes are read.
+                let read = forwarded.len().saturating_sub(*read_now);
+                for write in &mut forwarded[..read] {
+                    write.2 = true;
+                }
+                let count: u64 = forwarded[..read].iter().map(|w| w.1.len() as u64).sum();
+                window.read_up_to(count.min(recorded), at);
             }
             let now = at + Duration::from_secs(take_after);
-            let expected: Vec<Bytes> = forwarded[forwarded.len().saturating_sub(max_messages)..]
+            let read: Vec<Bytes> = forwarded
                 .iter()
+                .filter(|w| w.2)
+                .flat_map(|w| w.1.iter().map(move |m| (w.0, m.clone())))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .take(max_messages)
+                .rev()
                 .filter(|(t, _)| now.duration_since(*t) <= max_age)
-                .map(|(_, m)| m.clone())
+                .map(|(_, m)| m)
                 .collect();
+            let unread = forwarded.iter().filter(|w| !w.2).flat_map(|w| w.1.clone());
+            let expected: Vec<Bytes> = read.into_iter().chain(unread).collect();
             proptest::prop_assert_eq!(window.take_fresh(now), expected);
             proptest::prop_assert!(window.is_empty());
         }
@@ -636,7 +857,7 @@ mod tests {
             Poll::Ready(MigrationReason::Drain)
         );
         assert_eq!(control.poll_move(&mut cx), Poll::Pending);
-        for code in 1..=5 {
+        for code in 1..=6 {
             let reason = MigrationReason::from_code(code).unwrap();
             assert_eq!(reason as u8, code);
         }

@@ -157,6 +157,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
         self.reader.capacity() + self.out.len()
     }
 
+    /// Whether bytes wait to be written to this side (it is behind).
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// How much the next read may grow the read buffer by: a read through
     /// the thread's buffer copies at most [`READ_CHUNK`] of leftovers, a
     /// read straight into the buffer may double it (see

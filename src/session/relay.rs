@@ -31,8 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::RelayConfig;
-use crate::frame::{CloseFrame, KEEPALIVE, OP_PING, Unit};
+use crate::config::{MigrationConfig, RelayConfig};
+use crate::frame::{self, CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::limits::MessageBudget;
 use crate::memory::SessionMemory;
 use crate::metrics as m;
@@ -148,6 +148,9 @@ struct Pump<'a> {
     pending_end: Option<PumpEnd>,
     /// The source sent something since the last keepalive tick.
     heard: bool,
+    /// The highest count a backend's pong to a watermark ping carried back
+    /// since the relay last looked (0: none).
+    watermark_heard: u64,
 }
 
 impl Pump<'_> {
@@ -182,6 +185,12 @@ impl Pump<'_> {
             // Woken for the other socket: this one, still empty, keeps the
             // waker it had (asking it again would register it again).
             if same_waker && src.read_waiting && !src.io.may_have_data() {
+                return Poll::Pending;
+            }
+            // Messages the backend has not been seen to read fill the
+            // window: the client waits (TCP backpressure) until its pong
+            // moves the watermark.
+            if self.window.as_deref().is_some_and(ReplayWindow::is_full) {
                 return Poll::Pending;
             }
             if let Some(memory) = self.memory.as_deref_mut() {
@@ -249,8 +258,6 @@ impl Pump<'_> {
                 if let Some(window) = window.as_deref_mut() {
                     let len = to - from;
                     let dropped = match shared {
-                        // Not kept at all: no copy.
-                        _ if window.too_big(len) => window.let_go_for(messages),
                         // Kept by reference only when that pins little
                         // more than the frames themselves.
                         Some((bytes, allocation))
@@ -305,17 +312,14 @@ impl Pump<'_> {
                         count += 1;
                         payload_bytes += payload;
                     }
-                    Unit::Ping { len }
-                    | Unit::Pong {
-                        len,
-                        keepalive: false,
-                    } => end += len,
+                    Unit::Ping { len } | Unit::Pong { len, own: false } => end += len,
                     // The answer to the router's own ping is dropped: what
                     // came before it is written, and the batch starts after.
-                    Unit::Pong {
-                        len,
-                        keepalive: true,
-                    } => {
+                    // A watermark pong's count is noted for the window.
+                    Unit::Pong { len, own: true } => {
+                        if let Some(count) = frame::watermark_of(&data[end..end + len]) {
+                            self.watermark_heard = self.watermark_heard.max(count);
+                        }
                         write(written, end, count, payload_bytes);
                         (count, payload_bytes) = (0, 0);
                         written = end + len;
@@ -358,6 +362,8 @@ pub fn violation_reason(code: u16) -> &'static str {
 /// The session-owned state a relay works with.
 pub struct RelayContext<'a> {
     pub config: &'a RelayConfig,
+    /// The watermark's settings (`watermark_interval`, `stall_timeout`).
+    pub migration: &'a MigrationConfig,
     pub counters: &'a TrafficCounters,
     /// Becomes true when sessions must close (end of the shutdown grace).
     pub shutdown: &'a mut watch::Receiver<bool>,
@@ -395,6 +401,7 @@ where
 {
     let RelayContext {
         config,
+        migration,
         counters,
         shutdown,
         control,
@@ -411,6 +418,7 @@ where
         memory: Some(memory),
         pending_end: None,
         heard: false,
+        watermark_heard: 0,
     };
     let mut down = Pump {
         messages: &counters.messages_down,
@@ -421,18 +429,18 @@ where
         memory: None,
         pending_end: None,
         heard: false,
+        watermark_heard: 0,
     };
     // One timer for both hops and the replay window: at each keepalive
     // tick it pings a hop that was silent since the last one, and ends the
     // session when a hop has been silent past the idle timeout; in between
-    // it fires when the window's oldest messages pass their age, so an
-    // idle session lets its window go.
+    // it fires when the window wants a look (a watermark ping falls due,
+    // the backend would be stalled, read messages pass their age).
+    let (interval, stall_timeout) = (migration.watermark_interval, migration.stall_timeout);
     let started = Instant::now();
     let (mut client_heard_at, mut upstream_heard_at) = (started, started);
     let mut next_ping = started + config.ping_interval;
     let mut tick = pin!(tokio::time::sleep_until(next_ping));
-    // The timer covers the window's expiry (or the window is empty).
-    let mut expiry_armed = false;
     let stop_probe = shutdown.clone();
     let mut stop = pin!(crate::app::stopped(shutdown));
     // The stop flag, the move request and the timer each keep the waker they
@@ -449,6 +457,22 @@ where
             }
             if let Poll::Ready(end) = down.poll(cx, upstream, client, !all) {
                 return Poll::Ready(Stopped::Down(end));
+            }
+            if let Some(window) = up.window.as_deref_mut() {
+                // The backend read up to here: a full window may take the
+                // client's messages again.
+                let heard = std::mem::take(&mut down.watermark_heard);
+                if heard > 0 && window.read_up_to(heard, Instant::now()) {
+                    continue;
+                }
+                // What was forwarded is followed by a watermark ping, at
+                // most every `interval` (written on the next round).
+                if window.has_unpinged()
+                    && let Some(count) = window.ping_due(Instant::now(), interval)
+                {
+                    upstream.queue(upstream.frame(OP_PING, &frame::watermark_payload(count)));
+                    continue;
+                }
             }
             if let Some(memory) = up.memory.as_deref_mut() {
                 if memory.must_close(cx, all) {
@@ -471,15 +495,13 @@ where
                     return Poll::Ready(Stopped::Migrate(reason));
                 }
             }
-            let mut rearmed = false;
-            if !expiry_armed && let Some(window) = up.window.as_deref() {
-                if let Some(expires) = window.expires_at() {
-                    expiry_armed = true;
-                    if expires < tick.deadline() {
-                        tick.as_mut().reset(expires);
-                        rearmed = true;
-                    }
-                }
+            let window_due = up
+                .window
+                .as_deref()
+                .and_then(|w| w.next_deadline(interval, stall_timeout));
+            let rearmed = window_due.is_some_and(|at| at < tick.deadline());
+            if let Some(at) = window_due.filter(|_| rearmed) {
+                tick.as_mut().reset(at);
             }
             if !all && !rearmed && !tick.is_elapsed() {
                 return Poll::Pending;
@@ -490,6 +512,16 @@ where
             }
             let now = Instant::now();
             if let Some(window) = up.window.as_deref_mut() {
+                // Messages waited for the backend, and its watermark did
+                // not move: it is hung. Move, replaying what it did not read.
+                // Unless the client is behind: then the relay stopped
+                // reading the backend, which may be blocked writing to it.
+                if window.stalled_at(stall_timeout).is_some_and(|at| now >= at) {
+                    if !client.has_output() {
+                        return Poll::Ready(Stopped::Migrate(MigrationReason::Stalled));
+                    }
+                    window.defer_stall(now);
+                }
                 window.expire(now);
                 if let Some(memory) = up.memory.as_deref_mut() {
                     let held = client.held_bytes() + upstream.held_bytes() + window.held_bytes();
@@ -518,10 +550,12 @@ where
                 }
                 next_ping = now + config.ping_interval;
             }
-            let expires = up.window.as_deref().and_then(ReplayWindow::expires_at);
-            expiry_armed = expires.is_some();
+            let window_due = up
+                .window
+                .as_deref()
+                .and_then(|w| w.next_deadline(interval, stall_timeout));
             tick.as_mut()
-                .reset(expires.map_or(next_ping, |at| at.min(next_ping)));
+                .reset(window_due.map_or(next_ping, |at| at.min(next_ping)));
             // Go round again: the pings get written and the timer armed
             // (polled again: it gave its waker up when it fired).
             waker_left = None;

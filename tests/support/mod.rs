@@ -121,6 +121,9 @@ pub struct BackendOptions {
     pub set_cookie: Option<String>,
     /// Wait this long before answering an upgrade (a slow backend).
     pub upgrade_delay: Option<Duration>,
+    /// Wait this long after each message before reading the next (a
+    /// backend that reads slower than its clients send).
+    pub read_delay: Option<Duration>,
 }
 
 /// What a backend's connection tasks share with the test.
@@ -446,6 +449,11 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
                 continue;
             }
         };
+        if let Some(delay) = shared.options.read_delay
+            && matches!(message, Ok(Message::Text(_) | Message::Binary(_)))
+        {
+            tokio::time::sleep(delay).await;
+        }
         let result = match message {
             Ok(Message::Text(text)) if !text.as_str().starts_with("close:") => {
                 shared
@@ -1325,6 +1333,117 @@ impl RouterProcess {
             .expect("VmRSS in /proc/PID/status");
         kib * 1024
     }
+}
+
+// === backends in processes of their own ===
+
+/// The body of a backend process. When this test binary is run again by
+/// [`BackendProcess::start`], the test that calls this serves a
+/// [`TestBackend`] until the process is killed; run any other way, it
+/// returns at once. A test file that starts backend processes has an
+/// ignored test named `backend_process` that calls it.
+pub async fn backend_process_main() {
+    let (Ok(id), Ok(addr)) = (
+        std::env::var("WSROUTER_TEST_BACKEND_ID"),
+        std::env::var("WSROUTER_TEST_BACKEND_ADDR"),
+    ) else {
+        return;
+    };
+    let crash_on = std::env::var("WSROUTER_TEST_BACKEND_CRASH_ON").ok();
+    let addr = addr.parse().expect("backend address");
+    let backend = TestBackend::start_on(&id, BackendOptions::default(), addr).await;
+    println!("BACKEND READY");
+    loop {
+        if let Some(poison) = &crash_on
+            && backend.received().iter().any(|(_, text)| text == poison)
+        {
+            // The test kills this process with SIGKILL when it reads this.
+            println!("BACKEND POISONED");
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// A [`TestBackend`] in a process of its own (this test binary, run again
+/// to execute only its `backend_process` test), so that a test can kill it
+/// with SIGKILL or freeze it with SIGSTOP as an operating system would.
+pub struct BackendProcess {
+    pub id: String,
+    /// `ws://127.0.0.1:PORT`, for [`RouterBuilder::backend_entry`].
+    pub url: String,
+    pid: u32,
+    killed: Arc<std::sync::atomic::AtomicBool>,
+    _child: ChildGuard,
+}
+
+impl BackendProcess {
+    /// Start it, and wait until it listens. With `crash_on`, the process
+    /// is killed with SIGKILL as soon as it receives that text message.
+    pub async fn start(id: &str, crash_on: Option<&str>) -> BackendProcess {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut command = std::process::Command::new(std::env::current_exe().expect("test binary"));
+        command
+            .args(["backend_process", "--exact", "--ignored", "--nocapture"])
+            .env("WSROUTER_TEST_BACKEND_ID", id)
+            .env("WSROUTER_TEST_BACKEND_ADDR", &addr)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        if let Some(poison) = crash_on {
+            command.env("WSROUTER_TEST_BACKEND_CRASH_ON", poison);
+        }
+        let mut child = command.spawn().expect("start a backend process");
+        let pid = child.id();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let watcher_killed = Arc::clone(&killed);
+        std::thread::spawn(move || {
+            let mut ready = Some(ready_tx);
+            for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+                let Ok(line) = line else { break };
+                if line.contains("BACKEND READY") {
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(());
+                    }
+                } else if line.contains("BACKEND POISONED") {
+                    signal(pid, "KILL");
+                    watcher_killed.store(true, Ordering::SeqCst);
+                }
+            }
+        });
+        within("the backend process to listen", ready_rx)
+            .await
+            .expect("the backend process started");
+        BackendProcess {
+            id: id.to_string(),
+            url: format!("ws://{addr}"),
+            pid,
+            killed,
+            _child: ChildGuard(child),
+        }
+    }
+
+    /// Whether it was killed for receiving its `crash_on` message.
+    pub fn was_killed(&self) -> bool {
+        self.killed.load(Ordering::SeqCst)
+    }
+
+    /// Freeze it (SIGSTOP): its connections stay open and nothing is read,
+    /// as in a long GC pause or a deadlock.
+    pub fn freeze(&self) {
+        signal(self.pid, "STOP");
+    }
+}
+
+/// Send a signal (by name) to a process.
+fn signal(pid: u32, name: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{name} {pid} failed");
 }
 
 /// A unique path in the temp directory for a test file.
