@@ -517,3 +517,45 @@ async fn a_slow_backend_then_killed_loses_nothing_it_had_not_read() {
     let lost: Vec<usize> = (0..MESSAGES).filter(|n| !delivered.contains(n)).collect();
     assert!(lost.is_empty(), "lost {lost:?}");
 }
+
+#[tokio::test]
+async fn watermark_pongs_never_reach_the_client_and_other_pongs_do() {
+    let _trace = trace_init();
+    let backend = TestBackend::start("wm-pongs").await;
+    let router = router().backend(&backend, "eu").start().await;
+    let (mut client, _) = router.connect(&key("wm-pongs", 1), &[]).await;
+    // Enough traffic over more than a watermark interval for several
+    // watermark pings, and a ping of the client's own.
+    let mut pongs = Vec::new();
+    let mut echoes = 0;
+    for n in 0..20 {
+        client
+            .send(Message::text(format!("m{n}")))
+            .await
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client
+        .send(Message::Ping(b"client ping".to_vec().into()))
+        .await
+        .expect("ping");
+    while echoes < 20 || pongs.is_empty() {
+        match within("the echoes and the pong", client.next())
+            .await
+            .expect("open")
+            .expect("no error")
+        {
+            Message::Text(_) => echoes += 1,
+            Message::Pong(payload) => pongs.push(payload.to_vec()),
+            _ => {}
+        }
+    }
+    assert_eq!(pongs, vec![b"client ping".to_vec()]);
+    // Yet the backend was sent watermark pings (and answered them).
+    let watermark_pings = backend
+        .pings()
+        .iter()
+        .filter(|p| p.starts_with(b"wsrouter-wm:"))
+        .count();
+    assert!(watermark_pings >= 2, "{watermark_pings} watermark pings");
+}

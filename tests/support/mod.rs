@@ -146,6 +146,8 @@ struct BackendShared {
     received: parking_lot::Mutex<Vec<(String, String)>>,
     /// Binary messages received: (session key, length, first byte).
     received_binary: parking_lot::Mutex<Vec<(String, usize, u8)>>,
+    /// Payloads of the pings received (all sessions).
+    pings: parking_lot::Mutex<Vec<Vec<u8>>>,
     /// [`TestBackend::close_all`] sends (code, reason) to every session.
     closer: tokio::sync::broadcast::Sender<(u16, String)>,
     /// [`TestBackend::announce`] sends a text to every session.
@@ -190,6 +192,7 @@ impl TestBackend {
             closes: parking_lot::Mutex::new(Vec::new()),
             received: parking_lot::Mutex::new(Vec::new()),
             received_binary: parking_lot::Mutex::new(Vec::new()),
+            pings: parking_lot::Mutex::new(Vec::new()),
             closer: tokio::sync::broadcast::channel(4).0,
             announcer: tokio::sync::broadcast::channel(16).0,
         });
@@ -252,6 +255,11 @@ impl TestBackend {
     /// Text messages received: (session key, text), in arrival order.
     pub fn received(&self) -> Vec<(String, String)> {
         self.shared.received.lock().clone()
+    }
+
+    /// Payloads of the pings received, from every session.
+    pub fn pings(&self) -> Vec<Vec<u8>> {
+        self.shared.pings.lock().clone()
     }
 
     /// Binary messages received: (session key, length, first byte).
@@ -497,7 +505,11 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
                 }
                 Ok(())
             }
-            // tungstenite answers pings itself.
+            // tungstenite answers pings itself; they are noted.
+            Ok(Message::Ping(payload)) => {
+                shared.pings.lock().push(payload.to_vec());
+                Ok(())
+            }
             Ok(_) => Ok(()),
             Err(_) => break,
         };
