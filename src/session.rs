@@ -837,6 +837,12 @@ impl Session {
         // backend sends (a planned move keeps it open) still goes out to
         // the client, whole messages only.
         let mut old_readable = kept.is_some();
+        // Once the new backend is ready, a planned move closes the old one
+        // with 1001 and keeps delivering what it sends until its close
+        // handshake completes (bounded by the close timeout): the client
+        // gets the old backend's messages, then the new one's, none lost.
+        let mut ready: Option<(Upstream, SessionSlot)> = None;
+        let mut handover_until = started;
         let moved = loop {
             // The session cannot wait for room while it moves: when the
             // process budget has none for what the next read may add, the
@@ -846,13 +852,24 @@ impl Session {
                 break None;
             }
             let unit = tokio::select! {
-                result = &mut dial => break Some(result),
+                result = &mut dial, if ready.is_none() => match (result, kept.as_mut()) {
+                    (Some(connected), Some(old)) if old_readable => {
+                        old.peer.queue_close(&close(1001, "session moved"));
+                        ready = Some(connected);
+                        handover_until = Instant::now() + close_timeout;
+                        continue;
+                    }
+                    (result, _) => break Some(result),
+                },
+                _ = tokio::time::sleep_until(handover_until), if ready.is_some() => break Some(ready.take()),
                 unit = self.client.next_unit() => unit,
                 from_old = next_from(kept.as_mut().filter(|_| old_readable)) => {
                     let old = kept.as_mut().expect("only read while kept");
                     match from_old {
                         Ok(Unit::Message { len, .. }) => self.client.queue(old.peer.reader.take(len)),
                         Ok(unit @ (Unit::Ping { .. } | Unit::Pong { .. })) => old.peer.reader.skip(unit.len()),
+                        // Its close handshake is over: on to the new one.
+                        Ok(Unit::Close { .. }) | Err(_) if ready.is_some() => break Some(ready.take()),
                         // It is being left anyway; it is closed (or found
                         // dead by the relay, if the session stays) later.
                         Ok(Unit::Close { .. }) | Err(_) => old_readable = false,
@@ -929,7 +946,8 @@ impl Session {
         };
 
         self.slot = slot;
-        if let Some(mut old) = kept {
+        // Closed above when it could still be read; else closed here, aside.
+        if let Some(mut old) = kept.filter(|_| !old_readable) {
             tokio::spawn(async move {
                 old.peer
                     .finish_close(Some(&close(1001, "session moved")), close_timeout)

@@ -559,3 +559,70 @@ async fn watermark_pongs_never_reach_the_client_and_other_pongs_do() {
         .count();
     assert!(watermark_pings >= 2, "{watermark_pings} watermark pings");
 }
+
+#[tokio::test]
+async fn a_drain_delivers_everything_the_old_backend_sent_then_the_new_ones_messages() {
+    let _trace = trace_init();
+    let old = Arc::new(TestBackend::start("handover-old").await);
+    let new = TestBackend::start("handover-new").await;
+    let router = router()
+        .backend(&old, "eu")
+        .backend(&new, "us")
+        .start()
+        .await;
+    let session = key("handover", 1);
+    let (mut client, welcome) = router.connect(&session, &[]).await;
+    assert_eq!(welcome.backend, "handover-old");
+    // The old backend broadcasts steadily, before, during and after the
+    // drain (a chat room's traffic).
+    let broadcaster = {
+        let old = Arc::clone(&old);
+        tokio::spawn(async move {
+            for burst in 0..1000 {
+                for n in 0..8 {
+                    old.announce(&format!("old-{burst}-{n}"));
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, body) = router
+        .admin_post("/api/backends/handover-old/drain", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // The client reads the old backend's messages, then the new one's
+    // welcome; nothing of the old backend's comes after it.
+    let mut from_old = Vec::new();
+    loop {
+        match recv_data(&mut client).await {
+            Message::Text(text) if text.starts_with("old-") => from_old.push(text.to_string()),
+            Message::Text(text) if text.contains("handover-new") => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    support::echo(&mut client, "on the new backend").await;
+    broadcaster.abort();
+    // Every message the old backend sent this session reached it, in order.
+    let sent: Vec<String> = old
+        .announced()
+        .into_iter()
+        .filter(|(s, _)| *s == session)
+        .map(|(_, text)| text)
+        .collect();
+    assert!(!sent.is_empty());
+    let missing: Vec<&String> = sent.iter().filter(|t| !from_old.contains(t)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of the old backend's {} messages lost, from {:?}",
+        missing.len(),
+        sent.len(),
+        missing.first()
+    );
+    assert!(from_old == sent, "the old backend's messages out of order");
+    assert!(
+        old.closes().contains(&(1001, "session moved".to_string())),
+        "{:?}",
+        old.closes()
+    );
+}

@@ -183,6 +183,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
         }
     }
 
+    /// Queue a close frame, to be written with what is queued before it.
+    pub fn queue_close(&mut self, close: &CloseFrame) {
+        self.queue(self.frame(OP_CLOSE, &frame::close_payload(Some(close))));
+    }
+
     /// Write and flush everything queued.
     pub fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.out.is_empty() {

@@ -148,6 +148,8 @@ struct BackendShared {
     received_binary: parking_lot::Mutex<Vec<(String, usize, u8)>>,
     /// Payloads of the pings received (all sessions).
     pings: parking_lot::Mutex<Vec<Vec<u8>>>,
+    /// Announcements sent: (session key, text), in order.
+    announced: parking_lot::Mutex<Vec<(String, String)>>,
     /// [`TestBackend::close_all`] sends (code, reason) to every session.
     closer: tokio::sync::broadcast::Sender<(u16, String)>,
     /// [`TestBackend::announce`] sends a text to every session.
@@ -193,6 +195,7 @@ impl TestBackend {
             received: parking_lot::Mutex::new(Vec::new()),
             received_binary: parking_lot::Mutex::new(Vec::new()),
             pings: parking_lot::Mutex::new(Vec::new()),
+            announced: parking_lot::Mutex::new(Vec::new()),
             closer: tokio::sync::broadcast::channel(4).0,
             announcer: tokio::sync::broadcast::channel(16).0,
         });
@@ -271,6 +274,11 @@ impl TestBackend {
     /// restarts or sheds load says so with 1012 or 1013).
     pub fn close_all(&self, code: u16, reason: &str) {
         let _ = self.shared.closer.send((code, reason.to_string()));
+    }
+
+    /// Announcements sent to sessions: (session key, text), in order.
+    pub fn announced(&self) -> Vec<(String, String)> {
+        self.shared.announced.lock().clone()
     }
 
     /// Send `text` to every session, as a chat server's broadcast.
@@ -439,9 +447,10 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
     loop {
         let message = tokio::select! {
             Ok(text) = announcements.recv(), if !closing => {
-                if ws.send(Message::text(text)).await.is_err() {
+                if ws.send(Message::text(text.clone())).await.is_err() {
                     break;
                 }
+                shared.announced.lock().push((session.clone(), text));
                 continue;
             }
             message = ws.next() => match message {
