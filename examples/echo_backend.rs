@@ -26,6 +26,8 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 #[derive(Parser, Debug)]
@@ -49,6 +51,11 @@ struct Args {
     /// byte for byte what was received.
     #[arg(long)]
     mark: Option<char>,
+    /// Acknowledge client messages to wsrouter: `X-Wsrouter-Ack: pong` on
+    /// the 101 and a `wsrouter-ack N` pong after each echo (README,
+    /// "Exactly once for backends that acknowledge").
+    #[arg(long)]
+    ack: bool,
 }
 
 /// The request line prefix of a health check; the next byte must end the path.
@@ -105,21 +112,32 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 continue;
             }
         };
-        tokio::spawn(connection(stream, config, mark));
+        tokio::spawn(connection(stream, config, mark, args.ack));
     }
 }
 
 /// One accepted connection: a health check or a WebSocket echo session.
-async fn connection(stream: TcpStream, config: WebSocketConfig, mark: Option<u8>) {
+async fn connection(stream: TcpStream, config: WebSocketConfig, mark: Option<u8>, ack: bool) {
     let _ = stream.set_nodelay(true);
     match is_health_check(&stream).await {
         Ok(true) => {
             let _ = answer_health(stream).await;
         }
         Ok(false) => {
-            if let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await
+            // The callback's Result type is fixed by tungstenite's trait.
+            #[allow(clippy::result_large_err)]
+            let opt_in = |_: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
+                if ack {
+                    response
+                        .headers_mut()
+                        .insert("x-wsrouter-ack", HeaderValue::from_static("pong"));
+                }
+                Ok(response)
+            };
+            if let Ok(ws) =
+                tokio_tungstenite::accept_hdr_async_with_config(stream, opt_in, Some(config)).await
             {
-                echo(ws, mark).await;
+                echo(ws, mark, ack).await;
             }
         }
         Err(_) => {}
@@ -176,19 +194,21 @@ async fn answer_health(mut stream: TcpStream) -> std::io::Result<()> {
 
 /// Echo data messages until the peer closes. Pings are answered and close
 /// frames echoed by tungstenite itself.
-async fn echo(mut ws: tokio_tungstenite::WebSocketStream<TcpStream>, mark: Option<u8>) {
+async fn echo(mut ws: tokio_tungstenite::WebSocketStream<TcpStream>, mark: Option<u8>, ack: bool) {
+    // Data messages echoed on this connection, for acknowledgements.
+    let mut echoed = 0u64;
     loop {
         let Some(Ok(first)) = ws.next().await else {
             return;
         };
-        if !echo_one(&mut ws, first, mark).await {
+        if !echo_one(&mut ws, first, mark, ack.then_some(&mut echoed)).await {
             return;
         }
         // Everything already read goes out with the same flush.
         while let Some(next) = ws.next().now_or_never() {
             match next {
                 Some(Ok(msg)) => {
-                    if !echo_one(&mut ws, msg, mark).await {
+                    if !echo_one(&mut ws, msg, mark, ack.then_some(&mut echoed)).await {
                         return;
                     }
                 }
@@ -204,11 +224,13 @@ async fn echo(mut ws: tokio_tungstenite::WebSocketStream<TcpStream>, mark: Optio
     }
 }
 
-/// Queue the echo of one message; false when the connection is gone.
+/// Queue the echo of one message, and with `acked` (the count echoed so
+/// far) its acknowledgement; false when the connection is gone.
 async fn echo_one(
     ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>,
     msg: Message,
     mark: Option<u8>,
+    acked: Option<&mut u64>,
 ) -> bool {
     match msg {
         Message::Text(_) | Message::Binary(_) => {
@@ -216,7 +238,17 @@ async fn echo_one(
                 Some(mark) => marked(msg, mark),
                 None => msg,
             };
-            ws.feed(msg).await.is_ok()
+            if ws.feed(msg).await.is_err() {
+                return false;
+            }
+            let Some(acked) = acked else {
+                return true;
+            };
+            *acked += 1;
+            let ack = format!("wsrouter-ack {acked}");
+            ws.feed(Message::Pong(ack.into_bytes().into()))
+                .await
+                .is_ok()
         }
         _ => true,
     }

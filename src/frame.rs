@@ -395,6 +395,37 @@ pub const KEEPALIVE: &[u8] = b"wsrouter-keepalive";
 pub const WATERMARK_PREFIX: &[u8] = b"wsrouter-wm:";
 const WATERMARK_PAYLOAD_LEN: usize = WATERMARK_PREFIX.len() + 8;
 
+/// An acknowledging backend's unsolicited pong carries this, then the
+/// count of client messages it has finished with on the connection, in
+/// ASCII decimal.
+pub const ACK_PREFIX: &[u8] = b"wsrouter-ack ";
+
+/// What an acknowledgement pong says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Messages finished with on this connection, cumulative.
+    Count(u64),
+    /// It starts like an acknowledgement but carries no count.
+    Malformed,
+}
+
+/// The acknowledgement a backend's (unmasked) pong frame carries, if it is
+/// one.
+pub fn ack_of(pong_frame: &[u8]) -> Option<Ack> {
+    let payload = match pong_frame {
+        [first, len, payload @ ..] if *first == 0x80 | OP_PONG && usize::from(*len) < 126 => {
+            payload.get(..usize::from(*len))?
+        }
+        _ => return None,
+    };
+    let count = payload.strip_prefix(ACK_PREFIX)?;
+    let digits = !count.is_empty() && count.len() <= 19 && count.iter().all(u8::is_ascii_digit);
+    let parsed = digits
+        .then(|| std::str::from_utf8(count).ok()?.parse().ok())
+        .flatten();
+    Some(parsed.map_or(Ack::Malformed, Ack::Count))
+}
+
 /// The payload of a watermark ping for `forwarded` client messages.
 pub fn watermark_payload(forwarded: u64) -> [u8; WATERMARK_PAYLOAD_LEN] {
     let mut payload = [0u8; WATERMARK_PAYLOAD_LEN];
@@ -647,17 +678,15 @@ impl FrameScan {
                 }
                 OP_PING => Some(Unit::Ping { len: 0 }),
                 OP_PONG => {
-                    let own = (payload.len() == KEEPALIVE.len()
-                        || payload.len() == WATERMARK_PAYLOAD_LEN)
-                        && {
-                            let mut p = [0u8; WATERMARK_PAYLOAD_LEN];
-                            let p = &mut p[..payload.len()];
-                            p.copy_from_slice(payload);
-                            if let Some(key) = header.mask {
-                                apply_mask(p, key, 0);
-                            }
-                            p == KEEPALIVE || p.starts_with(WATERMARK_PREFIX)
-                        };
+                    let mut p = [0u8; MAX_CONTROL_PAYLOAD];
+                    let p = &mut p[..payload.len()];
+                    p.copy_from_slice(payload);
+                    if let Some(key) = header.mask {
+                        apply_mask(p, key, 0);
+                    }
+                    let own = p == KEEPALIVE
+                        || (p.len() == WATERMARK_PAYLOAD_LEN && p.starts_with(WATERMARK_PREFIX))
+                        || p.starts_with(ACK_PREFIX);
                     Some(Unit::Pong { len: 0, own })
                 }
                 _ => {
@@ -834,6 +863,34 @@ mod tests {
             watermark_of(&encode(OP_PONG, b"wsrouter-wm:1234567", None)),
             None
         );
+    }
+
+    #[test]
+    fn an_acknowledgement_pong_is_the_routers_own_and_carries_a_count_or_is_malformed() {
+        let ack = encode(OP_PONG, b"wsrouter-ack 42", None);
+        let mut r = FrameReader::backend(1 << 20, ack.to_vec());
+        assert_eq!(
+            r.next_unit(),
+            Ok(Some(Unit::Pong {
+                len: ack.len(),
+                own: true
+            }))
+        );
+        assert_eq!(ack_of(&ack), Some(Ack::Count(42)));
+        let malformed: [&[u8]; 4] = [
+            b"wsrouter-ack ",
+            b"wsrouter-ack -1",
+            b"wsrouter-ack 4x",
+            b"wsrouter-ack 99999999999999999999",
+        ];
+        for bad in malformed {
+            assert_eq!(
+                ack_of(&encode(OP_PONG, bad, None)),
+                Some(Ack::Malformed),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(ack_of(&encode(OP_PONG, b"hello", None)), None);
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub const MIGRATION_DURATION_SECONDS: &str = "wsrouter_migration_duration_second
 pub const REPLAYED_MESSAGES_TOTAL: &str = "wsrouter_replayed_messages_total";
 pub const BUFFERED_BYTES: &str = "wsrouter_buffered_bytes";
 pub const REPLAY_DROPPED_TOTAL: &str = "wsrouter_replay_dropped_total";
+pub const ACK_ERRORS_TOTAL: &str = "wsrouter_backend_ack_errors_total";
+pub const ACKNOWLEDGED_MESSAGES_TOTAL: &str = "wsrouter_acknowledged_messages_total";
 
 /// `direction` label values.
 pub const CLIENT_TO_BACKEND: &str = "client_to_backend";
@@ -133,6 +135,14 @@ fn describe() {
         BUFFERED_BYTES,
         Unit::Bytes,
         "Bytes the router holds for clients and backends (limits.max_buffered_bytes bounds it)."
+    );
+    describe_counter!(
+        ACK_ERRORS_TOTAL,
+        "Acknowledgements refused (malformed, going down, or of more than was sent): the backend counts as failed for the session."
+    );
+    describe_counter!(
+        ACKNOWLEDGED_MESSAGES_TOTAL,
+        "Client messages acknowledged by backends that acknowledge."
     );
     describe_counter!(
         REPLAY_DROPPED_TOTAL,

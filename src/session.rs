@@ -29,7 +29,7 @@ use tracing::Instrument;
 
 use crate::backend::{Backends, SessionSlot};
 use crate::config::{Config, SessionKeySource};
-use crate::frame::Unit;
+use crate::frame::{self, Unit};
 use crate::geo::Location;
 use crate::handshake::{self, HandshakeError, UpgradeRequest, plain_response};
 use crate::limits::{Admission, Limits, MessageBudget, Refused};
@@ -230,14 +230,16 @@ async fn establish(
         .increment(1);
     // Re-dials need only what is forwarded to a backend.
     upstream::keep_forwarded_headers(&mut placement.request);
+    let mut window = ReplayWindow::new(
+        config.migration.replay_max_messages,
+        config.migration.replay_max_bytes,
+        config.migration.replay_max_age,
+    );
+    window.start_connection(upstream.acknowledges);
     let session = Box::new(Session {
         budget: router.limits.message_budget(),
         _admission: admission,
-        window: ReplayWindow::new(
-            config.migration.replay_max_messages,
-            config.migration.replay_max_bytes,
-            config.migration.replay_max_age,
-        ),
+        window,
         memory: router.memory.open(id),
         moves: MoveChain::default(),
         router,
@@ -800,11 +802,22 @@ impl Session {
         let mut kept = reason.is_planned().then_some(old);
         let started = Instant::now();
         let from = self.slot.backend().id.clone();
-        let replay = if reason.replays() {
+        // After a failure, what the backend had not read or acknowledged
+        // is replayed. A planned move leaves the old backend open: it
+        // replays nothing, unless the backend acknowledges, when what it
+        // has not acknowledged by the end of the hand-over is replayed.
+        let mut replay = if reason.replays() {
             self.window.take_fresh_struck(started)
         } else {
-            self.window.clear();
+            if !self.window.acknowledges() {
+                self.window.clear();
+            }
             Vec::new()
+        };
+        let replayed = if reason.replays() {
+            replay.len()
+        } else {
+            self.window.len()
         };
         // The second move of a chain and those after it wait, as dial
         // rounds do: a loop that escaped the poison check still crawls.
@@ -823,7 +836,7 @@ impl Session {
             self.router.clone(),
             Arc::clone(&self.placement),
             self.moves.backends(),
-            replay.len(),
+            replayed,
             deadline,
             self.id,
             Arc::clone(&self.control),
@@ -867,7 +880,15 @@ impl Session {
                     let old = kept.as_mut().expect("only read while kept");
                     match from_old {
                         Ok(Unit::Message { len, .. }) => self.client.queue(old.peer.reader.take(len)),
-                        Ok(unit @ (Unit::Ping { .. } | Unit::Pong { .. })) => old.peer.reader.skip(unit.len()),
+                        // What it acknowledges during the hand-over is not
+                        // replayed (a bad acknowledgement is ignored: it is
+                        // being left).
+                        Ok(Unit::Pong { len, .. }) => {
+                            if let Some(frame::Ack::Count(count)) = frame::ack_of(&old.peer.reader.take(len)) {
+                                let _ = self.window.acknowledge(count, Instant::now());
+                            }
+                        }
+                        Ok(unit @ Unit::Ping { .. }) => old.peer.reader.skip(unit.len()),
                         // Its close handshake is over: on to the new one.
                         Ok(Unit::Close { .. }) | Err(_) if ready.is_some() => break Some(ready.take()),
                         // It is being left anyway; it is closed (or found
@@ -946,6 +967,10 @@ impl Session {
         };
 
         self.slot = slot;
+        if !reason.replays() && self.window.acknowledges() {
+            replay = self.window.take_fresh_struck(Instant::now());
+        }
+        self.window.start_connection(upstream.acknowledges);
         // Closed above when it could still be read; else closed here, aside.
         if let Some(mut old) = kept.filter(|_| !old_readable) {
             tokio::spawn(async move {

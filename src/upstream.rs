@@ -143,12 +143,19 @@ impl DialError {
 
 /// A connected backend: the socket at the frame level, and what its 101
 /// chose.
+/// The 101 response header by which a backend opts in to acknowledging
+/// client messages (README, "Exactly once for backends that acknowledge").
+pub const ACK_HEADER: &str = "x-wsrouter-ack";
+
 pub struct Upstream {
     pub peer: Peer<BackendStream>,
     /// The subprotocol the backend chose.
     pub subprotocol: Option<String>,
     /// Set-Cookie values of the 101, handed to the client with its own 101.
     pub set_cookies: Vec<Vec<u8>>,
+    /// The backend acknowledges the client messages it has finished with
+    /// (its 101 said `X-Wsrouter-Ack: pong`; never passed to the client).
+    pub acknowledges: bool,
 }
 
 /// Dial `backend` for `request`, within `timeout`, waiting first (within the
@@ -186,10 +193,14 @@ pub async fn dial(
             .header_values("set-cookie")
             .map(<[u8]>::to_vec)
             .collect();
+        let acknowledges = response
+            .header_values(ACK_HEADER)
+            .any(|value| value.trim_ascii().eq_ignore_ascii_case(b"pong"));
         Ok(Upstream {
             peer: Peer::backend(stream, max_message, leftover),
             subprotocol,
             set_cookies,
+            acknowledges,
         })
     })
     .await

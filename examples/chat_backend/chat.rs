@@ -25,6 +25,13 @@
 //! Rooms are per backend: two clients only see each other when the router
 //! placed them on the same backend. Pings are answered by tungstenite.
 //!
+//! Acknowledgements: the 101 says `X-Wsrouter-Ack: pong`, and after handling
+//! each client message (broadcast, or dropped as a duplicate) the backend
+//! sends an unsolicited pong `wsrouter-ack N`, N the client messages it has
+//! finished with on this connection. Behind wsrouter that makes delivery
+//! exactly once across a crash (only unacknowledged messages are replayed);
+//! clients that connect directly ignore the pongs.
+//!
 //! Migration: a session the router moved here is greeted as `resumed`, and
 //! among the first `X-Wsrouter-Replayed` messages, any whose client `id` the
 //! chat service has already seen for that `X-Wsrouter-Session` is dropped.
@@ -212,8 +219,12 @@ impl Backend {
         let mut upgrade = Upgrade::default();
         // The callback's Result type is fixed by tungstenite's `Callback` trait.
         #[allow(clippy::result_large_err)]
-        let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
             upgrade = Upgrade::from_request(req);
+            resp.headers_mut().insert(
+                "x-wsrouter-ack",
+                tokio_tungstenite::tungstenite::http::HeaderValue::from_static("pong"),
+            );
             Ok(resp)
         };
         let ws = tokio_tungstenite::accept_hdr_async(io, callback)
@@ -295,10 +306,15 @@ impl Backend {
                         received += 1;
                         if self.is_duplicate(&replay, received, text.as_str()) {
                             tracing::info!(%room, "dropped a replayed duplicate");
-                            continue;
+                        } else {
+                            // No receivers only means everyone left.
+                            let _ = room_tx.send(self.render(room, text.as_str()));
                         }
-                        // No receivers only means everyone left; nothing to do.
-                        let _ = room_tx.send(self.render(room, text.as_str()));
+                        acknowledge(&mut sink, received).await?;
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        received += 1;
+                        acknowledge(&mut sink, received).await?;
                     }
                     Some(Ok(Message::Close(frame))) => {
                         tracing::debug!(?frame, "client sent close");
@@ -505,4 +521,17 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Tell the router this connection's first `handled` client messages are
+/// finished with (README, "Exactly once for backends that acknowledge").
+async fn acknowledge<S>(sink: &mut S, handled: usize) -> io::Result<()>
+where
+    S: futures_util::Sink<Message> + Unpin,
+    S::Error: std::error::Error + Send + Sync + 'static,
+{
+    let ack = format!("wsrouter-ack {handled}");
+    sink.send(Message::Pong(ack.into_bytes().into()))
+        .await
+        .map_err(io::Error::other)
 }

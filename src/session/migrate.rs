@@ -175,6 +175,12 @@ pub struct ReplayWindow {
     unread_bytes: usize,
     /// Since when messages have waited without the watermark moving.
     waiting_since: Option<Instant>,
+    /// The backend acknowledges the messages it has finished with: its
+    /// acknowledgements are the watermark, and no margin is kept.
+    acknowledges: bool,
+    /// Messages recorded before the current backend connection began (its
+    /// acknowledgements count from there).
+    base: u64,
     max_messages: usize,
     max_bytes: usize,
     max_age: Duration,
@@ -224,9 +230,53 @@ impl ReplayWindow {
             read_messages: 0,
             unread_bytes: 0,
             waiting_since: None,
+            acknowledges: false,
+            base: 0,
             max_messages,
             max_bytes,
             max_age,
+        }
+    }
+
+    /// Client messages now go to a new backend connection, which
+    /// `acknowledges` them or not. Everything recorded before counts as
+    /// dealt with (replays are recorded again, after this).
+    pub fn start_connection(&mut self, acknowledges: bool) {
+        self.acknowledges = acknowledges;
+        self.base = self.recorded;
+        self.watermark = self.recorded;
+        self.pinged = self.recorded;
+        self.pinged_at = None;
+    }
+
+    /// Whether the current backend acknowledges messages.
+    pub fn acknowledges(&self) -> bool {
+        self.acknowledges
+    }
+
+    /// An acknowledging backend has finished with `count` messages on this
+    /// connection. Returns how many that acknowledged anew; an error when
+    /// it is fewer than it acknowledged before, or more than it was sent.
+    pub fn acknowledge(&mut self, count: u64, now: Instant) -> Result<u64, AckError> {
+        let upto = self.base.checked_add(count).ok_or(AckError::TooMany)?;
+        if upto < self.watermark {
+            return Err(AckError::Decreasing);
+        }
+        if upto > self.recorded {
+            return Err(AckError::TooMany);
+        }
+        let before = self.watermark;
+        self.advance_to(upto, now);
+        Ok(upto - before)
+    }
+
+    /// The margin of read messages kept: none when the backend says what
+    /// it has finished with.
+    fn margin(&self) -> usize {
+        if self.acknowledges {
+            0
+        } else {
+            self.max_messages
         }
     }
 
@@ -259,9 +309,10 @@ impl ReplayWindow {
         // Read batches leave once later read ones cover the margin, or for
         // the byte bound; unread ones never do.
         let mut dropped = 0;
+        let margin = self.margin();
         while self.read_batches > 0 {
             let oldest = &self.batches[0];
-            let margin_covered = self.read_messages - oldest.messages >= self.max_messages;
+            let margin_covered = self.read_messages - oldest.messages >= margin;
             if !margin_covered && self.bytes + size <= self.max_bytes {
                 break;
             }
@@ -311,7 +362,14 @@ impl ReplayWindow {
     /// The backend's pong says it has read the first `count` messages
     /// recorded. True when that moved the watermark.
     pub fn read_up_to(&mut self, count: u64, now: Instant) -> bool {
-        let count = count.min(self.recorded);
+        // An acknowledging backend's watermark is its acknowledgements.
+        if self.acknowledges {
+            return false;
+        }
+        self.advance_to(count.min(self.recorded), now)
+    }
+
+    fn advance_to(&mut self, count: u64, now: Instant) -> bool {
         if count <= self.watermark {
             return false;
         }
@@ -324,9 +382,8 @@ impl ReplayWindow {
             self.read_batches += 1;
         }
         self.waiting_since = (self.read_batches < self.batches.len()).then_some(now);
-        while self.read_batches > 0
-            && self.read_messages - self.batches[0].messages >= self.max_messages
-        {
+        let margin = self.margin();
+        while self.read_batches > 0 && self.read_messages - self.batches[0].messages >= margin {
             self.pop_oldest();
         }
         if self.batches.is_empty() {
@@ -350,7 +407,7 @@ impl ReplayWindow {
     /// were recorded since the last ping, and `interval` has passed since
     /// it (or the window is half full and the last one was answered).
     pub fn ping_due(&mut self, now: Instant, interval: Duration) -> Option<u64> {
-        if self.recorded == self.pinged {
+        if !self.has_unpinged() {
             return None;
         }
         let urgent = self.unread_bytes >= self.max_bytes / 2 && self.watermark >= self.pinged;
@@ -365,7 +422,7 @@ impl ReplayWindow {
 
     /// Whether messages wait for a watermark ping (a cheap look).
     pub fn has_unpinged(&self) -> bool {
-        self.recorded != self.pinged
+        self.recorded != self.pinged && !self.acknowledges
     }
 
     /// When the backend counts as stalled: messages have waited for it,
@@ -496,7 +553,7 @@ impl ReplayWindow {
             }
         }
         // The oldest read batch may reach back past the margin.
-        read.drain(..read.len().saturating_sub(self.max_messages));
+        read.drain(..read.len().saturating_sub(self.margin()));
         read.append(&mut unread);
         self.clear();
         read
@@ -528,6 +585,16 @@ impl ReplayWindow {
     pub fn is_empty(&self) -> bool {
         self.batches.is_empty()
     }
+}
+
+/// An acknowledgement a backend may not send: the backend is treated as
+/// failed for the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("an acknowledgement below an earlier one")]
+    Decreasing,
+    #[error("an acknowledgement of more messages than were sent, or none readable")]
+    TooMany,
 }
 
 /// A session's recent moves: the backends it left within the moves window,

@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::config::{MigrationConfig, RelayConfig};
-use crate::frame::{self, CloseFrame, KEEPALIVE, OP_PING, Unit};
+use crate::frame::{self, Ack, CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::limits::MessageBudget;
 use crate::memory::SessionMemory;
 use crate::metrics as m;
@@ -151,6 +151,9 @@ struct Pump<'a> {
     /// The highest count a backend's pong to a watermark ping carried back
     /// since the relay last looked (0: none).
     watermark_heard: u64,
+    /// The latest acknowledgement an acknowledging backend sent since the
+    /// relay last looked; `Err` once one was malformed or went down.
+    ack_heard: Option<Result<u64, ()>>,
 }
 
 impl Pump<'_> {
@@ -317,8 +320,18 @@ impl Pump<'_> {
                     // came before it is written, and the batch starts after.
                     // A watermark pong's count is noted for the window.
                     Unit::Pong { len, own: true } => {
-                        if let Some(count) = frame::watermark_of(&data[end..end + len]) {
+                        let pong = &data[end..end + len];
+                        if let Some(count) = frame::watermark_of(pong) {
                             self.watermark_heard = self.watermark_heard.max(count);
+                        }
+                        if let Some(ack) = frame::ack_of(pong) {
+                            self.ack_heard = match (self.ack_heard, ack) {
+                                (Some(Ok(before)), Ack::Count(count)) if count >= before => {
+                                    Some(Ok(count))
+                                }
+                                (None, Ack::Count(count)) => Some(Ok(count)),
+                                _ => Some(Err(())),
+                            };
                         }
                         write(written, end, count, payload_bytes);
                         (count, payload_bytes) = (0, 0);
@@ -340,6 +353,32 @@ impl Pump<'_> {
             let acted = acted || end > written || self.pending_end.is_some();
             (end, acted)
         })
+    }
+}
+
+impl Pump<'_> {
+    /// Hand the watermark and acknowledgement the backend sent since the
+    /// last look to the replay window. True when the window's watermark
+    /// moved; an error when an acknowledging backend acknowledged nonsense
+    /// (malformed, going down, or more than it was sent).
+    fn report_to(&mut self, window: &mut ReplayWindow) -> Result<bool, ()> {
+        let heard = std::mem::take(&mut self.watermark_heard);
+        let mut moved = heard > 0 && window.read_up_to(heard, Instant::now());
+        if let Some(ack) = self.ack_heard.take()
+            && window.acknowledges()
+        {
+            match ack.map(|count| window.acknowledge(count, Instant::now())) {
+                Ok(Ok(acknowledged)) => {
+                    metrics::counter!(m::ACKNOWLEDGED_MESSAGES_TOTAL).increment(acknowledged);
+                    moved |= acknowledged > 0;
+                }
+                Ok(Err(_)) | Err(()) => {
+                    metrics::counter!(m::ACK_ERRORS_TOTAL).increment(1);
+                    return Err(());
+                }
+            }
+        }
+        Ok(moved)
     }
 }
 
@@ -419,6 +458,7 @@ where
         pending_end: None,
         heard: false,
         watermark_heard: 0,
+        ack_heard: None,
     };
     let mut down = Pump {
         messages: &counters.messages_down,
@@ -430,6 +470,7 @@ where
         pending_end: None,
         heard: false,
         watermark_heard: 0,
+        ack_heard: None,
     };
     // One timer for both hops and the replay window: at each keepalive
     // tick it pings a hop that was silent since the last one, and ends the
@@ -455,16 +496,21 @@ where
             if let Poll::Ready(end) = up.poll(cx, client, upstream, !all) {
                 return Poll::Ready(Stopped::Up(end));
             }
-            if let Poll::Ready(end) = down.poll(cx, upstream, client, !all) {
+            let down_end = down.poll(cx, upstream, client, !all);
+            if let Some(window) = up.window.as_deref_mut() {
+                // What the backend read or acknowledged, even in its last
+                // bytes before it went: a full window may take the client's
+                // messages again. One that acknowledges nonsense has failed.
+                match down.report_to(window) {
+                    Err(()) => return Poll::Ready(Stopped::Down(PumpEnd::SourceViolation(1002))),
+                    Ok(true) if down_end.is_pending() => continue,
+                    Ok(_) => {}
+                }
+            }
+            if let Poll::Ready(end) = down_end {
                 return Poll::Ready(Stopped::Down(end));
             }
             if let Some(window) = up.window.as_deref_mut() {
-                // The backend read up to here: a full window may take the
-                // client's messages again.
-                let heard = std::mem::take(&mut down.watermark_heard);
-                if heard > 0 && window.read_up_to(heard, Instant::now()) {
-                    continue;
-                }
                 // What was forwarded is followed by a watermark ping, at
                 // most every `interval` (written on the next round).
                 if window.has_unpinged()

@@ -124,6 +124,23 @@ pub struct BackendOptions {
     /// Wait this long after each message before reading the next (a
     /// backend that reads slower than its clients send).
     pub read_delay: Option<Duration>,
+    /// Acknowledge client messages (`X-Wsrouter-Ack: pong` on the 101, a
+    /// `wsrouter-ack N` pong after handling each message), or misbehave.
+    pub acks: Acks,
+}
+
+/// How a [`TestBackend`] acknowledges client messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Acks {
+    /// It does not (no header, no acknowledgements).
+    #[default]
+    None,
+    /// After handling each message: the count handled on the connection.
+    Each,
+    /// Opted in, but its acknowledgements carry no number.
+    Malformed,
+    /// Opted in, acknowledges, then goes back one.
+    Decreasing,
 }
 
 /// What a backend's connection tasks share with the test.
@@ -411,6 +428,9 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
     if let Some(cookie) = &shared.options.set_cookie {
         answer.push_str(&format!("Set-Cookie: {cookie}\r\n"));
     }
+    if shared.options.acks != Acks::None {
+        answer.push_str("X-Wsrouter-Ack: pong\r\n");
+    }
     answer.push_str("\r\n");
     if stream.write_all(answer.as_bytes()).await.is_err() {
         return;
@@ -442,6 +462,8 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
         .unwrap_or_default()
         .to_string();
     let mut closing = false;
+    // Client messages handled on this connection (for acknowledgements).
+    let mut handled: u64 = 0;
     let mut close_all = shared.closer.subscribe();
     let mut announcements = shared.announcer.subscribe();
     loop {
@@ -466,8 +488,9 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
                 continue;
             }
         };
+        let is_data = matches!(message, Ok(Message::Text(_) | Message::Binary(_)));
         if let Some(delay) = shared.options.read_delay
-            && matches!(message, Ok(Message::Text(_) | Message::Binary(_)))
+            && is_data
         {
             tokio::time::sleep(delay).await;
         }
@@ -524,6 +547,24 @@ async fn serve_backend_connection(mut stream: TcpStream, shared: Arc<BackendShar
         };
         if result.is_err() {
             break;
+        }
+        // Handled (logged and echoed): acknowledged, as the backend is set to.
+        if is_data && !closing {
+            handled += 1;
+            let ack = match shared.options.acks {
+                Acks::None => None,
+                Acks::Each => Some(format!("wsrouter-ack {handled}")),
+                Acks::Malformed => Some("wsrouter-ack many".to_string()),
+                Acks::Decreasing => Some(format!("wsrouter-ack {}", handled.min(3) % 3)),
+            };
+            if let Some(ack) = ack
+                && ws
+                    .send(Message::Pong(ack.into_bytes().into()))
+                    .await
+                    .is_err()
+            {
+                break;
+            }
         }
     }
 }
