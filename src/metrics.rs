@@ -30,6 +30,8 @@ pub const REPLAYED_MESSAGES_TOTAL: &str = "wsrouter_replayed_messages_total";
 pub const BUFFERED_BYTES: &str = "wsrouter_buffered_bytes";
 pub const REPLAY_DROPPED_TOTAL: &str = "wsrouter_replay_dropped_total";
 pub const ACK_ERRORS_TOTAL: &str = "wsrouter_backend_ack_errors_total";
+pub const WATERMARK_LAG_BYTES: &str = "wsrouter_watermark_lag_bytes";
+pub const CLIENT_READ_PAUSE_SECONDS: &str = "wsrouter_client_read_pause_seconds";
 pub const ACKNOWLEDGED_MESSAGES_TOTAL: &str = "wsrouter_acknowledged_messages_total";
 
 /// `direction` label values.
@@ -129,12 +131,22 @@ fn describe() {
     );
     describe_counter!(
         REPLAYED_MESSAGES_TOTAL,
-        "Client messages sent again to a new backend after a failure."
+        "Client messages sent again to a new backend, by kind: unread (after the watermark), margin (read, replayed in case), unacknowledged."
     );
     describe_gauge!(
         BUFFERED_BYTES,
         Unit::Bytes,
         "Bytes the router holds for clients and backends (limits.max_buffered_bytes bounds it)."
+    );
+    describe_histogram!(
+        WATERMARK_LAG_BYTES,
+        Unit::Bytes,
+        "Client bytes a backend had still not read (or acknowledged) each time its watermark moved."
+    );
+    describe_histogram!(
+        CLIENT_READ_PAUSE_SECONDS,
+        Unit::Seconds,
+        "How long a client was not read because its backend had not read replay_max_bytes (the watermark's backpressure)."
     );
     describe_counter!(
         ACK_ERRORS_TOTAL,

@@ -806,6 +806,11 @@ impl Session {
         // is replayed. A planned move leaves the old backend open: it
         // replays nothing, unless the backend acknowledges, when what it
         // has not acknowledged by the end of the hand-over is replayed.
+        // What kind of replay this is, for the metrics: after the old
+        // backend's acknowledgements, or after its watermark (the first
+        // `margin` of them it had read).
+        let old_acknowledges = self.window.acknowledges();
+        let margin = self.window.read_len();
         let mut replay = if reason.replays() {
             self.window.take_fresh_struck(started)
         } else {
@@ -983,7 +988,15 @@ impl Session {
         tracing::Span::current().record("backend", to.as_str());
         metrics::counter!(m::MIGRATIONS_TOTAL, "from" => from.clone(), "to" => to.clone(), "reason" => reason.as_label())
             .increment(1);
-        metrics::counter!(m::REPLAYED_MESSAGES_TOTAL).increment(replay.len() as u64);
+        let margin = margin.min(replay.len());
+        let unread = if old_acknowledges {
+            "unacknowledged"
+        } else {
+            "unread"
+        };
+        metrics::counter!(m::REPLAYED_MESSAGES_TOTAL, "kind" => "margin").increment(margin as u64);
+        metrics::counter!(m::REPLAYED_MESSAGES_TOTAL, "kind" => unread)
+            .increment((replay.len() - margin) as u64);
         metrics::histogram!(m::MIGRATION_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         tracing::debug!(from = %from, to = %to, reason = reason.as_label(), elapsed = ?started.elapsed(), "session moved");
 

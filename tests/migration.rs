@@ -491,9 +491,11 @@ async fn a_slow_backend_then_killed_loses_nothing_it_had_not_read() {
     )
     .await;
     let spare = TestBackend::start("slow-spare").await;
+    // A small window: the client waits for the backend (backpressure).
     let router = router()
         .backend(&slow, "eu")
         .backend(&spare, "us")
+        .extra("[migration]\nreplay_max_bytes = 1024\n")
         .start()
         .await;
     let session = key("slow", 1);
@@ -516,6 +518,16 @@ async fn a_slow_backend_then_killed_loses_nothing_it_had_not_read() {
     }
     let lost: Vec<usize> = (0..MESSAGES).filter(|n| !delivered.contains(n)).collect();
     assert!(lost.is_empty(), "lost {lost:?}");
+    // The client was held back while the backend fell behind, and what it
+    // had not read was replayed.
+    let paused = metric(router.admin, "wsrouter_client_read_pause_seconds_count").await;
+    assert!(paused > 0.0, "the client was never held back");
+    let unread = metric(
+        router.admin,
+        r#"wsrouter_replayed_messages_total{kind="unread"}"#,
+    )
+    .await;
+    assert!(unread > 0.0);
 }
 
 #[tokio::test]

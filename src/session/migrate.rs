@@ -582,6 +582,12 @@ impl ReplayWindow {
         self.messages
     }
 
+    /// Of the messages a replay now would send, those the backend had read
+    /// (the margin).
+    pub fn read_len(&self) -> usize {
+        self.read_messages.min(self.margin())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.batches.is_empty()
     }

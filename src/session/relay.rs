@@ -26,7 +26,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::Bytes;
-use metrics::Counter;
+use metrics::{Counter, Histogram};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -95,6 +95,8 @@ pub struct TrafficCounters {
     messages_down: Counter,
     bytes_down: Counter,
     replay_dropped: Counter,
+    watermark_lag: Histogram,
+    read_pauses: Histogram,
 }
 
 impl TrafficCounters {
@@ -105,6 +107,8 @@ impl TrafficCounters {
             messages_down: metrics::counter!(m::MESSAGES_TOTAL, "direction" => m::BACKEND_TO_CLIENT),
             bytes_down: metrics::counter!(m::BYTES_TOTAL, "direction" => m::BACKEND_TO_CLIENT),
             replay_dropped: metrics::counter!(m::REPLAY_DROPPED_TOTAL),
+            watermark_lag: metrics::histogram!(m::WATERMARK_LAG_BYTES),
+            read_pauses: metrics::histogram!(m::CLIENT_READ_PAUSE_SECONDS),
         }
     }
 }
@@ -138,6 +142,10 @@ struct Pump<'a> {
     bytes: &'a Counter,
     /// Client messages the replay window let go of for its byte bound.
     replay_dropped: &'a Counter,
+    /// How long reading the source paused for a full replay window.
+    read_pauses: &'a Histogram,
+    /// Since when the source has not been read for a full window.
+    paused_since: Option<Instant>,
     /// Client messages are recorded here as they are forwarded.
     window: Option<&'a mut ReplayWindow>,
     budget: Option<&'a mut MessageBudget>,
@@ -194,7 +202,11 @@ impl Pump<'_> {
             // window: the client waits (TCP backpressure) until its pong
             // moves the watermark.
             if self.window.as_deref().is_some_and(ReplayWindow::is_full) {
+                self.paused_since.get_or_insert_with(Instant::now);
                 return Poll::Pending;
+            }
+            if let Some(since) = self.paused_since.take() {
+                self.read_pauses.record(since.elapsed().as_secs_f64());
             }
             if let Some(memory) = self.memory.as_deref_mut() {
                 let held = src.held_bytes()
@@ -361,7 +373,7 @@ impl Pump<'_> {
     /// last look to the replay window. True when the window's watermark
     /// moved; an error when an acknowledging backend acknowledged nonsense
     /// (malformed, going down, or more than it was sent).
-    fn report_to(&mut self, window: &mut ReplayWindow) -> Result<bool, ()> {
+    fn report_to(&mut self, window: &mut ReplayWindow, lag: &Histogram) -> Result<bool, ()> {
         let heard = std::mem::take(&mut self.watermark_heard);
         let mut moved = heard > 0 && window.read_up_to(heard, Instant::now());
         if let Some(ack) = self.ack_heard.take()
@@ -377,6 +389,9 @@ impl Pump<'_> {
                     return Err(());
                 }
             }
+        }
+        if moved {
+            lag.record(window.unread_bytes() as f64);
         }
         Ok(moved)
     }
@@ -452,6 +467,8 @@ where
         messages: &counters.messages_up,
         bytes: &counters.bytes_up,
         replay_dropped: &counters.replay_dropped,
+        read_pauses: &counters.read_pauses,
+        paused_since: None,
         window: Some(window),
         budget,
         memory: Some(memory),
@@ -464,6 +481,8 @@ where
         messages: &counters.messages_down,
         bytes: &counters.bytes_down,
         replay_dropped: &counters.replay_dropped,
+        read_pauses: &counters.read_pauses,
+        paused_since: None,
         window: None,
         budget: None,
         memory: None,
@@ -501,7 +520,7 @@ where
                 // What the backend read or acknowledged, even in its last
                 // bytes before it went: a full window may take the client's
                 // messages again. One that acknowledges nonsense has failed.
-                match down.report_to(window) {
+                match down.report_to(window, &counters.watermark_lag) {
                     Err(()) => return Poll::Ready(Stopped::Down(PumpEnd::SourceViolation(1002))),
                     Ok(true) if down_end.is_pending() => continue,
                     Ok(_) => {}
