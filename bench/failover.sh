@@ -43,6 +43,7 @@ log_level=warn
 config="$BENCH/failover.toml"
 wsrouter=""
 out=""
+ack=""
 
 usage() {
     cat <<EOF
@@ -57,6 +58,7 @@ usage: bench/failover.sh [options]
   --log-level L      the router's RUST_LOG (default $log_level; "info" logs every move)
   --config FILE      router configuration (default bench/failover.toml)
   --wsrouter BIN     router binary (default target/release/wsrouter)
+  --ack              the echo backends acknowledge each echo (X-Wsrouter-Ack; exactly once)
   --no-build         use the binaries already in target/release
   --out DIR          results folder (default bench/results/failover-<date>)
   -h, --help         this text
@@ -74,6 +76,7 @@ while [ $# -gt 0 ]; do
         --log-level) log_level=$2; shift 2 ;;
         --config) config=$2; shift 2 ;;
         --wsrouter) wsrouter=$2; shift 2 ;;
+        --ack) ack=--ack; shift ;;
         --no-build) build=0; shift ;;
         --out) out=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
@@ -116,7 +119,7 @@ commit="$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$
     echo "cpus: $(nproc) ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ //'))"
     echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
     echo "open files: $(ulimit -n); somaxconn $(cat /proc/sys/net/core/somaxconn); tcp_max_syn_backlog $(cat /proc/sys/net/ipv4/tcp_max_syn_backlog)"
-    echo "sessions $sessions, rate $rate/s, kill after $kill_after, duration $duration, drain $drain, RUST_LOG=$log_level"
+    echo "sessions $sessions, rate $rate/s, kill after $kill_after, duration $duration, drain $drain, RUST_LOG=$log_level${ack:+, acknowledging backends}"
     echo "config: $config"
 } >"$out/versions.txt"
 
@@ -150,9 +153,9 @@ run_one() {
     for addr in "$A_ADDR" "$B_ADDR" "$PROXY_ADDR" "$ADMIN_ADDR"; do
         port_free "$addr" || die "$addr is already in use; stop whatever listens there"
     done
-    "$ECHO" --listen "$A_ADDR" --mark A 2>"$out/logs/$tag-backend-a.log" &
+    "$ECHO" --listen "$A_ADDR" --mark A $ack 2>"$out/logs/$tag-backend-a.log" &
     a_pid=$!
-    "$ECHO" --listen "$B_ADDR" --mark B 2>"$out/logs/$tag-backend-b.log" &
+    "$ECHO" --listen "$B_ADDR" --mark B $ack 2>"$out/logs/$tag-backend-b.log" &
     b_pid=$!
     (cd "$(dirname "$config")" && RUST_LOG=$log_level exec "$WSROUTER" --config "$config") \
         2>"$out/logs/$tag-router.log" &
