@@ -1,8 +1,10 @@
 //! Migration bookkeeping: why a session moves, the replay window of client
-//! messages already forwarded, and the queue of client messages that arrive
-//! while the session re-dials.
+//! messages already forwarded (with the backend's read watermark or
+//! acknowledgements, and the strikes that catch a poison message), the
+//! queue of client messages that arrive while the session re-dials, and the
+//! chain of recent moves (which backends to avoid, when a session loops).
 //!
-//! Both hold client messages as the frames the client sent (masked, which
+//! The window and the queue hold client messages as the frames the client sent (masked, which
 //! any backend accepts), so a replay or a queued message is written to the
 //! new backend as it is. Both are pure data structures with their own
 //! bounds; the session task decides when to fill and empty them. See

@@ -9,7 +9,12 @@
 //! destination would not take into its write queue. A unit is only ever
 //! written whole, so a session can move to another backend between any two
 //! messages. Client messages are counted against the session's rate limits
-//! and copied into the replay window on the way through.
+//! and copied into the replay window on the way through, followed by
+//! watermark pings; the backend's watermark pongs and acknowledgements go
+//! to the window and no further. A full window stops reading the client; a
+//! backend whose watermark stands still is stalled, and the session moves.
+//! Reads from the client also wait while the process memory budget says so
+//! ([`crate::memory`]).
 //!
 //! Both directions, the keepalive timer, the control cell and shutdown
 //! are polled by one future: a side that is slow to read holds back only
