@@ -32,9 +32,9 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::app::{Operator, ReloadError};
 use crate::backend::Backend;
 use crate::memory::MemoryBudget;
+use crate::operator::{Operator, ReloadError};
 
 /// What the admin endpoints read and act on.
 #[derive(Clone)]
@@ -56,7 +56,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Re
                     continue;
                 }
             },
-            _ = crate::app::stopped(&mut stop) => return,
+            _ = crate::shutdown::stopped(&mut stop) => return,
         };
         let state = state.clone();
         tokio::spawn(async move {

@@ -97,7 +97,7 @@ pub fn spawn_check(
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
-                _ = crate::app::stopped(&mut stop) => return,
+                _ = crate::shutdown::stopped(&mut stop) => return,
             }
             if backend.is_removed() || !backend.is_current_checker(generation) {
                 return;

@@ -7,7 +7,7 @@
 //!
 //! | module | owns |
 //! | --- | --- |
-//! | [`app`] | listeners, the session threads and their accept loops, background tasks, reload, drain and shutdown |
+//! | [`app`] | wiring: listeners, the session threads and their accept loops, background tasks, the shutdown sequence |
 //! | [`config`] | the TOML file, validation into [`config::Config`], errors naming fields |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers from trusted L4 balancers |
 //! | [`tls`] | TLS termination: `[tls]` certificates from PEM, SNI choice, the server config swapped on reload, [`tls::ClientStream`] |
@@ -20,7 +20,10 @@
 //! | [`upstream`] | dialing a backend WebSocket: the forwarded headers, the HTTP/1.1 upgrade, per-backend dial permits |
 //! | [`frame`] | WebSocket frames at the byte level: whole messages found from headers, the protocol checks, the router's own frames |
 //! | [`session`] | one connection from accept to close; [`session::peer`] is one side's socket, reader and write queue, [`session::relay`] forwards frames both ways, [`session::migrate`] holds the replay window, the queue and the control cell |
-//! | [`admin`] | the admin listener: metrics, health, readiness, backends API |
+//! | [`memory`] | what sessions hold in bytes against the process budget: pause, then close the largest |
+//! | [`operator`] | operator actions (drain, undrain, reload) and the shutting-down flag, for the admin API and SIGHUP |
+//! | [`shutdown`] | the stop flag every task waits on |
+//! | [`admin`] | the admin listener: metrics, health, readiness, backends and memory API |
 //! | [`metrics`] | metric names, descriptions and the Prometheus recorder |
 
 pub mod admin;
@@ -34,8 +37,10 @@ pub mod health;
 pub mod limits;
 pub mod memory;
 pub mod metrics;
+pub mod operator;
 pub mod proxy_protocol;
 pub mod session;
+pub mod shutdown;
 pub mod steer;
 pub mod tls;
 pub mod upstream;

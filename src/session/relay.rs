@@ -507,7 +507,7 @@ where
     let mut next_ping = started + config.ping_interval;
     let mut tick = pin!(tokio::time::sleep_until(next_ping));
     let stop_probe = shutdown.clone();
-    let mut stop = pin!(crate::app::stopped(shutdown));
+    let mut stop = pin!(crate::shutdown::stopped(shutdown));
     // The stop flag, the move request and the timer each keep the waker they
     // were last polled with until they fire, so while the task's waker
     // stays the same they need polling only once they have fired: on most
