@@ -19,7 +19,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::geo::GeoDb;
-use crate::tls::TlsConfig;
+
+pub mod tls;
+use tls::TlsConfig;
 
 pub const DEFAULT_PUBLIC_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -163,8 +165,8 @@ struct FileConfig {
     shutdown: FileShutdown,
     #[serde(default)]
     runtime: FileRuntime,
-    tls: Option<crate::tls::FileTls>,
-    upstream_tls: Option<crate::tls::FileUpstreamTls>,
+    tls: Option<tls::FileTls>,
+    upstream_tls: Option<tls::FileUpstreamTls>,
     #[serde(default)]
     limits: FileLimits,
     #[serde(default)]
@@ -1267,13 +1269,12 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
     };
     // tls: certificates and keys are read and checked here, so a bad one
     // fails --check-config and a reload.
-    let tls = file.tls.as_ref().and_then(|t| {
-        crate::tls::validate(t, base)
-            .map_err(|e| p.0.extend(e))
-            .ok()
-    });
+    let tls = file
+        .tls
+        .as_ref()
+        .and_then(|t| tls::validate(t, base).map_err(|e| p.0.extend(e)).ok());
     let upstream_tls = if file.upstream_tls.is_some() || backends.iter().any(|b| b.url.tls) {
-        crate::tls::upstream_client_config(file.upstream_tls.as_ref(), base)
+        tls::upstream_client_config(file.upstream_tls.as_ref(), base)
             .map_err(|e| p.0.extend(e))
             .ok()
     } else {

@@ -8,9 +8,9 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`app`] | wiring: listeners, the session threads and their accept loops, background tasks, the shutdown sequence |
-//! | [`config`] | the TOML file, validation into [`config::Config`], errors naming fields |
+//! | [`config`] | the TOML file, validation into [`config::Config`], errors naming fields; [`config::tls`] loads and checks `[tls]` and `[upstream_tls]` |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers from trusted L4 balancers |
-//! | [`tls`] | TLS termination: `[tls]` certificates from PEM, SNI choice, the server config swapped on reload, [`tls::ClientStream`] |
+//! | [`tls`] | TLS running: the server config swapped on reload, [`tls::ClientStream`], dialing `wss://` backends |
 //! | [`handshake`] | the client's HTTP/1.1 upgrade: paths, 400/404/426, client address, session key |
 //! | [`geo`] | MaxMind DB lookups to a [`geo::Location`] |
 //! | [`steer`] | pure ranking: region order and weighted rendezvous hashing |
