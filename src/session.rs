@@ -235,6 +235,7 @@ async fn establish(
         config.migration.replay_max_bytes,
         config.migration.replay_max_age,
     );
+    window.set_ping_interval(config.migration.watermark_interval);
     window.start_connection(upstream.acknowledges);
     let session = Box::new(Session {
         budget: router.limits.message_budget(),

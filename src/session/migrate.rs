@@ -170,6 +170,14 @@ pub struct ReplayWindow {
     /// The count the last watermark ping carried, and when it was sent.
     pinged: u64,
     pinged_at: Option<Instant>,
+    /// Watermark pings go out at most this often...
+    ping_interval: Duration,
+    /// ...and one should go out now (the relay looks at this flag alone,
+    /// so a busy session's messages cost no clock reads).
+    ping_ready: bool,
+    /// A deadline of [`ReplayWindow::next_deadline`] may have changed since
+    /// the relay last looked.
+    dirty: bool,
     /// The leading batches the backend has read, and their messages.
     read_batches: usize,
     read_messages: usize,
@@ -228,6 +236,9 @@ impl ReplayWindow {
             watermark: 0,
             pinged: 0,
             pinged_at: None,
+            ping_interval: crate::config::DEFAULT_WATERMARK_INTERVAL,
+            ping_ready: false,
+            dirty: false,
             read_batches: 0,
             read_messages: 0,
             unread_bytes: 0,
@@ -249,6 +260,13 @@ impl ReplayWindow {
         self.watermark = self.recorded;
         self.pinged = self.recorded;
         self.pinged_at = None;
+        self.ping_ready = false;
+        self.dirty = true;
+    }
+
+    /// Watermark pings at most this often (`migration.watermark_interval`).
+    pub fn set_ping_interval(&mut self, interval: Duration) {
+        self.ping_interval = interval;
     }
 
     /// Whether the current backend acknowledges messages.
@@ -348,8 +366,32 @@ impl ReplayWindow {
         self.messages += messages;
         self.bytes += size;
         self.unread_bytes += size;
-        self.waiting_since.get_or_insert(now);
+        if self.waiting_since.is_none() {
+            // The stall clock starts.
+            self.waiting_since = Some(now);
+            self.dirty = true;
+        }
+        if !self.acknowledges {
+            let first_unpinged = self.recorded - messages as u64 == self.pinged;
+            if self.ping_is_due(now) {
+                self.ping_ready = true;
+            } else if first_unpinged {
+                // A ping falls due later: the relay arms its timer.
+                self.dirty = true;
+            }
+        }
         dropped
+    }
+
+    /// Whether a watermark ping should go out at `now`: `ping_interval`
+    /// passed since the last one, or the window is half full and the last
+    /// one was answered.
+    fn ping_is_due(&self, now: Instant) -> bool {
+        let urgent = self.unread_bytes >= self.max_bytes / 2 && self.watermark >= self.pinged;
+        urgent
+            || self
+                .pinged_at
+                .is_none_or(|at| now >= at + self.ping_interval)
     }
 
     /// Remember a replayed message, `frames`, with the strikes it carried.
@@ -384,6 +426,10 @@ impl ReplayWindow {
             self.read_batches += 1;
         }
         self.waiting_since = (self.read_batches < self.batches.len()).then_some(now);
+        self.dirty = true;
+        if self.has_unpinged() && self.ping_is_due(now) {
+            self.ping_ready = true;
+        }
         let margin = self.margin();
         while self.read_batches > 0 && self.read_messages - self.batches[0].messages >= margin {
             self.pop_oldest();
@@ -405,26 +451,34 @@ impl ReplayWindow {
         self.unread_bytes
     }
 
-    /// The count for a watermark ping, when one is due at `now`: messages
-    /// were recorded since the last ping, and `interval` has passed since
-    /// it (or the window is half full and the last one was answered).
-    pub fn ping_due(&mut self, now: Instant, interval: Duration) -> Option<u64> {
-        if !self.has_unpinged() {
-            return None;
-        }
-        let urgent = self.unread_bytes >= self.max_bytes / 2 && self.watermark >= self.pinged;
-        let waited = self.pinged_at.is_none_or(|at| now >= at + interval);
-        if !urgent && !waited {
+    /// Whether a watermark ping should go out now (a flag: no clock read).
+    pub fn ping_ready(&self) -> bool {
+        self.ping_ready
+    }
+
+    /// The count for a watermark ping, when one is due at `now` (see
+    /// [`ReplayWindow::ping_ready`]; the relay's timer covers the rest), and
+    /// the ping counts as sent.
+    pub fn take_ping(&mut self, now: Instant) -> Option<u64> {
+        if !self.has_unpinged() || !(self.ping_ready || self.ping_is_due(now)) {
             return None;
         }
         self.pinged = self.recorded;
         self.pinged_at = Some(now);
+        self.ping_ready = false;
+        self.dirty = true;
         Some(self.recorded)
     }
 
     /// Whether messages wait for a watermark ping (a cheap look).
     pub fn has_unpinged(&self) -> bool {
         self.recorded != self.pinged && !self.acknowledges
+    }
+
+    /// Whether a deadline may have moved since the last call (and the
+    /// relay should look at [`ReplayWindow::next_deadline`] again).
+    pub fn take_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.dirty)
     }
 
     /// When the backend counts as stalled: messages have waited for it,
@@ -441,16 +495,17 @@ impl ReplayWindow {
     pub fn defer_stall(&mut self, now: Instant) {
         if self.waiting_since.is_some() {
             self.waiting_since = Some(now);
+            self.dirty = true;
         }
     }
 
     /// The next moment the relay must look at the window: a watermark ping
     /// falls due, the backend would be stalled, or the oldest read batch
     /// passes the age bound.
-    pub fn next_deadline(&self, interval: Duration, stall_timeout: Duration) -> Option<Instant> {
+    pub fn next_deadline(&self, stall_timeout: Duration) -> Option<Instant> {
         let ping = self
             .has_unpinged()
-            .then(|| self.pinged_at.map(|at| at + interval))
+            .then(|| self.pinged_at.map(|at| at + self.ping_interval))
             .flatten();
         let expiry = (self.read_batches > 0).then(|| self.batches[0].at + self.max_age);
         [ping, self.stalled_at(stall_timeout), expiry]
@@ -501,6 +556,7 @@ impl ReplayWindow {
             && now.saturating_duration_since(self.batches[0].at) >= self.max_age
         {
             self.pop_oldest();
+            self.dirty = true;
         }
         if self.batches.is_empty() {
             self.release();
@@ -571,6 +627,7 @@ impl ReplayWindow {
         self.read_messages = 0;
         self.unread_bytes = 0;
         self.waiting_since = None;
+        self.dirty = true;
         self.release();
     }
 
@@ -811,22 +868,18 @@ mod tests {
     async fn a_watermark_that_does_not_move_marks_the_backend_stalled() {
         let mut w = ReplayWindow::new(8, usize::MAX, Duration::from_secs(10));
         let (interval, stall) = (Duration::from_millis(50), Duration::from_secs(3));
+        w.set_ping_interval(interval);
         let start = Instant::now();
         assert_eq!(w.stalled_at(stall), None, "nothing waits");
         w.push(&frame(OP_BINARY, b"a"), 1, start);
-        assert_eq!(
-            w.ping_due(start, interval),
-            Some(1),
-            "the first ping at once"
-        );
+        assert!(w.ping_ready(), "the first ping at once");
+        assert_eq!(w.take_ping(start), Some(1));
         w.push(&frame(OP_BINARY, b"b"), 1, start);
-        assert_eq!(
-            w.ping_due(start, interval),
-            None,
-            "then at most every interval"
-        );
-        assert_eq!(w.next_deadline(interval, stall), Some(start + interval));
-        assert_eq!(w.ping_due(start + interval, interval), Some(2));
+        assert!(!w.ping_ready(), "then at most every interval");
+        assert_eq!(w.take_ping(start), None);
+        assert!(w.take_dirty());
+        assert_eq!(w.next_deadline(stall), Some(start + interval));
+        assert_eq!(w.take_ping(start + interval), Some(2));
         assert_eq!(w.stalled_at(stall), Some(start + stall));
         // The watermark moves: what still waits, waits from now.
         let later = start + Duration::from_secs(2);

@@ -421,7 +421,7 @@ pub fn violation_reason(code: u16) -> &'static str {
 /// The session-owned state a relay works with.
 pub struct RelayContext<'a> {
     pub config: &'a RelayConfig,
-    /// The watermark's settings (`watermark_interval`, `stall_timeout`).
+    /// The watermark's stall timeout (`migration.stall_timeout`).
     pub migration: &'a MigrationConfig,
     pub counters: &'a TrafficCounters,
     /// Becomes true when sessions must close (end of the shutdown grace).
@@ -501,7 +501,7 @@ where
     // session when a hop has been silent past the idle timeout; in between
     // it fires when the window wants a look (a watermark ping falls due,
     // the backend would be stalled, read messages pass their age).
-    let (interval, stall_timeout) = (migration.watermark_interval, migration.stall_timeout);
+    let stall_timeout = migration.stall_timeout;
     let started = Instant::now();
     let (mut client_heard_at, mut upstream_heard_at) = (started, started);
     let mut next_ping = started + config.ping_interval;
@@ -537,8 +537,8 @@ where
             if let Some(window) = up.window.as_deref_mut() {
                 // What was forwarded is followed by a watermark ping, at
                 // most every `interval` (written on the next round).
-                if window.has_unpinged()
-                    && let Some(count) = window.ping_due(Instant::now(), interval)
+                if window.ping_ready()
+                    && let Some(count) = window.take_ping(Instant::now())
                 {
                     upstream.queue(upstream.frame(OP_PING, &frame::watermark_payload(count)));
                     continue;
@@ -565,10 +565,14 @@ where
                     return Poll::Ready(Stopped::Migrate(reason));
                 }
             }
+            // Only when the window's deadlines may have moved (a ping fell
+            // due later, the stall clock started): a busy session's
+            // messages cost no look here.
             let window_due = up
                 .window
-                .as_deref()
-                .and_then(|w| w.next_deadline(interval, stall_timeout));
+                .as_deref_mut()
+                .and_then(|w| w.take_dirty().then(|| w.next_deadline(stall_timeout)))
+                .flatten();
             let rearmed = window_due.is_some_and(|at| at < tick.deadline());
             if let Some(at) = window_due.filter(|_| rearmed) {
                 tick.as_mut().reset(at);
@@ -591,6 +595,12 @@ where
                         return Poll::Ready(Stopped::Migrate(MigrationReason::Stalled));
                     }
                     window.defer_stall(now);
+                }
+                // A watermark ping that fell due since the last message.
+                if window.has_unpinged()
+                    && let Some(count) = window.take_ping(now)
+                {
+                    upstream.queue(upstream.frame(OP_PING, &frame::watermark_payload(count)));
                 }
                 window.expire(now);
                 if let Some(memory) = up.memory.as_deref_mut() {
@@ -620,10 +630,10 @@ where
                 }
                 next_ping = now + config.ping_interval;
             }
-            let window_due = up
-                .window
-                .as_deref()
-                .and_then(|w| w.next_deadline(interval, stall_timeout));
+            let window_due = up.window.as_deref_mut().and_then(|w| {
+                w.take_dirty();
+                w.next_deadline(stall_timeout)
+            });
             tick.as_mut()
                 .reset(window_due.map_or(next_ping, |at| at.min(next_ping)));
             // Go round again: the pings get written and the timer armed
