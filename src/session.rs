@@ -803,15 +803,15 @@ impl Session {
         let mut kept = reason.is_planned().then_some(old);
         let started = Instant::now();
         let from = self.slot.backend().id.clone();
-        // After a failure, what the backend had not read or acknowledged
-        // is replayed. A planned move leaves the old backend open: it
-        // replays nothing, unless the backend acknowledges, when what it
-        // has not acknowledged by the end of the hand-over is replayed.
         // What kind of replay this is, for the metrics: after the old
         // backend's acknowledgements, or after its watermark (the first
         // `margin` of them it had read).
         let old_acknowledges = self.window.acknowledges();
         let margin = self.window.read_len();
+        // After a failure, what the backend had not read or acknowledged
+        // is replayed. A planned move leaves the old backend open: it
+        // replays nothing, unless the backend acknowledges, when what it
+        // has not acknowledged by the end of the hand-over is replayed.
         let mut replay = if reason.replays() {
             self.window.take_fresh_struck(started)
         } else {
