@@ -2,9 +2,9 @@
 //! Prometheus recorder.
 //!
 //! Every metric the router exports is named here as a constant, so the
-//! contract in DESIGN.md has one home. Label values come from backend ids,
-//! region names and the fixed words below: never client addresses or session
-//! keys. The recorder is process-global (the `metrics` facade is); several
+//! contract in the README ("Admin API and metrics") has one home. Label
+//! values come from backend ids, region names and the fixed words below:
+//! never client addresses or session keys. The recorder is process-global (the `metrics` facade is); several
 //! routers in one process, as in tests, share it.
 
 use std::sync::OnceLock;

@@ -8,7 +8,7 @@
 //! any backend accepts), so a replay or a queued message is written to the
 //! new backend as it is. Both are pure data structures with their own
 //! bounds; the session task decides when to fill and empty them. See
-//! DESIGN.md, "Migration: the contract".
+//! the README, "Live migration".
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
