@@ -23,8 +23,10 @@ use tokio::time::Instant;
 use crate::config::{BackendUrl, Config, PassiveHealthConfig};
 use crate::geo::{Code, Location};
 use crate::metrics as m;
-use crate::session::migrate::{Control, MigrationReason};
+pub mod control;
+
 use crate::steer::{self, BackendView, Policy};
+use control::{Control, MigrationReason};
 
 /// What the admin API and steering see of a backend's condition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

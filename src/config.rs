@@ -488,7 +488,7 @@ pub struct MigrationConfig {
     /// backends, is not replayed again: the session is closed with 1011.
     pub max_redeliveries: u32,
     /// Forwarded client messages are followed by a watermark ping at most
-    /// this often (see [`crate::session::migrate::ReplayWindow`]).
+    /// this often (the session's replay window).
     pub watermark_interval: Duration,
     /// A backend whose watermark does not move this long while messages
     /// wait for it is hung: the session moves.

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::Instrument;
 
+use crate::backend::control::{Control, MigrationReason, is_migrating_close};
 use crate::backend::{Backends, SessionSlot};
 use crate::config::{Config, SessionKeySource};
 use crate::frame::{self, Unit};
@@ -38,9 +39,7 @@ use crate::metrics as m;
 use crate::proxy_protocol;
 use crate::tls::{ClientStream, Terminator};
 use crate::upstream::{self, ClientInfo, DialError, Upstream};
-use migrate::{
-    Control, MigrationReason, MoveChain, PendingQueue, ReplayWindow, is_migrating_close,
-};
+use migrate::{MoveChain, PendingQueue, ReplayWindow};
 use peer::{Peer, ReadEnd, close};
 use relay::{RelayContext, RelayEnd, TrafficCounters};
 

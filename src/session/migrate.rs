@@ -1,4 +1,5 @@
-//! Migration bookkeeping: why a session moves, the replay window of client
+//! Migration bookkeeping (why a session moves is
+//! [`crate::backend::control::MigrationReason`]): the replay window of client
 //! messages already forwarded (with the backend's read watermark or
 //! acknowledgements, and the strikes that catch a poison message), the
 //! queue of client messages that arrive while the session re-dials, and the
@@ -11,122 +12,12 @@
 //! the README, "Live migration".
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
-
-use futures_util::task::AtomicWaker;
 
 use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::frame::{FrameReader, Unit};
-
-/// Why a session leaves its backend (`wsrouter_migrations_total{reason}`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum MigrationReason {
-    /// The backend connection failed without a close frame.
-    UpstreamLost = 1,
-    /// The backend closed with 1001, 1011, 1012, 1013 or 1014.
-    UpstreamClosed = 2,
-    /// Active health checks marked the backend down.
-    Health = 3,
-    /// An operator drained the backend.
-    Drain = 4,
-    /// A reload removed the backend from the configuration.
-    Removed = 5,
-    /// Client messages waited for the backend and its watermark did not
-    /// move for `migration.stall_timeout`: it is hung.
-    Stalled = 6,
-}
-
-impl MigrationReason {
-    fn from_code(code: u8) -> Option<MigrationReason> {
-        Some(match code {
-            1 => MigrationReason::UpstreamLost,
-            2 => MigrationReason::UpstreamClosed,
-            3 => MigrationReason::Health,
-            4 => MigrationReason::Drain,
-            5 => MigrationReason::Removed,
-            6 => MigrationReason::Stalled,
-            _ => return None,
-        })
-    }
-
-    pub fn as_label(self) -> &'static str {
-        match self {
-            MigrationReason::UpstreamLost => "upstream_lost",
-            MigrationReason::UpstreamClosed => "upstream_closed",
-            MigrationReason::Health => "health",
-            MigrationReason::Drain => "drain",
-            MigrationReason::Removed => "removed",
-            MigrationReason::Stalled => "stalled",
-        }
-    }
-
-    /// Planned moves are the router's decision while the backend connection
-    /// still works: the old connection is closed cleanly once the new one is
-    /// ready, and when no other backend takes the session it stays.
-    pub fn is_planned(self) -> bool {
-        matches!(
-            self,
-            MigrationReason::Drain | MigrationReason::Removed | MigrationReason::Health
-        )
-    }
-
-    /// Whether the last forwarded messages may have died with the backend:
-    /// after a failure, or when health checks say it is broken.
-    pub fn replays(self) -> bool {
-        !matches!(self, MigrationReason::Drain | MigrationReason::Removed)
-    }
-}
-
-/// Backend close codes that move the session instead of ending it.
-pub fn is_migrating_close(code: u16) -> bool {
-    matches!(code, 1001 | 1011 | 1012 | 1013 | 1014)
-}
-
-/// How the rest of the router reaches a live session: it leaves a request
-/// to move here (shared with the backend's registry) and the session's
-/// relay picks it up. One request waits at a time. A few bytes per session,
-/// where a channel would cost a few hundred.
-#[derive(Debug, Default)]
-pub struct Control {
-    /// 0 when nothing waits, else a [`MigrationReason`].
-    request: AtomicU8,
-    waker: AtomicWaker,
-}
-
-impl Control {
-    /// Ask the session to leave its backend; false when a request was
-    /// already waiting.
-    pub fn request_move(&self, reason: MigrationReason) -> bool {
-        let placed = self
-            .request
-            .compare_exchange(0, reason as u8, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if placed {
-            self.waker.wake();
-        }
-        placed
-    }
-
-    /// Whether a request waits (a cheap look, for a poller whose waker is
-    /// already registered).
-    pub fn has_request(&self) -> bool {
-        self.request.load(Ordering::Acquire) != 0
-    }
-
-    /// Take the waiting request, or be woken when one comes.
-    pub fn poll_move(&self, cx: &mut Context<'_>) -> Poll<MigrationReason> {
-        self.waker.register(cx.waker());
-        match MigrationReason::from_code(self.request.swap(0, Ordering::AcqRel)) {
-            Some(reason) => Poll::Ready(reason),
-            None => Poll::Pending,
-        }
-    }
-}
 
 /// The client messages forwarded to the backend that may still be needed
 /// after it fails: every one it has not yet been seen to read, and a margin
@@ -970,34 +861,5 @@ mod tests {
         assert_eq!(q.push(Bytes::from("1")), Err(QueueFull));
         assert_eq!(q.drain().count(), 2);
         assert_eq!(q.push(Bytes::from("1234567890")), Ok(()));
-    }
-
-    #[test]
-    fn a_move_request_waits_once_and_is_taken_once() {
-        let control = Control::default();
-        let waker = futures_util::task::noop_waker();
-        let mut cx = Context::from_waker(&waker);
-        assert_eq!(control.poll_move(&mut cx), Poll::Pending);
-        assert!(control.request_move(MigrationReason::Drain));
-        assert!(!control.request_move(MigrationReason::Health));
-        assert_eq!(
-            control.poll_move(&mut cx),
-            Poll::Ready(MigrationReason::Drain)
-        );
-        assert_eq!(control.poll_move(&mut cx), Poll::Pending);
-        for code in 1..=6 {
-            let reason = MigrationReason::from_code(code).unwrap();
-            assert_eq!(reason as u8, code);
-        }
-    }
-
-    #[test]
-    fn which_closes_migrate() {
-        for code in [1001, 1011, 1012, 1013, 1014] {
-            assert!(is_migrating_close(code));
-        }
-        for code in [1000, 1008, 1002, 4000] {
-            assert!(!is_migrating_close(code));
-        }
     }
 }

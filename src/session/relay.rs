@@ -36,12 +36,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::backend::control::{Control, MigrationReason};
 use crate::config::{MigrationConfig, RelayConfig};
 use crate::frame::{self, Ack, CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::limits::MessageBudget;
 use crate::memory::SessionMemory;
 use crate::metrics as m;
-use crate::session::migrate::{Control, MigrationReason, ReplayWindow};
+use crate::session::migrate::ReplayWindow;
 use crate::session::peer::{Fresh, Peer, ReadHint, close, with_read_scratch};
 
 /// How a relay ended.
