@@ -18,8 +18,8 @@
 //! | [`health`] | active health checks and their thresholds |
 //! | [`limits`] | per-IP rate and concurrency, global cap, Origin allow-list, message rates, under-attack mode |
 //! | [`upstream`] | dialing a backend WebSocket: the forwarded headers, the HTTP/1.1 upgrade, per-backend dial permits |
-//! | [`frame`] | WebSocket frames at the byte level: whole messages found from headers, the protocol checks, the router's own frames |
-//! | [`session`] | one connection from accept to close; [`session::peer`] is one side's socket, reader and write queue, [`session::relay`] forwards frames both ways, [`session::migrate`] holds the replay window, the queue and the control cell |
+//! | [`wire`] | the WebSocket wire: [`wire::frame`] finds whole messages from frame headers, checks the protocol and writes the router's own frames; [`wire::peer`] is one side's socket, reader and write queue |
+//! | [`session`] | one connection from accept to close; [`session::relay`] forwards frames both ways, [`session::migrate`] holds the replay window, the queue and the move chain |
 //! | [`memory`] | what sessions hold in bytes against the process budget: pause, then close the largest |
 //! | [`operator`] | operator actions (drain, undrain, reload) and the shutting-down flag, for the admin API and SIGHUP |
 //! | [`shutdown`] | the stop flag every task waits on |
@@ -30,7 +30,6 @@ pub mod admin;
 pub mod app;
 pub mod backend;
 pub mod config;
-pub mod frame;
 pub mod geo;
 pub mod handshake;
 pub mod health;
@@ -44,6 +43,7 @@ pub mod shutdown;
 pub mod steer;
 pub mod tls;
 pub mod upstream;
+pub mod wire;
 
 pub use app::{Listeners, Options, run, run_with};
 pub use config::Config;

@@ -10,7 +10,6 @@
 //! task ends.
 
 pub mod migrate;
-pub mod peer;
 pub mod relay;
 
 use std::net::{IpAddr, SocketAddr};
@@ -30,7 +29,6 @@ use tracing::Instrument;
 use crate::backend::control::{Control, MigrationReason, is_migrating_close};
 use crate::backend::{Backends, SessionSlot};
 use crate::config::{Config, SessionKeySource};
-use crate::frame::{self, Unit};
 use crate::geo::Location;
 use crate::handshake::{self, HandshakeError, UpgradeRequest, plain_response};
 use crate::limits::{Admission, Limits, MessageBudget, Refused};
@@ -39,13 +37,14 @@ use crate::metrics as m;
 use crate::proxy_protocol;
 use crate::tls::{ClientStream, Terminator};
 use crate::upstream::{self, ClientInfo, DialError, Upstream};
+use crate::wire::frame::{self, Unit};
+use crate::wire::peer::{Peer, ReadEnd, close};
 use migrate::{MoveChain, PendingQueue, ReplayWindow};
-use peer::{Peer, ReadEnd, close};
 use relay::{RelayContext, RelayEnd, TrafficCounters};
 
 /// Room a moving session must find in the memory budget before each read
 /// from its client: what one read may add to its buffer (see
-/// [`peer::Peer::read_growth`]).
+/// [`Peer::read_growth`]).
 const MOVE_READ_RESERVE: usize = 64 * 1024;
 
 /// Response headers of a backend refusal that are handed to the client.

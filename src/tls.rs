@@ -26,7 +26,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::BackendUrl;
 pub use crate::config::tls::{ALPN_HTTP11, CertificateFiles, TlsConfig, provider};
-use crate::session::peer::ReadHint;
+use crate::wire::peer::ReadHint;
 
 // === running ===
 

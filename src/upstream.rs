@@ -21,8 +21,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use crate::backend::Backend;
 use crate::handshake::UpgradeRequest;
 use crate::metrics as m;
-use crate::session::peer::Peer;
 use crate::tls::{BackendStream, connect_backend};
+use crate::wire::peer::Peer;
 
 /// Client request headers passed on to the backend as they are.
 const FORWARDED_HEADERS: &[&str] = &[

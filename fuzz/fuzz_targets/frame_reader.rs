@@ -16,7 +16,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wsrouter::frame::{FrameReader, Unit, Violation, apply_mask, parse_header};
+use wsrouter::wire::frame::{FrameReader, Unit, Violation, apply_mask, parse_header};
 
 /// Units found until the first violation (if any), with their bytes.
 fn read_all(masked: bool, max: usize, stream: &[u8], piece: usize) -> (Vec<(Unit, Vec<u8>)>, Option<Violation>) {

@@ -17,14 +17,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::frame::{FrameReader, Unit};
+use crate::wire::frame::{FrameReader, Unit};
 
 /// The client messages forwarded to the backend that may still be needed
 /// after it fails: every one it has not yet been seen to read, and a margin
 /// of those it has. Sent again to the next backend after an abrupt failure.
 ///
 /// **The watermark.** The relay follows the messages it forwards with a
-/// watermark ping (see [`crate::frame::watermark_payload`]) carrying the
+/// watermark ping (see [`crate::wire::frame::watermark_payload`]) carrying the
 /// count of messages recorded so far; the backend's pong carries it back
 /// once its WebSocket layer has read every one of them
 /// ([`ReplayWindow::read_up_to`]). Messages after the watermark are kept
@@ -638,7 +638,7 @@ impl PendingQueue {
 mod tests {
     use super::*;
 
-    use crate::frame::{OP_BINARY, OP_PING, encode};
+    use crate::wire::frame::{OP_BINARY, OP_PING, encode};
 
     /// A client's frame, as the window holds it.
     fn frame(opcode: u8, payload: &[u8]) -> Bytes {

@@ -1,7 +1,7 @@
 //! The relay: messages both ways between an upgraded client and a connected
 //! backend, with keepalive, idle timeout and close-code pass-through.
 //!
-//! Frames are forwarded exactly as they arrived (see [`crate::frame`]): the
+//! Frames are forwarded exactly as they arrived (see [`crate::wire::frame`]): the
 //! relay reads whatever a socket has into the thread's read buffer, finds
 //! the whole units in it, and writes them to the other side in one write,
 //! straight from there, without decoding a payload. Only leftovers are
@@ -38,12 +38,12 @@ use tokio::time::Instant;
 
 use crate::backend::control::{Control, MigrationReason};
 use crate::config::{MigrationConfig, RelayConfig};
-use crate::frame::{self, Ack, CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::limits::MessageBudget;
 use crate::memory::SessionMemory;
 use crate::metrics as m;
 use crate::session::migrate::ReplayWindow;
-use crate::session::peer::{Fresh, Peer, ReadHint, close, with_read_scratch};
+use crate::wire::frame::{self, Ack, CloseFrame, KEEPALIVE, OP_PING, Unit};
+use crate::wire::peer::{Fresh, Peer, ReadHint, close, with_read_scratch};
 
 /// How a relay ended.
 #[derive(Debug, Clone, PartialEq)]

@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::frame::{self, CloseFrame, FrameReader, OP_CLOSE, Unit, Violation};
+use crate::wire::frame::{self, CloseFrame, FrameReader, OP_CLOSE, Unit, Violation};
 
 /// Bytes read from a socket at a time into the thread's read buffer.
 const READ_CHUNK: usize = 16 * 1024;
@@ -220,7 +220,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
 
     /// Read what the socket has, into `scratch` (see [`with_read_scratch`];
     /// the caller hands the bytes to the reader with
-    /// [`FrameReader::scan_fresh`](crate::frame::FrameReader::scan_fresh)),
+    /// [`FrameReader::scan_fresh`](crate::wire::frame::FrameReader::scan_fresh)),
     /// or, once a frame's header says a large payload is coming, straight
     /// into the reader's buffer. `None` at end of stream.
     pub fn poll_read_chunk<'a>(

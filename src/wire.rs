@@ -1,0 +1,7 @@
+//! The WebSocket wire, below any session: [`frame`] is RFC 6455 at the byte
+//! level (whole units found from headers, the protocol checks, the router's
+//! own frames), [`peer`] one side's socket with its frame reader and write
+//! queue. Nothing here knows about backends, placement or moves.
+
+pub mod frame;
+pub mod peer;
