@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tracing::Instrument;
 
-use crate::backend::control::{Control, MigrationReason, is_migrating_close};
+use crate::backend::control::{Control, MigrationReason};
 use crate::backend::{Backends, SessionSlot};
 use crate::config::{Config, SessionKeySource};
 use crate::geo::Location;
@@ -37,6 +37,7 @@ use crate::metrics as m;
 use crate::proxy_protocol;
 use crate::tls::{ClientStream, Terminator};
 use crate::upstream::{self, ClientInfo, DialError, Upstream};
+use crate::wire::close::{self as code, Fault};
 use crate::wire::frame::{self, Unit};
 use crate::wire::peer::{Peer, ReadEnd, close};
 use migrate::{MoveChain, PendingQueue, ReplayWindow};
@@ -694,7 +695,7 @@ impl Session {
             .await;
             let reason = match end {
                 RelayEnd::BackendLost => MigrationReason::UpstreamLost,
-                RelayEnd::BackendClosed(Some(ref frame)) if is_migrating_close(frame.code) => {
+                RelayEnd::BackendClosed(Some(ref frame)) if code::is_migrating(frame.code) => {
                     MigrationReason::UpstreamClosed
                 }
                 RelayEnd::MigrateRequested(reason) => reason,
@@ -779,7 +780,10 @@ impl Session {
             return Ok(());
         };
         self.client
-            .finish_close(Some(&close(1011, why)), config.relay.close_timeout)
+            .finish_close(
+                Some(&close(code::INTERNAL_ERROR, why)),
+                config.relay.close_timeout,
+            )
             .await;
         Err(close_reason)
     }
@@ -871,7 +875,7 @@ impl Session {
             let unit = tokio::select! {
                 result = &mut dial, if ready.is_none() => match (result, kept.as_mut()) {
                     (Some(connected), Some(old)) if old_readable => {
-                        old.peer.queue_close(&close(1001, "session moved"));
+                        old.peer.queue_close(&close(code::GOING_AWAY, "session moved"));
                         ready = Some(connected);
                         handover_until = Instant::now() + close_timeout;
                         continue;
@@ -909,7 +913,10 @@ impl Session {
                     }
                     tracing::warn!("client sent more than the migration queue holds");
                     self.client
-                        .finish_close(Some(&close(1013, "try again later")), close_timeout)
+                        .finish_close(
+                            Some(&close(code::TRY_AGAIN_LATER, "try again later")),
+                            close_timeout,
+                        )
                         .await;
                     "migration_queue_full"
                 }
@@ -926,20 +933,20 @@ impl Session {
                     return Err("client_close");
                 }
                 Err(ReadEnd::Violation(violation)) => {
-                    let code = violation.close_code();
+                    let fault = Fault::from(violation);
                     self.client
-                        .finish_close(
-                            Some(&close(code, relay::violation_reason(code))),
-                            close_timeout,
-                        )
+                        .finish_close(Some(&close(fault.code(), fault.reason())), close_timeout)
                         .await;
-                    RelayEnd::ClientViolation(code).reason()
+                    fault.label()
                 }
                 Err(ReadEnd::Lost) => "client_lost",
             };
             if let Some(old) = kept.as_mut() {
                 old.peer
-                    .finish_close(Some(&close(1001, "client went away")), close_timeout)
+                    .finish_close(
+                        Some(&close(code::GOING_AWAY, "client went away")),
+                        close_timeout,
+                    )
                     .await;
             }
             return Err(ended);
@@ -947,11 +954,17 @@ impl Session {
         let Some(moved) = moved else {
             tracing::warn!("memory budget reached while the session moves; closing it");
             self.client
-                .finish_close(Some(&close(1013, "try again later")), close_timeout)
+                .finish_close(
+                    Some(&close(code::TRY_AGAIN_LATER, "try again later")),
+                    close_timeout,
+                )
                 .await;
             if let Some(old) = kept.as_mut() {
                 old.peer
-                    .finish_close(Some(&close(1001, "client went away")), close_timeout)
+                    .finish_close(
+                        Some(&close(code::GOING_AWAY, "client went away")),
+                        close_timeout,
+                    )
                     .await;
             }
             return Err("memory_pressure");
@@ -965,7 +978,10 @@ impl Session {
             }
             tracing::warn!(backend = %from, "no backend took the session in time");
             self.client
-                .finish_close(Some(&close(1013, "no backend available")), close_timeout)
+                .finish_close(
+                    Some(&close(code::TRY_AGAIN_LATER, "no backend available")),
+                    close_timeout,
+                )
                 .await;
             return Err("migration_failed");
         };
@@ -979,7 +995,10 @@ impl Session {
         if let Some(mut old) = kept.filter(|_| !old_readable) {
             tokio::spawn(async move {
                 old.peer
-                    .finish_close(Some(&close(1001, "session moved")), close_timeout)
+                    .finish_close(
+                        Some(&close(code::GOING_AWAY, "session moved")),
+                        close_timeout,
+                    )
                     .await;
             });
         }

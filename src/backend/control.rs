@@ -68,11 +68,6 @@ impl MigrationReason {
     }
 }
 
-/// Backend close codes that move the session instead of ending it.
-pub fn is_migrating_close(code: u16) -> bool {
-    matches!(code, 1001 | 1011 | 1012 | 1013 | 1014)
-}
-
 /// How the rest of the router reaches a live session: it leaves a request
 /// to move here (shared with the backend's registry) and the session's
 /// relay picks it up. One request waits at a time. A few bytes per session,
@@ -134,16 +129,6 @@ mod tests {
         for code in 1..=6 {
             let reason = MigrationReason::from_code(code).unwrap();
             assert_eq!(reason as u8, code);
-        }
-    }
-
-    #[test]
-    fn which_closes_migrate() {
-        for code in [1001, 1011, 1012, 1013, 1014] {
-            assert!(is_migrating_close(code));
-        }
-        for code in [1000, 1008, 1002, 4000] {
-            assert!(!is_migrating_close(code));
         }
     }
 }

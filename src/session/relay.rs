@@ -42,6 +42,7 @@ use crate::limits::MessageBudget;
 use crate::memory::SessionMemory;
 use crate::metrics as m;
 use crate::session::migrate::ReplayWindow;
+use crate::wire::close::{self as code, Fault};
 use crate::wire::frame::{self, Ack, CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::wire::peer::{Fresh, Peer, ReadHint, close, with_read_scratch};
 
@@ -61,9 +62,9 @@ pub enum RelayEnd {
     BackendLost,
     /// One hop was silent past the idle timeout; both were closed with 1001.
     Idle,
-    /// The client broke the protocol or a limit; it was closed with this
-    /// code and the backend with 1001.
-    ClientViolation(u16),
+    /// The client broke the protocol or a limit; it was closed with the
+    /// fault's code and the backend with 1001.
+    ClientViolation(Fault),
     /// The router is shutting down; both sides were closed with 1001.
     Shutdown,
     /// The process passed its memory budget and this session held the
@@ -82,10 +83,7 @@ impl RelayEnd {
             RelayEnd::ClientLost => "client_lost",
             RelayEnd::BackendLost => "upstream_lost",
             RelayEnd::Idle => "idle_timeout",
-            RelayEnd::ClientViolation(1009) => "message_too_big",
-            RelayEnd::ClientViolation(1007) => "invalid_utf8",
-            RelayEnd::ClientViolation(1008) => "message_rate",
-            RelayEnd::ClientViolation(_) => "protocol_error",
+            RelayEnd::ClientViolation(fault) => fault.label(),
             RelayEnd::Shutdown => "shutdown",
             RelayEnd::MemoryPressure => "memory_pressure",
             RelayEnd::MigrateRequested(_) => "migrate",
@@ -133,7 +131,7 @@ enum PumpEnd {
     /// The source's connection failed.
     SourceLost,
     /// The source broke the protocol or a limit (close code for it).
-    SourceViolation(u16),
+    SourceViolation(Fault),
     /// Writing to the destination failed.
     DestinationLost,
 }
@@ -312,21 +310,21 @@ impl Pump<'_> {
                 count += run.messages;
                 payload_bytes += run.payload;
                 if over_budget {
-                    self.pending_end = Some(PumpEnd::SourceViolation(1008));
+                    self.pending_end = Some(PumpEnd::SourceViolation(Fault::MessageRate));
                     break;
                 }
                 let unit = match scan.next_unit(data) {
                     Ok(Some(unit)) => unit,
                     Ok(None) => break,
                     Err(violation) => {
-                        self.pending_end = Some(PumpEnd::SourceViolation(violation.close_code()));
+                        self.pending_end = Some(PumpEnd::SourceViolation(violation.into()));
                         break;
                     }
                 };
                 match unit {
                     Unit::Message { len, payload } => {
                         if !within_budget(&mut self.budget, payload) {
-                            self.pending_end = Some(PumpEnd::SourceViolation(1008));
+                            self.pending_end = Some(PumpEnd::SourceViolation(Fault::MessageRate));
                             break;
                         }
                         end += len;
@@ -407,16 +405,6 @@ impl Pump<'_> {
 /// has any; false when they are used up.
 fn within_budget(budget: &mut Option<&mut MessageBudget>, payload: usize) -> bool {
     budget.as_deref_mut().is_none_or(|b| b.spend(payload))
-}
-
-/// The reason sent with the close code for a client's violation.
-pub fn violation_reason(code: u16) -> &'static str {
-    match code {
-        1009 => "message too big",
-        1007 => "invalid UTF-8",
-        1008 => "message rate limit",
-        _ => "protocol error",
-    }
 }
 
 /// The session-owned state a relay works with.
@@ -527,7 +515,11 @@ where
                 // bytes before it went: a full window may take the client's
                 // messages again. One that acknowledges nonsense has failed.
                 match down.report_to(window, &counters.watermark_lag) {
-                    Err(()) => return Poll::Ready(Stopped::Down(PumpEnd::SourceViolation(1002))),
+                    Err(()) => {
+                        return Poll::Ready(Stopped::Down(PumpEnd::SourceViolation(
+                            Fault::Protocol,
+                        )));
+                    }
                     Ok(true) if down_end.is_pending() => continue,
                     Ok(_) => {}
                 }
@@ -660,7 +652,7 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let timeout = config.close_timeout;
-    let going_away = close(1001, "client went away");
+    let going_away = close(code::GOING_AWAY, "client went away");
     match stopped {
         Stopped::Up(PumpEnd::Closed(frame)) => {
             client.echo_close(frame.as_ref(), timeout).await;
@@ -671,12 +663,12 @@ where
             upstream.finish_close(Some(&going_away), timeout).await;
             RelayEnd::ClientLost
         }
-        Stopped::Up(PumpEnd::SourceViolation(code)) => {
+        Stopped::Up(PumpEnd::SourceViolation(fault)) => {
             client
-                .finish_close(Some(&close(code, violation_reason(code))), timeout)
+                .finish_close(Some(&close(fault.code(), fault.reason())), timeout)
                 .await;
             upstream.finish_close(Some(&going_away), timeout).await;
-            RelayEnd::ClientViolation(code)
+            RelayEnd::ClientViolation(fault)
         }
         Stopped::Down(PumpEnd::Closed(frame)) => {
             upstream.echo_close(frame.as_ref(), timeout).await;
@@ -685,7 +677,7 @@ where
         Stopped::Down(PumpEnd::SourceLost | PumpEnd::SourceViolation(_))
         | Stopped::Up(PumpEnd::DestinationLost) => RelayEnd::BackendLost,
         Stopped::Idle => {
-            let idle = close(1001, "idle timeout");
+            let idle = close(code::GOING_AWAY, "idle timeout");
             client.finish_close(Some(&idle), timeout).await;
             upstream.finish_close(Some(&idle), timeout).await;
             RelayEnd::Idle
@@ -693,13 +685,16 @@ where
         Stopped::Migrate(reason) => RelayEnd::MigrateRequested(reason),
         Stopped::MemoryPressure => {
             client
-                .finish_close(Some(&close(1013, "try again later")), timeout)
+                .finish_close(
+                    Some(&close(code::TRY_AGAIN_LATER, "try again later")),
+                    timeout,
+                )
                 .await;
             upstream.finish_close(Some(&going_away), timeout).await;
             RelayEnd::MemoryPressure
         }
         Stopped::Shutdown => {
-            let bye = close(1001, "router shutting down");
+            let bye = close(code::GOING_AWAY, "router shutting down");
             tokio::join!(
                 client.finish_close(Some(&bye), timeout),
                 upstream.finish_close(Some(&bye), timeout)

@@ -29,7 +29,8 @@ pub const OP_PONG: u8 = 0xA;
 /// Largest control frame payload (RFC 6455, 5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
 
-/// A frame that breaks the protocol or a limit, named by its close code.
+/// A frame that breaks the protocol or a limit (its close code and reason:
+/// `close::Fault`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Violation {
     /// 1002
@@ -38,16 +39,6 @@ pub enum Violation {
     InvalidUtf8,
     /// 1009
     TooBig,
-}
-
-impl Violation {
-    pub fn close_code(self) -> u16 {
-        match self {
-            Violation::Protocol => 1002,
-            Violation::InvalidUtf8 => 1007,
-            Violation::TooBig => 1009,
-        }
-    }
 }
 
 /// A frame header.
