@@ -303,7 +303,8 @@ async fn comes_back_without_pulling_sessions_back(
     assert_eq!(back.sessions(), before + moved.len());
 
     // Give a pull-back every chance to happen: a moved session that went
-    // back would get a third welcome instead of its echo below.
+    // back would get a third welcome instead of its echo below. (A wait on
+    // the absence of an event: nothing in the router's state marks it.)
     tokio::time::sleep(Duration::from_secs(1)).await;
     for (key, client) in moved.iter_mut() {
         let text = format!("stays-{key}");
@@ -944,7 +945,12 @@ async fn what_the_old_backend_sends_during_a_planned_move_still_reaches_the_clie
         .admin_post(&format!("/api/backends/{}/drain", a.id), None)
         .await;
     assert_eq!(status, 200, "{body}");
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Mid-move: the next backend has the upgrade request and is slow to
+    // answer it.
+    eventually("the move dials the next backend", WAIT, async || {
+        b.requests() >= 1
+    })
+    .await;
     a.announce("news from a, mid-move");
     match recv_data(&mut client).await {
         Message::Text(text) => assert_eq!(text.as_str(), "news from a, mid-move"),
