@@ -703,3 +703,194 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The relay over in-memory sockets with paused time: keepalive, idle
+    //! timeout, the close handshake in order, a move requested between two
+    //! messages.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+    use crate::backend::control::Control;
+    use crate::config::{
+        DEFAULT_MAX_MOVES, DEFAULT_MAX_REDELIVERIES, DEFAULT_MOVES_WINDOW, DEFAULT_STALL_TIMEOUT,
+        DEFAULT_WATERMARK_INTERVAL,
+    };
+    use crate::memory::MemoryBudget;
+    use crate::wire::frame::{OP_CLOSE, OP_TEXT, apply_mask, encode, parse_header};
+
+    impl ReadHint for DuplexStream {}
+
+    fn relay_config() -> RelayConfig {
+        RelayConfig {
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(120),
+            max_message_bytes: 1 << 20,
+            close_timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn migration_config() -> MigrationConfig {
+        MigrationConfig {
+            queue_max_bytes: 1 << 20,
+            replay_max_messages: 8,
+            replay_max_bytes: 128 * 1024,
+            replay_max_age: Duration::from_secs(10),
+            timeout: Duration::from_secs(10),
+            max_rate_per_backend: 200,
+            max_moves: DEFAULT_MAX_MOVES,
+            moves_window: DEFAULT_MOVES_WINDOW,
+            max_redeliveries: DEFAULT_MAX_REDELIVERIES,
+            watermark_interval: DEFAULT_WATERMARK_INTERVAL,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+        }
+    }
+
+    /// One far end: what the client or the backend sees, with the bytes
+    /// read but not yet returned as frames.
+    struct Far {
+        socket: DuplexStream,
+        /// The router masks what it writes here (the backend's end).
+        masked: bool,
+        read: Vec<u8>,
+    }
+
+    impl Far {
+        async fn write(&mut self, bytes: &[u8]) {
+            self.socket.write_all(bytes).await.expect("write");
+        }
+
+        /// The next frame: its opcode and payload, unmasked.
+        async fn next_frame(&mut self) -> (u8, Vec<u8>) {
+            loop {
+                if let Ok(Some(header)) = parse_header(&self.read, self.masked, 1 << 20)
+                    && self.read.len() >= header.frame_len()
+                {
+                    let frame: Vec<u8> = self.read.drain(..header.frame_len()).collect();
+                    let mut payload = frame[header.header_len..].to_vec();
+                    if let Some(key) = header.mask {
+                        apply_mask(&mut payload, key, 0);
+                    }
+                    return (header.opcode, payload);
+                }
+                let mut chunk = [0u8; 4096];
+                let n = self.socket.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "the relay closed the socket");
+                self.read.extend_from_slice(&chunk[..n]);
+            }
+        }
+
+        /// The next frame that is not one of the router's pings.
+        async fn next_data(&mut self) -> (u8, Vec<u8>) {
+            loop {
+                let (opcode, payload) = self.next_frame().await;
+                if opcode != OP_PING {
+                    return (opcode, payload);
+                }
+            }
+        }
+    }
+
+    /// The far ends: what the client and the backend see.
+    struct Ends {
+        client: Far,
+        backend: Far,
+    }
+
+    /// Run a relay between two in-memory sockets until it ends.
+    fn start(control: Arc<Control>) -> (Ends, tokio::task::JoinHandle<RelayEnd>) {
+        let (client_far, client_near) = tokio::io::duplex(1 << 16);
+        let (backend_far, backend_near) = tokio::io::duplex(1 << 16);
+        let task = tokio::spawn(async move {
+            let mut client = Peer::client(client_near, 1 << 20, Vec::new());
+            let mut upstream = Peer::backend(backend_near, 1 << 20, Vec::new());
+            let (_stop_tx, mut stop) = watch::channel(false);
+            let (config, migration) = (relay_config(), migration_config());
+            let counters = TrafficCounters::new();
+            let mut window = ReplayWindow::new(8, 128 * 1024, Duration::from_secs(10));
+            let mut memory = MemoryBudget::new(1 << 30).open(1);
+            let context = RelayContext {
+                config: &config,
+                migration: &migration,
+                counters: &counters,
+                shutdown: &mut stop,
+                control: &control,
+                window: &mut window,
+                budget: None,
+                memory: &mut memory,
+            };
+            relay(&mut client, &mut upstream, context).await
+        });
+        let far = |socket, masked| Far {
+            socket,
+            masked,
+            read: Vec::new(),
+        };
+        let ends = Ends {
+            client: far(client_far, false),
+            backend: far(backend_far, true),
+        };
+        (ends, task)
+    }
+
+    fn client_frame(opcode: u8, payload: &[u8]) -> Bytes {
+        encode(opcode, payload, Some([7, 7, 7, 7]))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_hops_are_pinged_and_a_silent_one_ends_the_session() {
+        let (mut ends, task) = start(Arc::new(Control::default()));
+        // 30 s of silence: both hops get the router's keepalive ping.
+        let (opcode, payload) = ends.client.next_frame().await;
+        assert_eq!((opcode, payload.as_slice()), (OP_PING, KEEPALIVE));
+        let (opcode, payload) = ends.backend.next_frame().await;
+        assert_eq!((opcode, payload.as_slice()), (OP_PING, KEEPALIVE));
+        // Nobody answers: past the idle timeout, the session ends.
+        assert_eq!(task.await.expect("relay"), RelayEnd::Idle);
+        let (opcode, payload) = ends.client.next_data().await;
+        assert_eq!((opcode, &payload[..2]), (OP_CLOSE, &[0x03, 0xE9][..]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_close_goes_to_the_backend_and_its_answer_ends_the_relay() {
+        let (mut ends, task) = start(Arc::new(Control::default()));
+        ends.client.write(&client_frame(OP_TEXT, b"hello")).await;
+        let close = client_frame(OP_CLOSE, &[0x03, 0xE8, b'b', b'y', b'e']);
+        ends.client.write(&close).await;
+        // The backend sees the message, then the close, in that order.
+        assert_eq!(ends.backend.next_data().await, (OP_TEXT, b"hello".to_vec()));
+        let (opcode, payload) = ends.backend.next_data().await;
+        assert_eq!(
+            (opcode, payload.as_slice()),
+            (OP_CLOSE, &b"\x03\xe8bye"[..])
+        );
+        // The client gets its close echoed; the backend's answer ends it.
+        let (opcode, _) = ends.client.next_data().await;
+        assert_eq!(opcode, OP_CLOSE);
+        ends.backend
+            .write(&encode(OP_CLOSE, &[0x03, 0xE8], None))
+            .await;
+        assert_eq!(
+            task.await.expect("relay"),
+            RelayEnd::ClientClosed(Some(1000))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_move_requested_between_two_messages_ends_the_relay_after_the_first() {
+        let control = Arc::new(Control::default());
+        let (mut ends, task) = start(Arc::clone(&control));
+        ends.client.write(&client_frame(OP_TEXT, b"first")).await;
+        assert_eq!(ends.backend.next_data().await, (OP_TEXT, b"first".to_vec()));
+        assert!(control.request_move(MigrationReason::Drain));
+        assert_eq!(
+            task.await.expect("relay"),
+            RelayEnd::MigrateRequested(MigrationReason::Drain)
+        );
+    }
+}
