@@ -49,9 +49,9 @@ pub const DEFAULT_QUEUE_MAX_BYTES: usize = 1024 * 1024;
 /// are still replayed after it fails, in case its application had not
 /// handled them yet.
 pub const DEFAULT_REPLAY_MAX_MESSAGES: usize = 8;
-/// Chat messages are mostly JSON events of well under 1 KiB: 64 of them
-/// fit in 64 KiB, so this covers the count bound twice over for chat, and
-/// keeps 10,000 sessions' windows under 1.25 GiB at worst.
+/// Chat messages are mostly JSON events of well under 1 KiB: over a
+/// hundred of them may wait for a slow backend before its client does, and
+/// 10,000 sessions' windows stay under 1.25 GiB at worst.
 pub const DEFAULT_REPLAY_MAX_BYTES: usize = 128 * 1024;
 pub const DEFAULT_REPLAY_MAX_AGE: Duration = Duration::from_secs(10);
 pub const DEFAULT_MIGRATION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,10 +63,12 @@ pub const DEFAULT_MIGRATION_RATE: u32 = 200;
 pub const DEFAULT_MAX_MOVES: u32 = 10;
 pub const DEFAULT_MOVES_WINDOW: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_REDELIVERIES: u32 = 2;
-/// Often enough that a backend's read watermark trails its client by
-/// little; at 20 watermark pings a second, a few per cent of a busy
-/// session's frames at most.
-pub const DEFAULT_WATERMARK_INTERVAL: Duration = Duration::from_millis(50);
+/// A backend's read watermark trails its client by a quarter of a second
+/// at most while messages flow (plus an urgent ping whenever the unread
+/// bytes reach half of `replay_max_bytes`, so throughput never waits for
+/// it). At 50 ms the pings cost 12 % more router CPU on a request-response
+/// workload of small messages (BENCHMARKS.md); at 250 ms a fifth of that.
+pub const DEFAULT_WATERMARK_INTERVAL: Duration = Duration::from_millis(250);
 /// Longer than a healthy backend's pauses (a GC, a burst), short enough
 /// that a hung one costs its clients seconds, not the health checks' 15.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(3);
