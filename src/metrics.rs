@@ -43,6 +43,53 @@ const CONNECT_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Why a session ended: `wsrouter_closes_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    ClientClose,
+    BackendClose,
+    ClientLost,
+    UpstreamLost,
+    IdleTimeout,
+    MessageTooBig,
+    InvalidUtf8,
+    ProtocolError,
+    MessageRate,
+    Shutdown,
+    MemoryPressure,
+    MigrationFailed,
+    MigrationQueueFull,
+    PoisonMessage,
+    MigrationLoop,
+}
+
+impl CloseReason {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            CloseReason::ClientClose => "client_close",
+            CloseReason::BackendClose => "backend_close",
+            CloseReason::ClientLost => "client_lost",
+            CloseReason::UpstreamLost => "upstream_lost",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::MessageTooBig => "message_too_big",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::MessageRate => "message_rate",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::MemoryPressure => "memory_pressure",
+            CloseReason::MigrationFailed => "migration_failed",
+            CloseReason::MigrationQueueFull => "migration_queue_full",
+            CloseReason::PoisonMessage => "poison_message",
+            CloseReason::MigrationLoop => "migration_loop",
+        }
+    }
+
+    /// Count one close for this reason.
+    pub fn count(self) {
+        metrics::counter!(CLOSES_TOTAL, "reason" => self.as_label()).increment(1);
+    }
+}
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Install the Prometheus recorder once per process and return its handle.

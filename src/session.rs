@@ -33,7 +33,7 @@ use crate::geo::Location;
 use crate::handshake::{self, HandshakeError, UpgradeRequest, plain_response};
 use crate::limits::{Admission, Limits, MessageBudget, Refused};
 use crate::memory::{MemoryBudget, SessionMemory};
-use crate::metrics as m;
+use crate::metrics::{self as m, CloseReason};
 use crate::proxy_protocol;
 use crate::tls::{ClientStream, Terminator};
 use crate::upstream::{self, ClientInfo, DialError, Upstream};
@@ -668,9 +668,6 @@ struct Session {
     _admission: Admission,
 }
 
-/// Why a session ended without being moved (`wsrouter_closes_total`).
-type CloseReason = &'static str;
-
 impl Session {
     /// Relay, moving to another backend whenever the current one fails or
     /// is drained, until the session ends.
@@ -704,17 +701,19 @@ impl Session {
                     self.client
                         .finish_close(frame.as_ref(), config.relay.close_timeout)
                         .await;
-                    metrics::counter!(m::CLOSES_TOTAL, "reason" => "backend_close").increment(1);
+                    CloseReason::BackendClose.count();
                     return;
                 }
                 end => {
                     tracing::debug!(?end, "session ended");
-                    metrics::counter!(m::CLOSES_TOTAL, "reason" => end.reason()).increment(1);
+                    if let Some(reason) = end.close_reason() {
+                        reason.count();
+                    }
                     return;
                 }
             };
             if let Err(close_reason) = self.may_move(reason, &config).await {
-                metrics::counter!(m::CLOSES_TOTAL, "reason" => close_reason).increment(1);
+                close_reason.count();
                 return;
             }
             // Boxed: a move is rare and its dial state is large; inline it
@@ -722,7 +721,7 @@ impl Session {
             upstream = match Box::pin(self.migrate(upstream, reason, &config)).await {
                 Ok(next) => next,
                 Err(close_reason) => {
-                    metrics::counter!(m::CLOSES_TOTAL, "reason" => close_reason).increment(1);
+                    close_reason.count();
                     return;
                 }
             };
@@ -767,7 +766,10 @@ impl Session {
                 backends_failed = strikes,
                 "poison message: backends failed right after receiving it; closing the session"
             );
-            ("poison_message", "message refused by the backends")
+            (
+                CloseReason::PoisonMessage,
+                "message refused by the backends",
+            )
         } else if self.moves.recent(now, migration.moves_window) >= migration.max_moves as usize {
             tracing::warn!(
                 key_hash = %format_args!("{:016x}", self.placement.key_hash()),
@@ -775,7 +777,10 @@ impl Session {
                 window = ?migration.moves_window,
                 "move loop: the session moved too often; closing it"
             );
-            ("migration_loop", "session could not be kept on any backend")
+            (
+                CloseReason::MigrationLoop,
+                "session could not be kept on any backend",
+            )
         } else {
             return Ok(());
         };
@@ -918,7 +923,7 @@ impl Session {
                             close_timeout,
                         )
                         .await;
-                    "migration_queue_full"
+                    CloseReason::MigrationQueueFull
                 }
                 // Nobody to answer a ping while there is no backend.
                 Ok(unit @ (Unit::Ping { .. } | Unit::Pong { .. })) => {
@@ -930,16 +935,16 @@ impl Session {
                     if let Some(old) = kept.as_mut() {
                         old.peer.finish_close(frame.as_ref(), close_timeout).await;
                     }
-                    return Err("client_close");
+                    return Err(CloseReason::ClientClose);
                 }
                 Err(ReadEnd::Violation(violation)) => {
                     let fault = Fault::from(violation);
                     self.client
                         .finish_close(Some(&close(fault.code(), fault.reason())), close_timeout)
                         .await;
-                    fault.label()
+                    fault.close_reason()
                 }
-                Err(ReadEnd::Lost) => "client_lost",
+                Err(ReadEnd::Lost) => CloseReason::ClientLost,
             };
             if let Some(old) = kept.as_mut() {
                 old.peer
@@ -967,7 +972,7 @@ impl Session {
                     )
                     .await;
             }
-            return Err("memory_pressure");
+            return Err(CloseReason::MemoryPressure);
         };
 
         let Some((mut upstream, slot)) = moved else {
@@ -983,7 +988,7 @@ impl Session {
                     close_timeout,
                 )
                 .await;
-            return Err("migration_failed");
+            return Err(CloseReason::MigrationFailed);
         };
 
         self.slot = slot;

@@ -40,7 +40,7 @@ use crate::backend::control::{Control, MigrationReason};
 use crate::config::{MigrationConfig, RelayConfig};
 use crate::limits::MessageBudget;
 use crate::memory::SessionMemory;
-use crate::metrics as m;
+use crate::metrics::{self as m, CloseReason};
 use crate::session::migrate::ReplayWindow;
 use crate::wire::close::{self as code, Fault};
 use crate::wire::frame::{self, Ack, CloseFrame, KEEPALIVE, OP_PING, Unit};
@@ -75,19 +75,20 @@ pub enum RelayEnd {
 }
 
 impl RelayEnd {
-    /// `wsrouter_closes_total{reason}`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            RelayEnd::ClientClosed(_) => "client_close",
-            RelayEnd::BackendClosed(_) => "backend_close",
-            RelayEnd::ClientLost => "client_lost",
-            RelayEnd::BackendLost => "upstream_lost",
-            RelayEnd::Idle => "idle_timeout",
-            RelayEnd::ClientViolation(fault) => fault.label(),
-            RelayEnd::Shutdown => "shutdown",
-            RelayEnd::MemoryPressure => "memory_pressure",
-            RelayEnd::MigrateRequested(_) => "migrate",
-        }
+    /// Why the session ended, when the relay's end is the session's (a
+    /// requested move is not).
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        Some(match self {
+            RelayEnd::ClientClosed(_) => CloseReason::ClientClose,
+            RelayEnd::BackendClosed(_) => CloseReason::BackendClose,
+            RelayEnd::ClientLost => CloseReason::ClientLost,
+            RelayEnd::BackendLost => CloseReason::UpstreamLost,
+            RelayEnd::Idle => CloseReason::IdleTimeout,
+            RelayEnd::ClientViolation(fault) => fault.close_reason(),
+            RelayEnd::Shutdown => CloseReason::Shutdown,
+            RelayEnd::MemoryPressure => CloseReason::MemoryPressure,
+            RelayEnd::MigrateRequested(_) => return None,
+        })
     }
 }
 

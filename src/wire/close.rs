@@ -2,6 +2,7 @@
 //! for, each with its code, its reason and its metric label: what a user
 //! sees when the router ends a session, in one place.
 
+use crate::metrics::CloseReason;
 use crate::wire::frame::Violation;
 
 pub const NORMAL: u16 = 1000;
@@ -49,13 +50,13 @@ impl Fault {
         }
     }
 
-    /// `wsrouter_closes_total{reason}` for a client closed for it.
-    pub fn label(self) -> &'static str {
+    /// Why the session of a client closed for it ended.
+    pub fn close_reason(self) -> CloseReason {
         match self {
-            Fault::Protocol => "protocol_error",
-            Fault::InvalidUtf8 => "invalid_utf8",
-            Fault::TooBig => "message_too_big",
-            Fault::MessageRate => "message_rate",
+            Fault::Protocol => CloseReason::ProtocolError,
+            Fault::InvalidUtf8 => CloseReason::InvalidUtf8,
+            Fault::TooBig => CloseReason::MessageTooBig,
+            Fault::MessageRate => CloseReason::MessageRate,
         }
     }
 }
