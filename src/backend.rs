@@ -477,3 +477,85 @@ impl Backends {
         self.current.store(Arc::new(set));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// One backend, `eu-1`, taking at most two sessions.
+    fn backend() -> Arc<Backend> {
+        let toml = r#"
+            [geoip]
+            database = "geoip/GeoLite2-City-Test.mmdb"
+
+            [[regions]]
+            name = "eu"
+            latitude = 50.1
+            longitude = 8.7
+
+            [[backends]]
+            id = "eu-1"
+            url = "ws://127.0.0.1:9001"
+            region = "eu"
+            max_sessions = 2
+        "#;
+        let base = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let config = Config::from_toml(toml, base, Path::new("unit.toml")).expect("config");
+        BackendSet::new_backend(&config, 0)
+    }
+
+    #[test]
+    fn slots_count_sessions_up_to_the_cap_and_give_them_back_when_dropped() {
+        let backend = backend();
+        let control = Arc::new(Control::default());
+        let first = backend.try_acquire(1, &control).expect("a slot");
+        let second = backend.try_acquire(2, &control).expect("a slot");
+        assert_eq!(backend.sessions(), 2);
+        assert!(!backend.accepts_sessions(), "full");
+        assert!(backend.try_acquire(3, &control).is_none(), "past the cap");
+        drop(first);
+        assert_eq!(backend.sessions(), 1);
+        assert!(backend.accepts_sessions());
+        let third = backend.try_acquire(3, &control).expect("room again");
+        drop((second, third));
+        assert_eq!(backend.sessions(), 0);
+    }
+
+    #[test]
+    fn failures_in_a_row_eject_for_the_cool_down_and_a_success_ends_the_streak() {
+        let backend = backend();
+        let passive = PassiveHealthConfig {
+            max_failures: 3,
+            cooldown: Duration::from_secs(60),
+        };
+        assert!(!backend.report_failure(&passive));
+        assert!(!backend.report_failure(&passive));
+        backend.report_success();
+        assert!(
+            !backend.report_failure(&passive),
+            "the streak started again"
+        );
+        assert!(!backend.report_failure(&passive));
+        assert!(backend.report_failure(&passive), "three in a row eject");
+        assert_eq!(backend.state(), BackendState::Ejected);
+        assert!(!backend.accepts_sessions());
+        assert!(
+            backend.accepts_sessions_as_last_resort(),
+            "a moving session may still try it"
+        );
+    }
+
+    #[test]
+    fn a_draining_backend_takes_no_new_session_and_says_so() {
+        let backend = backend();
+        backend.set_draining(true);
+        assert_eq!(backend.state(), BackendState::Draining);
+        assert!(!backend.accepts_sessions());
+        assert!(!backend.accepts_sessions_as_last_resort());
+        backend.set_draining(false);
+        assert!(backend.accepts_sessions());
+    }
+}
