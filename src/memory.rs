@@ -378,11 +378,6 @@ impl SessionMemory {
         self.report(held);
         self.budget.held() + more <= self.budget.limit()
     }
-
-    /// Bytes this session last reported.
-    pub fn reported(&self) -> usize {
-        self.reported
-    }
 }
 
 impl Drop for SessionMemory {

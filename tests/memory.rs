@@ -16,9 +16,9 @@ use std::time::Duration;
 use futures_util::SinkExt;
 use serde::Deserialize;
 use support::{
-    BackendOptions, RouterProcess, TestBackend, WAIT, echo, eventually, http_get, key,
-    masked_header, metric, raise_fd_limit, raw_session, read_frame, read_welcome, recv_data,
-    router, trace_init, try_connect,
+    BackendOptions, RouterProcess, TestBackend, WAIT, close_code, echo, eventually, http_get, key,
+    masked_header, metric, raise_fd_limit, raw_session, read_welcome, recv_data, router,
+    trace_init, try_connect,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinSet;
@@ -212,17 +212,6 @@ async fn partial_messages_past_the_budget_pause_then_close_the_largest_with_1013
     );
     attackers.shutdown().await;
     echo(&mut bystander, "still unbothered").await;
-}
-
-/// The code of the first close frame the router sends, or `None` when the
-/// connection ends without one.
-async fn close_code(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<u16> {
-    loop {
-        let (first, payload) = read_frame(stream).await?;
-        if first & 0x0f == 0x8 {
-            return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
-        }
-    }
 }
 
 #[tokio::test]

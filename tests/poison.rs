@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use futures_util::SinkExt;
 use support::{
-    BackendProcess, Client, TestBackend, WAIT, echo, eventually, key, read_welcome, recv_data,
-    router, trace_init, try_connect,
+    BackendProcess, Client, RouterBuilder, TestBackend, WAIT, echo, eventually, key, read_welcome,
+    recv_data, router, trace_init, try_connect,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -24,6 +24,13 @@ async fn one_region() -> (TestBackend, TestBackend, TestBackend) {
         TestBackend::start("eu-b").await,
         TestBackend::start("eu-c").await,
     )
+}
+
+/// A router with `backends` all in region "eu".
+fn in_one_region(backends: &[&TestBackend]) -> RouterBuilder {
+    backends
+        .iter()
+        .fold(router(), |builder, backend| builder.backend(backend, "eu"))
 }
 
 /// Read until a close frame: the backends that greeted the session on the
@@ -61,12 +68,7 @@ async fn next_welcome(client: &mut Client) -> String {
 async fn a_poison_message_reaches_at_most_max_redeliveries_backends_and_closes_with_1011() {
     let _trace = trace_init();
     let (a, b, c) = one_region().await;
-    let router = router()
-        .backend(&a, "eu")
-        .backend(&b, "eu")
-        .backend(&c, "eu")
-        .start()
-        .await;
+    let router = in_one_region(&[&a, &b, &c]).start().await;
     let mut ordinary = Vec::new();
     for i in 0..6 {
         ordinary.push(router.connect(&key("ordinary", i), &[]).await.0);
@@ -111,12 +113,7 @@ async fn a_poison_message_reaches_at_most_max_redeliveries_backends_and_closes_w
 async fn a_chain_of_moves_never_returns_to_a_backend_it_left() {
     let _trace = trace_init();
     let (a, b, c) = one_region().await;
-    let router = router()
-        .backend(&a, "eu")
-        .backend(&b, "eu")
-        .backend(&c, "eu")
-        .start()
-        .await;
+    let router = in_one_region(&[&a, &b, &c]).start().await;
     let (mut client, first) = router.connect("chain", &[]).await;
     let backends = [&a, &b, &c];
     let by_id = |id: &str| *backends.iter().find(|b| b.id == id).expect("known backend");
@@ -139,12 +136,7 @@ async fn a_chain_of_moves_never_returns_to_a_backend_it_left() {
 async fn two_honest_crashes_seconds_apart_close_no_session() {
     let _trace = trace_init();
     let (a, b, c) = one_region().await;
-    let router = router()
-        .backend(&a, "eu")
-        .backend(&b, "eu")
-        .backend(&c, "eu")
-        .start()
-        .await;
+    let router = in_one_region(&[&a, &b, &c]).start().await;
     // Sessions that each send a message every 50 ms for 6 s.
     let mut sessions = tokio::task::JoinSet::new();
     for i in 0..12 {
@@ -264,10 +256,7 @@ async fn a_message_that_crashes_backend_processes_kills_at_most_max_redeliveries
 async fn a_rolling_restart_of_every_backend_closes_no_session() {
     let _trace = trace_init();
     let (a, b, c) = one_region().await;
-    let router = router()
-        .backend(&a, "eu")
-        .backend(&b, "eu")
-        .backend(&c, "eu")
+    let router = in_one_region(&[&a, &b, &c])
         .fast_health_checks()
         .start()
         .await;
@@ -305,12 +294,7 @@ async fn a_rolling_restart_of_every_backend_closes_no_session() {
 async fn a_backend_failing_under_many_sessions_is_still_ejected() {
     let _trace = trace_init();
     let (a, b, c) = one_region().await;
-    let router = router()
-        .backend(&a, "eu")
-        .backend(&b, "eu")
-        .backend(&c, "eu")
-        .start()
-        .await;
+    let router = in_one_region(&[&a, &b, &c]).start().await;
     // Three sessions on `a`, each with a message just sent (so each failure
     // follows a message: a first strike, which is the backend's fault).
     let mut on_a = Vec::new();

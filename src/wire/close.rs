@@ -5,7 +5,6 @@
 use crate::metrics::CloseReason;
 use crate::wire::frame::Violation;
 
-pub const NORMAL: u16 = 1000;
 pub const GOING_AWAY: u16 = 1001;
 pub const PROTOCOL_ERROR: u16 = 1002;
 pub const INVALID_PAYLOAD: u16 = 1007;

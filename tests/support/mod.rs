@@ -1246,17 +1246,20 @@ pub async fn read_frame(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Opt
     Some((header[0], payload))
 }
 
-/// Read frames until a close frame; return its code.
-pub async fn read_close_code(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<u16> {
-    within("a close frame", async {
-        loop {
-            let (first, payload) = read_frame(stream).await?;
-            if first & 0x0f == 0x8 {
-                return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
-            }
+/// The code of the first close frame on `stream`, or `None` when the
+/// connection ends without one (unbounded: see [`read_close_code`]).
+pub async fn close_code(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<u16> {
+    loop {
+        let (first, payload) = read_frame(stream).await?;
+        if first & 0x0f == 0x8 {
+            return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
         }
-    })
-    .await
+    }
+}
+
+/// Read frames until a close frame, within [`WAIT`]; return its code.
+pub async fn read_close_code(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<u16> {
+    within("a close frame", close_code(stream)).await
 }
 
 /// The header of a masked client frame of `len` bytes (`first`: FIN, RSV
