@@ -25,13 +25,14 @@ use tokio::sync::{mpsc, watch};
 use crate::admin::{self, AdminState};
 use crate::backend::{BackendSet, Backends};
 use crate::config::Config;
+use crate::connection;
 use crate::health;
 use crate::limits::Limits;
 use crate::memory::MemoryBudget;
 use crate::metrics;
 use crate::operator::Operator;
+use crate::session::Router;
 use crate::session::relay::TrafficCounters;
-use crate::session::{self, Router};
 use crate::shutdown::stopped;
 use crate::tls::Terminator;
 
@@ -297,7 +298,7 @@ async fn accept_loop(listener: &TcpListener, router: &Router, shutdown: impl Fut
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(session::serve_connection(router.clone(), stream, peer));
+                    tokio::spawn(connection::serve_connection(router.clone(), stream, peer));
                 }
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {

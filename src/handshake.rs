@@ -388,19 +388,6 @@ pub fn generate_session_key() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// A complete HTTP/1.1 response with `Connection: close`.
-pub fn plain_response(status: u16, reason: &str, extra: &[(&str, &str)], body: &str) -> Vec<u8> {
-    let mut out = format!("HTTP/1.1 {status} {reason}\r\n");
-    for (name, value) in extra {
-        out.push_str(&format!("{name}: {value}\r\n"));
-    }
-    out.push_str(&format!(
-        "Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    ));
-    out.into_bytes()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

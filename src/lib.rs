@@ -27,9 +27,11 @@
 //! | [`metrics`] | metric names, descriptions and the Prometheus recorder |
 
 pub mod admin;
+mod answer;
 pub mod app;
 pub mod backend;
 pub mod config;
+mod connection;
 pub mod geo;
 pub mod handshake;
 pub mod health;

@@ -90,6 +90,77 @@ impl CloseReason {
     }
 }
 
+/// How an upgrade ended: `wsrouter_upgrades_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeResult {
+    /// The 101 went out: a session.
+    Ok,
+    /// The client left before its 101 could be written.
+    ClientGone,
+    /// The client did not finish its handshake in time.
+    Timeout,
+    /// Refused at the edge: a bad request, a limit, the session key.
+    Rejected,
+    /// Steering found no candidate backend.
+    NoBackend,
+    /// A backend answered the upgrade with a 4xx, handed to the client.
+    UpstreamRefused,
+    UpstreamTimeout,
+    /// Every candidate had `steering.max_concurrent_dials` dials in flight.
+    UpstreamBusy,
+    UpstreamFailed,
+}
+
+impl UpgradeResult {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            UpgradeResult::Ok => "ok",
+            UpgradeResult::ClientGone => "client_gone",
+            UpgradeResult::Timeout => "timeout",
+            UpgradeResult::Rejected => "rejected",
+            UpgradeResult::NoBackend => "no_backend",
+            UpgradeResult::UpstreamRefused => "upstream_refused",
+            UpgradeResult::UpstreamTimeout => "upstream_timeout",
+            UpgradeResult::UpstreamBusy => "upstream_busy",
+            UpgradeResult::UpstreamFailed => "upstream_failed",
+        }
+    }
+
+    /// Count one upgrade with this result.
+    pub fn count(self) {
+        metrics::counter!(UPGRADES_TOTAL, "result" => self.as_label()).increment(1);
+    }
+}
+
+/// Why a message was sent to a backend again:
+/// `wsrouter_replayed_messages_total{kind}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayKind {
+    /// Within the margin the window keeps of messages the old backend had
+    /// read (a backend that does not acknowledge may see it twice).
+    Margin,
+    /// The old backend had not read it.
+    Unread,
+    /// The old backend, which acknowledges, had not acknowledged it.
+    Unacknowledged,
+}
+
+impl ReplayKind {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            ReplayKind::Margin => "margin",
+            ReplayKind::Unread => "unread",
+            ReplayKind::Unacknowledged => "unacknowledged",
+        }
+    }
+
+    /// Count `messages` replayed of this kind.
+    pub fn count(self, messages: usize) {
+        metrics::counter!(REPLAYED_MESSAGES_TOTAL, "kind" => self.as_label())
+            .increment(messages as u64);
+    }
+}
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Install the Prometheus recorder once per process and return its handle.

@@ -9,6 +9,8 @@
 //! backend's URL, and the client contributes nothing but the path and query
 //! that are appended to it.
 
+pub(crate) mod dialer;
+
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -41,7 +41,7 @@ use crate::config::{MigrationConfig, RelayConfig};
 use crate::limits::MessageBudget;
 use crate::memory::SessionMemory;
 use crate::metrics::{self as m, CloseReason};
-use crate::session::migrate::ReplayWindow;
+use crate::session::replay::ReplayWindow;
 use crate::wire::close::{self as code, Fault};
 use crate::wire::frame::{self, Ack, CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::wire::peer::{Fresh, Peer, ReadHint, close, with_read_scratch};
