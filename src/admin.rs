@@ -30,11 +30,11 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 use crate::backend::Backend;
 use crate::memory::MemoryBudget;
 use crate::operator::{Operator, ReloadError};
+use crate::shutdown::{Phase, Shutdown};
 
 /// What the admin endpoints read and act on.
 #[derive(Clone)]
@@ -42,10 +42,14 @@ pub struct AdminState {
     pub operator: Operator,
     pub metrics: PrometheusHandle,
     pub memory: MemoryBudget,
+    /// The router's phase: `/readyz` fails from `Draining`, and the admin
+    /// listener closes at `Closing`.
+    pub shutdown: Shutdown,
 }
 
-/// Accept admin connections until `stop` becomes true.
-pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Receiver<bool>) {
+/// Accept admin connections until the router is closing.
+pub async fn serve(listener: TcpListener, state: AdminState) {
+    let mut stop = state.shutdown.clone();
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -56,7 +60,7 @@ pub async fn serve(listener: TcpListener, state: AdminState, mut stop: watch::Re
                     continue;
                 }
             },
-            _ = crate::shutdown::stopped(&mut stop) => return,
+            _ = stop.closing() => return,
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -92,7 +96,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            if state.operator.is_shutting_down() {
+            if state.shutdown.phase() >= Phase::Draining {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
             } else if state.operator.backends().load().any_healthy() {
                 text(StatusCode::OK, "ready\n")

@@ -1,15 +1,16 @@
-//! Wiring: bind the listeners, start health checks, the memory monitor and
-//! the admin server, start the session threads (each accepting on its own
-//! listener), hand the operator actions ([`crate::operator`]) to the admin
-//! API and SIGHUP, and own the shutdown sequence.
+//! Wiring: bind nothing itself, but build the shared state, start health
+//! checks, the memory monitor, the admin server and the session threads
+//! ([`crate::listener`]), hand the operator actions ([`crate::operator`])
+//! to the admin API and SIGHUP, and run the shutdown phases
+//! ([`crate::shutdown`]).
 //!
 //! [`run`] takes already-bound listeners and a shutdown future, so tests bind
 //! port 0 and stop the router when they like, and `main` passes the
-//! addresses from the config and a signal handler. Shutdown order: stop
-//! accepting (every listener closed), then fail `/readyz`, let sessions
-//! keep relaying for the grace period, then tell every session to close
-//! both sides with 1001, and wait, bounded, until every session's
-//! completion guard is dropped.
+//! addresses from the config and a signal handler. Shutdown order: close
+//! every listener, then `Draining` (`/readyz` fails; sessions keep
+//! relaying for the grace period), then `Closing` (every session closes
+//! both sides with 1001, background tasks stop), waiting, bounded, until
+//! every session has ended, then `Done` (the session threads exit).
 
 use std::future::Future;
 use std::io;
@@ -19,70 +20,20 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
 
 use crate::admin::{self, AdminState};
 use crate::backend::{BackendSet, Backends};
 use crate::config::Config;
-use crate::connection;
 use crate::health;
 use crate::limits::Limits;
+use crate::listener::{Listeners, SessionThreads};
 use crate::memory::MemoryBudget;
 use crate::metrics;
 use crate::operator::Operator;
 use crate::session::Router;
 use crate::session::relay::TrafficCounters;
-use crate::shutdown::stopped;
+use crate::shutdown::{Phase, Phases, Shutdown, track_sessions};
 use crate::tls::Terminator;
-
-/// How long shutdown waits for the session threads to close their
-/// listeners (each notices within a poll; this bounds a stuck one).
-const LISTENERS_CLOSE_WAIT: Duration = Duration::from_secs(1);
-
-/// The router's two listening sockets.
-#[derive(Debug)]
-pub struct Listeners {
-    /// The WebSocket front door.
-    pub public: TcpListener,
-    /// Metrics, health and the admin API.
-    pub admin: TcpListener,
-}
-
-impl Listeners {
-    /// Bind the addresses the configuration names.
-    pub async fn bind(config: &Config) -> io::Result<Listeners> {
-        let public = public_listener(config.listener.public).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("bind listener.public {}: {e}", config.listener.public),
-            )
-        })?;
-        let admin = TcpListener::bind(config.admin.listen).await.map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("bind admin.listen {}: {e}", config.admin.listen),
-            )
-        })?;
-        Ok(Listeners { public, admin })
-    }
-}
-
-/// Bind the public address so that every session thread can bind it too
-/// (`SO_REUSEPORT`; the kernel spreads new connections over their
-/// listeners). Give [`run`] a listener made here: with any other, the
-/// session threads share one socket and all wake for every connection.
-pub fn public_listener(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(4096)
-}
 
 /// Optional run-time behaviour.
 #[derive(Debug, Default, Clone)]
@@ -114,18 +65,18 @@ pub async fn run_with(
     let metrics = metrics::install();
     let backends = Backends::new(BackendSet::from_config(&config));
     let config = Arc::new(ArcSwap::from_pointee(config));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let phases = Phases::default();
+    let (sessions, mut sessions_ended) = track_sessions();
     let tls = config.load().tls.as_ref().map(Terminator::new);
 
     let limits = Limits::new(&config.load().limits);
-    spawn_limit_upkeep(limits.clone(), stop_rx.clone());
+    spawn_limit_upkeep(limits.clone(), phases.watch());
     let memory = MemoryBudget::new(config.load().limits.max_buffered_bytes);
-    let mut memory_stop = stop_rx.clone();
+    let mut memory_stop = phases.watch();
     tokio::spawn(
         memory
             .clone()
-            .monitor(async move { stopped(&mut memory_stop).await }),
+            .monitor(async move { memory_stop.closing().await }),
     );
     let operator = Operator::new(
         Arc::clone(&config),
@@ -133,17 +84,18 @@ pub async fn run_with(
         tls.clone(),
         backends.clone(),
         options.config_path.clone(),
-        stop_rx.clone(),
+        phases.watch(),
     );
-    health::spawn_checks(&backends.load().backends, &config, &stop_rx);
+    health::spawn_checks(&backends.load().backends, &config, &phases.watch());
     let admin_state = AdminState {
         operator: operator.clone(),
         metrics,
         memory: memory.clone(),
+        shutdown: phases.watch(),
     };
-    tokio::spawn(admin::serve(listeners.admin, admin_state, stop_rx.clone()));
+    tokio::spawn(admin::serve(listeners.admin, admin_state));
     if options.reload_on_sighup {
-        spawn_sighup_reload(operator.clone(), stop_rx.clone());
+        spawn_sighup_reload(operator.clone(), phases.watch());
     }
 
     tracing::info!(
@@ -156,184 +108,65 @@ pub async fn run_with(
     let router = Router {
         config: Arc::clone(&config),
         backends,
-        shutdown: stop_rx,
-        session_done: done_tx,
+        shutdown: phases.watch(),
+        sessions,
         counters: TrafficCounters::new(),
         next_session_id: Arc::new(AtomicU64::new(1)),
         limits,
         tls,
         memory: memory.clone(),
     };
-    // Sessions run on threads of their own (see `start_session_workers`);
-    // this runtime keeps the admin API, health checks, reloads and signals.
-    // Dropping the senders (this future cancelled) stops the workers too.
-    let (accepting_tx, accepting_rx) = watch::channel(true);
-    let (finished_tx, finished_rx) = watch::channel(false);
-    // Each session thread holds a sender until it has closed its listener.
-    let (listener_open, mut listeners_closed) = mpsc::channel::<()>(1);
-    let threads = match config.load().session_threads {
+    // Sessions run on threads of their own (see `crate::listener`); this
+    // runtime keeps the admin API, health checks, reloads and signals.
+    let count = match config.load().session_threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let workers = start_session_workers(
-        listeners.public,
-        threads,
-        &router,
-        &accepting_rx,
-        &finished_rx,
-        listener_open,
-    )?;
-    tracing::info!(threads, "session threads started");
+    let mut threads = SessionThreads::start(listeners.public, count, &router, &phases.watch())?;
+    tracing::info!(threads = count, "session threads started");
+    drop(router);
     shutdown.await;
 
-    // Stop accepting; sessions keep relaying for the grace period. Every
-    // listener is closed before `/readyz` fails, so whoever sees it fail
-    // finds new connections refused.
-    let _ = accepting_tx.send(false);
-    drop(router);
-    if tokio::time::timeout(LISTENERS_CLOSE_WAIT, listeners_closed.recv())
-        .await
-        .is_err()
-    {
-        tracing::warn!("a session thread did not close its listener in time");
-    }
-    operator.mark_shutting_down();
+    // Every listener is closed before `/readyz` fails, so whoever sees it
+    // fail finds new connections refused.
+    threads.close_listeners().await;
+    phases.advance(Phase::Draining);
     let current = config.load_full();
     tracing::info!(grace = ?current.shutdown_grace, "shutting down: no new sessions, waiting for live ones");
-    let finished_early = tokio::time::timeout(current.shutdown_grace, done_rx.recv())
+    let ended_early = tokio::time::timeout(current.shutdown_grace, sessions_ended.wait())
         .await
         .is_ok();
-    if !finished_early {
-        // Then close what is left with 1001, and wait for the closes (bounded).
-        let _ = stop_tx.send(true);
+    phases.advance(Phase::Closing);
+    if !ended_early {
+        // Sessions close with 1001 now; wait for the closes (bounded).
         let closing = current.relay.close_timeout * 2 + Duration::from_secs(1);
-        if tokio::time::timeout(closing, done_rx.recv()).await.is_err() {
+        if tokio::time::timeout(closing, sessions_ended.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some sessions did not finish closing in time");
         }
     }
-    let _ = stop_tx.send(true);
-    let _ = finished_tx.send(true);
-    for worker in workers {
-        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
-    }
+    phases.advance(Phase::Done);
+    threads.join().await;
     tracing::info!("wsrouter stopped");
     Ok(())
 }
 
-/// Start `count` session threads, each a single-threaded runtime with its
-/// own listener on the public address (the first gets `public`, the others
-/// bind the address again: see [`public_listener`]), accepting until
-/// `accepting` turns false and running its sessions until `finished`. Each
-/// thread drops its clone of `listener_open` once its listener is closed.
-///
-/// This is HAProxy's `nbthread` and NGINX's `worker_processes` with
-/// `reuseport`: each thread sleeps in its own `epoll_wait` and runs its own
-/// sessions, where a work-stealing runtime wakes idle workers to look for
-/// work on every message (BENCHMARKS.md, "Thread per core").
-fn start_session_workers(
-    public: TcpListener,
-    count: usize,
-    router: &Router,
-    accepting: &watch::Receiver<bool>,
-    finished: &watch::Receiver<bool>,
-    listener_open: mpsc::Sender<()>,
-) -> io::Result<Vec<std::thread::JoinHandle<()>>> {
-    let addr = public.local_addr()?;
-    let public = public.into_std()?;
-    let mut listeners = Vec::with_capacity(count);
-    for _ in 1..count {
-        let own = match public_listener(addr) {
-            Ok(listener) => listener.into_std()?,
-            Err(e) => {
-                // Not bound with SO_REUSEPORT: share the one socket.
-                tracing::info!(error = %e, "session threads share the public listener");
-                public.try_clone()?
-            }
-        };
-        listeners.push(own);
-    }
-    listeners.insert(0, public);
-    let mut workers = Vec::with_capacity(count);
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let router = router.clone();
-        let mut accepting = accepting.clone();
-        let mut finished = finished.clone();
-        let listener_open = listener_open.clone();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let worker = std::thread::Builder::new()
-            .name(format!("wsrouter-sessions-{i}"))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
-                        Err(error) => {
-                            tracing::error!(%error, thread = i, "session thread cannot watch its listener");
-                            return;
-                        }
-                    };
-                    let stop_accepting = async move {
-                        let _ = accepting.wait_for(|a| !*a).await;
-                    };
-                    accept_loop(&listener, &router, stop_accepting).await;
-                    drop(listener);
-                    drop(listener_open);
-                    drop(router);
-                    // Sessions keep running on this thread until every one
-                    // has ended (or the router gave up waiting).
-                    let _ = finished.wait_for(|f| *f).await;
-                });
-            })?;
-        workers.push(worker);
-    }
-    Ok(workers)
-}
-
-/// Accept until `shutdown`; each connection gets its own task. Errors on one
-/// connection are ignored; running out of file descriptors backs off.
-async fn accept_loop(listener: &TcpListener, router: &Router, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(connection::serve_connection(router.clone(), stream, peer));
-                }
-                Err(e) if is_connection_error(&e) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "accept failed; backing off");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            _ = &mut shutdown => return,
-        }
-    }
-}
-
-fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
-}
-
 /// Drop rate-limiter state of addresses not seen lately, now and then.
-fn spawn_limit_upkeep(limits: Limits, mut stop: watch::Receiver<bool>) {
+fn spawn_limit_upkeep(limits: Limits, mut shutdown: Shutdown) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(crate::limits::FORGET_INTERVAL);
         loop {
             tokio::select! {
                 _ = tick.tick() => limits.forget_idle_addresses(),
-                _ = stopped(&mut stop) => return,
+                _ = shutdown.closing() => return,
             }
         }
     });
 }
 
-fn spawn_sighup_reload(operator: Operator, mut stop: watch::Receiver<bool>) {
+fn spawn_sighup_reload(operator: Operator, mut shutdown: Shutdown) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -346,7 +179,7 @@ fn spawn_sighup_reload(operator: Operator, mut stop: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 _ = hangup.recv() => {}
-                _ = stopped(&mut stop) => return,
+                _ = shutdown.closing() => return,
             }
             tracing::info!("SIGHUP: reloading the configuration");
             match operator.reload() {

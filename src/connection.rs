@@ -29,7 +29,6 @@ use crate::wire::peer::Peer;
 
 /// Serve one accepted connection to completion.
 pub async fn serve_connection(router: Router, stream: TcpStream, peer: SocketAddr) {
-    let _done = router.session_done.clone();
     let span =
         tracing::debug_span!("session", client.addr = %peer, backend = tracing::field::Empty);
     async move {

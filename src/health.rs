@@ -16,11 +16,11 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use tokio::sync::watch;
 
 use crate::backend::{Backend, LastCheck};
 use crate::config::{Config, HealthCheckConfig};
 use crate::metrics as m;
+use crate::shutdown::Shutdown;
 
 /// Counts consecutive results and decides when a backend flips.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,13 +65,9 @@ impl Thresholds {
 }
 
 /// Start one checker task per backend; see [`spawn_check`].
-pub fn spawn_checks(
-    backends: &[Arc<Backend>],
-    config: &Arc<ArcSwap<Config>>,
-    stop: &watch::Receiver<bool>,
-) {
+pub fn spawn_checks(backends: &[Arc<Backend>], config: &Arc<ArcSwap<Config>>, shutdown: &Shutdown) {
     for backend in backends {
-        spawn_check(Arc::clone(backend), Arc::clone(config), stop.clone());
+        spawn_check(Arc::clone(backend), Arc::clone(config), shutdown.clone());
     }
 }
 
@@ -82,7 +78,7 @@ pub fn spawn_checks(
 pub fn spawn_check(
     backend: Arc<Backend>,
     shared_config: Arc<ArcSwap<Config>>,
-    mut stop: watch::Receiver<bool>,
+    mut shutdown: Shutdown,
 ) {
     let generation = backend.new_checker();
     tokio::spawn(async move {
@@ -97,7 +93,7 @@ pub fn spawn_check(
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
-                _ = crate::shutdown::stopped(&mut stop) => return,
+                _ = shutdown.closing() => return,
             }
             if backend.is_removed() || !backend.is_current_checker(generation) {
                 return;

@@ -36,6 +36,7 @@ pub mod geo;
 pub mod handshake;
 pub mod health;
 pub mod limits;
+pub mod listener;
 pub mod memory;
 pub mod metrics;
 pub mod operator;
@@ -47,5 +48,6 @@ pub mod tls;
 pub mod upstream;
 pub mod wire;
 
-pub use app::{Listeners, Options, run, run_with};
+pub use app::{Options, run, run_with};
 pub use config::Config;
+pub use listener::{Listeners, public_listener};

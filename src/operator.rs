@@ -4,16 +4,15 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::sync::watch;
 
 use crate::backend::{Backend, BackendSet, Backends};
 use crate::config::{Config, ConfigError};
 use crate::health;
 use crate::limits::Limits;
+use crate::shutdown::Shutdown;
 use crate::tls::Terminator;
 
 /// Operator actions: drain, undrain, reload. A cheap-clone handle shared by
@@ -32,9 +31,7 @@ struct OperatorShared {
     backends: Backends,
     config_path: Option<PathBuf>,
     /// Health checkers of backends added by a reload stop with this.
-    stop: watch::Receiver<bool>,
-    /// Set once SIGTERM arrived: `/readyz` fails so balancers move on.
-    shutting_down: AtomicBool,
+    shutdown: Shutdown,
 }
 
 /// What a reload changed.
@@ -61,7 +58,7 @@ impl Operator {
         tls: Option<Terminator>,
         backends: Backends,
         config_path: Option<PathBuf>,
-        stop: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Operator {
         Operator {
             shared: Arc::new(OperatorShared {
@@ -70,15 +67,9 @@ impl Operator {
                 tls,
                 backends,
                 config_path,
-                stop,
-                shutting_down: AtomicBool::new(false),
+                shutdown,
             }),
         }
-    }
-
-    /// From now on `/readyz` fails: the router is shutting down.
-    pub fn mark_shutting_down(&self) {
-        self.shared.shutting_down.store(true, Ordering::Relaxed);
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -91,10 +82,6 @@ impl Operator {
 
     pub fn limits(&self) -> &Limits {
         &self.shared.limits
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        self.shared.shutting_down.load(Ordering::Relaxed)
     }
 
     /// Stop new sessions on a backend and move its sessions away, paced.
@@ -189,7 +176,7 @@ impl Operator {
         health::spawn_checks(
             &self.shared.backends.load().backends,
             &self.shared.config,
-            &self.shared.stop,
+            &self.shared.shutdown,
         );
         for backend in removed {
             backend.set_removed();

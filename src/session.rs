@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::backend::control::MigrationReason;
@@ -28,6 +27,7 @@ use crate::config::Config;
 use crate::limits::{Admission, Limits, MessageBudget};
 use crate::memory::{MemoryBudget, SessionMemory};
 use crate::metrics::{self as m, CloseReason, ReplayKind};
+use crate::shutdown::{SessionTracker, Shutdown};
 use crate::tls::{ClientStream, Terminator};
 use crate::upstream::Upstream;
 use crate::upstream::dialer::{Connected, Dialer, FIRST_REDIAL_PAUSE, LAST_REDIAL_PAUSE, Move};
@@ -52,11 +52,11 @@ pub struct Router {
     /// The current configuration; a reload swaps it.
     pub config: Arc<ArcSwap<Config>>,
     pub backends: Backends,
-    /// Becomes true when sessions must close (after the shutdown grace).
-    pub shutdown: watch::Receiver<bool>,
-    /// Held by every session; the router knows all sessions ended when
-    /// every clone is dropped.
-    pub session_done: mpsc::Sender<()>,
+    /// The router's phase: sessions close with 1001 at `Closing`.
+    pub shutdown: Shutdown,
+    /// Every connection holds a clone (inside its `Router`); the router
+    /// knows all sessions ended when every clone is dropped.
+    pub sessions: SessionTracker,
     pub counters: TrafficCounters,
     /// Source of session ids (registry keys, never exported).
     pub next_session_id: Arc<AtomicU64>,

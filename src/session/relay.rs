@@ -33,7 +33,6 @@ use std::task::{Context, Poll, Waker, ready};
 use bytes::Bytes;
 use metrics::{Counter, Histogram};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backend::control::{Control, MigrationReason};
@@ -42,6 +41,7 @@ use crate::limits::MessageBudget;
 use crate::memory::SessionMemory;
 use crate::metrics::{self as m, CloseReason};
 use crate::session::replay::ReplayWindow;
+use crate::shutdown::Shutdown;
 use crate::wire::close::{self as code, Fault};
 use crate::wire::frame::{self, Ack, CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::wire::peer::{Fresh, Peer, ReadHint, close, with_read_scratch};
@@ -415,7 +415,7 @@ pub struct RelayContext<'a> {
     pub migration: &'a MigrationConfig,
     pub counters: &'a TrafficCounters,
     /// Becomes true when sessions must close (end of the shutdown grace).
-    pub shutdown: &'a mut watch::Receiver<bool>,
+    pub shutdown: &'a mut Shutdown,
     /// Requests to move the session.
     pub control: &'a Control,
     /// Every client data message is recorded here as it is forwarded.
@@ -497,7 +497,7 @@ where
     let mut next_ping = started + config.ping_interval;
     let mut tick = pin!(tokio::time::sleep_until(next_ping));
     let stop_probe = shutdown.clone();
-    let mut stop = pin!(crate::shutdown::stopped(shutdown));
+    let mut stop = pin!(shutdown.closing());
     // The stop flag, the move request and the timer each keep the waker they
     // were last polled with until they fire, so while the task's waker
     // stays the same they need polling only once they have fired: on most
@@ -549,9 +549,7 @@ where
                     + up.window.as_deref().map_or(0, ReplayWindow::held_bytes);
                 memory.update(held);
             }
-            if (all || stop_probe.has_changed().unwrap_or(true))
-                && stop.as_mut().poll(cx).is_ready()
-            {
+            if (all || stop_probe.has_changed()) && stop.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Stopped::Shutdown);
             }
             if all || control.has_request() {
@@ -723,6 +721,7 @@ mod tests {
         DEFAULT_WATERMARK_INTERVAL,
     };
     use crate::memory::MemoryBudget;
+    use crate::shutdown::{Phase, Phases};
     use crate::wire::frame::{OP_CLOSE, OP_TEXT, apply_mask, encode, parse_header};
 
     impl ReadHint for DuplexStream {}
@@ -804,13 +803,15 @@ mod tests {
     }
 
     /// Run a relay between two in-memory sockets until it ends.
-    fn start(control: Arc<Control>) -> (Ends, tokio::task::JoinHandle<RelayEnd>) {
+    fn start(
+        control: Arc<Control>,
+        mut stop: Shutdown,
+    ) -> (Ends, tokio::task::JoinHandle<RelayEnd>) {
         let (client_far, client_near) = tokio::io::duplex(1 << 16);
         let (backend_far, backend_near) = tokio::io::duplex(1 << 16);
         let task = tokio::spawn(async move {
             let mut client = Peer::client(client_near, 1 << 20, Vec::new());
             let mut upstream = Peer::backend(backend_near, 1 << 20, Vec::new());
-            let (_stop_tx, mut stop) = watch::channel(false);
             let (config, migration) = (relay_config(), migration_config());
             let counters = TrafficCounters::new();
             let mut window = ReplayWindow::new(8, 128 * 1024, Duration::from_secs(10));
@@ -845,7 +846,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn quiet_hops_are_pinged_and_a_silent_one_ends_the_session() {
-        let (mut ends, task) = start(Arc::new(Control::default()));
+        let phases = Phases::default();
+        let (mut ends, task) = start(Arc::new(Control::default()), phases.watch());
         // 30 s of silence: both hops get the router's keepalive ping.
         let (opcode, payload) = ends.client.next_frame().await;
         assert_eq!((opcode, payload.as_slice()), (OP_PING, KEEPALIVE));
@@ -859,7 +861,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_client_close_goes_to_the_backend_and_its_answer_ends_the_relay() {
-        let (mut ends, task) = start(Arc::new(Control::default()));
+        let phases = Phases::default();
+        let (mut ends, task) = start(Arc::new(Control::default()), phases.watch());
         ends.client.write(&client_frame(OP_TEXT, b"hello")).await;
         let close = client_frame(OP_CLOSE, &[0x03, 0xE8, b'b', b'y', b'e']);
         ends.client.write(&close).await;
@@ -885,7 +888,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_move_requested_between_two_messages_ends_the_relay_after_the_first() {
         let control = Arc::new(Control::default());
-        let (mut ends, task) = start(Arc::clone(&control));
+        let phases = Phases::default();
+        let (mut ends, task) = start(Arc::clone(&control), phases.watch());
         ends.client.write(&client_frame(OP_TEXT, b"first")).await;
         assert_eq!(ends.backend.next_data().await, (OP_TEXT, b"first".to_vec()));
         assert!(control.request_move(MigrationReason::Drain));
@@ -893,5 +897,25 @@ mod tests {
             task.await.expect("relay"),
             RelayEnd::MigrateRequested(MigrationReason::Drain)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sessions_relay_while_the_router_drains_and_close_with_1001_when_it_closes() {
+        let phases = Phases::default();
+        let (mut ends, task) = start(Arc::new(Control::default()), phases.watch());
+        phases.advance(Phase::Draining);
+        ends.client
+            .write(&client_frame(OP_TEXT, b"during the grace"))
+            .await;
+        assert_eq!(
+            ends.backend.next_data().await,
+            (OP_TEXT, b"during the grace".to_vec())
+        );
+        phases.advance(Phase::Closing);
+        for far in [&mut ends.client, &mut ends.backend] {
+            let (opcode, payload) = far.next_data().await;
+            assert_eq!((opcode, &payload[..2]), (OP_CLOSE, &[0x03, 0xE9][..]));
+        }
+        assert_eq!(task.await.expect("relay"), RelayEnd::Shutdown);
     }
 }

@@ -894,8 +894,7 @@ impl RouterBuilder {
         let public = if self.plain_public_listener {
             TcpListener::bind("127.0.0.1:0").await.expect("bind public")
         } else {
-            wsrouter::app::public_listener("127.0.0.1:0".parse().expect("address"))
-                .expect("bind public")
+            wsrouter::public_listener("127.0.0.1:0".parse().expect("address")).expect("bind public")
         };
         let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
         let public_addr = public.local_addr().expect("public address");

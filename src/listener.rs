@@ -1,0 +1,204 @@
+//! The public listener: `SO_REUSEPORT` sockets, the session threads (each
+//! a single-threaded runtime with its own listener and its own sessions)
+//! and their accept loops. Closing the listeners is this module's own
+//! step of the shutdown; the threads then run their sessions until the
+//! router's phase is `Done`.
+//!
+//! This is HAProxy's `nbthread` and NGINX's `worker_processes` with
+//! `reuseport`: each thread sleeps in its own `epoll_wait` and runs its own
+//! sessions, where a work-stealing runtime wakes idle workers to look for
+//! work on every message (BENCHMARKS.md, "Thread per core").
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::connection::serve_connection;
+use crate::session::Router;
+use crate::shutdown::{Phase, Shutdown};
+
+/// How long closing the listeners waits for the session threads (each
+/// notices within a poll; this bounds a stuck one).
+const LISTENERS_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// The router's two listening sockets.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The WebSocket front door.
+    pub public: TcpListener,
+    /// Metrics, health and the admin API.
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Bind the addresses the configuration names.
+    pub async fn bind(config: &Config) -> io::Result<Listeners> {
+        let public = public_listener(config.listener.public).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("bind listener.public {}: {e}", config.listener.public),
+            )
+        })?;
+        let admin = TcpListener::bind(config.admin.listen).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("bind admin.listen {}: {e}", config.admin.listen),
+            )
+        })?;
+        Ok(Listeners { public, admin })
+    }
+}
+
+/// Bind the public address so that every session thread can bind it too
+/// (`SO_REUSEPORT`; the kernel spreads new connections over their
+/// listeners). Give the router a listener made here: with any other, the
+/// session threads share one socket and all wake for every connection.
+pub fn public_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// The running session threads.
+pub(crate) struct SessionThreads {
+    /// Turns false when the threads must stop accepting.
+    accepting: watch::Sender<bool>,
+    /// Each thread holds a sender until it has closed its listener.
+    listeners_closed: mpsc::Receiver<()>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl SessionThreads {
+    /// Start `count` session threads, accepting on `public` (the first
+    /// thread) and on the address bound again for each other one (see
+    /// [`public_listener`]).
+    pub fn start(
+        public: TcpListener,
+        count: usize,
+        router: &Router,
+        shutdown: &Shutdown,
+    ) -> io::Result<SessionThreads> {
+        let (accepting, accepting_rx) = watch::channel(true);
+        let (listener_open, listeners_closed) = mpsc::channel::<()>(1);
+        let mut threads = Vec::with_capacity(count);
+        for (i, listener) in own_listeners(public, count)?.into_iter().enumerate() {
+            let router = router.clone();
+            let mut accepting = accepting_rx.clone();
+            let mut shutdown = shutdown.clone();
+            let listener_open = listener_open.clone();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let thread = std::thread::Builder::new()
+                .name(format!("wsrouter-sessions-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let listener = match TcpListener::from_std(listener) {
+                            Ok(listener) => listener,
+                            Err(error) => {
+                                tracing::error!(%error, thread = i, "session thread cannot watch its listener");
+                                return;
+                            }
+                        };
+                        let stop_accepting = async move {
+                            let _ = accepting.wait_for(|a| !*a).await;
+                        };
+                        accept_loop(&listener, &router, stop_accepting).await;
+                        drop(listener);
+                        drop(listener_open);
+                        drop(router);
+                        // Sessions keep running on this thread until every
+                        // one has ended (or the router gave up waiting).
+                        shutdown.reached(Phase::Done).await;
+                    });
+                })?;
+            threads.push(thread);
+        }
+        Ok(SessionThreads {
+            accepting,
+            listeners_closed,
+            threads,
+        })
+    }
+
+    /// Stop accepting, and return once every thread has closed its
+    /// listener (bounded): from then on new connections are refused.
+    pub async fn close_listeners(&mut self) {
+        let _ = self.accepting.send(false);
+        if tokio::time::timeout(LISTENERS_CLOSE_WAIT, self.listeners_closed.recv())
+            .await
+            .is_err()
+        {
+            tracing::warn!("a session thread did not close its listener in time");
+        }
+    }
+
+    /// Wait for the threads to exit (they do once the phase is `Done`).
+    pub async fn join(self) {
+        for thread in self.threads {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// One listener per thread: `public` for the first, the address bound
+/// again for the others (or, where it was not bound with `SO_REUSEPORT`,
+/// the one socket shared).
+fn own_listeners(public: TcpListener, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    let addr = public.local_addr()?;
+    let public = public.into_std()?;
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 1..count {
+        let own = match public_listener(addr) {
+            Ok(listener) => listener.into_std()?,
+            Err(e) => {
+                tracing::info!(error = %e, "session threads share the public listener");
+                public.try_clone()?
+            }
+        };
+        listeners.push(own);
+    }
+    listeners.insert(0, public);
+    Ok(listeners)
+}
+
+/// Accept until `stop`; each connection gets its own task. Errors on one
+/// connection are ignored; running out of file descriptors backs off.
+async fn accept_loop(listener: &TcpListener, router: &Router, stop: impl Future<Output = ()>) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(serve_connection(router.clone(), stream, peer));
+                }
+                Err(e) if is_connection_error(&e) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = &mut stop => return,
+        }
+    }
+}
+
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
