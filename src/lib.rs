@@ -5,48 +5,56 @@
 //!
 //! # Layout
 //!
+//! In the order a session travels (ARCHITECTURE.md draws the layers and
+//! the path of one session). Only `config`, `geo` and `steer` are public
+//! beyond the entry points below: the binary, the tests and the
+//! benchmarks use them.
+//!
 //! | module | owns |
 //! | --- | --- |
-//! | [`app`] | wiring: listeners, the session threads and their accept loops, background tasks, the shutdown sequence |
-//! | [`config`] | the TOML file, validation into [`config::Config`], errors naming fields; [`config::tls`] loads and checks `[tls]` and `[upstream_tls]` |
-//! | [`proxy_protocol`] | PROXY protocol v1/v2 headers from trusted L4 balancers |
-//! | [`tls`] | TLS running: the server config swapped on reload, [`tls::ClientStream`], dialing `wss://` backends |
-//! | [`handshake`] | the client's HTTP/1.1 upgrade: paths, 400/404/426, client address, session key |
-//! | [`geo`] | MaxMind DB lookups to a [`geo::Location`] |
+//! | `app` | wiring: shared state, background tasks, the admin server, the shutdown phases |
+//! | `shutdown` | the phase watch (running, draining, closing, done) and the session tracker |
+//! | [`config`] | the TOML file, validation into [`Config`], errors naming fields |
+//! | `listener` | `SO_REUSEPORT` listeners, the session threads and their accept loops |
+//! | `connection` | accept to 101: PROXY header, rate limit, TLS, the upgrade request, Origin, placement, the first dial |
+//! | `proxy_protocol` | PROXY protocol v1/v2 headers from trusted L4 balancers |
+//! | `tls` | TLS running: the server config swapped on reload, the client stream, dialing `wss://` backends |
+//! | `handshake` | parse and check the client's upgrade request: paths, client address, session key |
+//! | `answer` | every HTTP answer a client gets: the 101 and each refusal, with its metric result |
+//! | [`geo`] | MaxMind DB lookups to a location |
 //! | [`steer`] | pure ranking: region order and weighted rendezvous hashing |
-//! | [`backend`] | backends at run time: state, session slots, the set snapshot |
-//! | [`health`] | active health checks and their thresholds |
-//! | [`limits`] | per-IP rate and concurrency, global cap, Origin allow-list, message rates, under-attack mode |
-//! | [`upstream`] | dialing a backend WebSocket: the forwarded headers, the HTTP/1.1 upgrade, per-backend dial permits |
-//! | [`wire`] | the WebSocket wire: [`wire::frame`] finds whole messages from frame headers, checks the protocol and writes the router's own frames; [`wire::peer`] is one side's socket, reader and write queue |
-//! | [`session`] | one connection from accept to close; [`session::relay`] forwards frames both ways, [`session::migrate`] holds the replay window, the queue and the move chain |
-//! | [`memory`] | what sessions hold in bytes against the process budget: pause, then close the largest |
-//! | [`operator`] | operator actions (drain, undrain, reload) and the shutting-down flag, for the admin API and SIGHUP |
-//! | [`shutdown`] | the stop flag every task waits on |
-//! | [`admin`] | the admin listener: metrics, health, readiness, backends and memory API |
-//! | [`metrics`] | metric names, descriptions and the Prometheus recorder |
+//! | `limits` | per-IP rate and concurrency, global cap, Origin allow-list, message rates, under-attack mode |
+//! | `backend` | backends at run time: state, session slots, the set snapshot; `backend::control` is the cell a session is asked to move through |
+//! | `health` | active health checks and their thresholds |
+//! | `upstream` | dial one backend: the forwarded headers, the HTTP/1.1 upgrade, the 101 checks; `upstream::dialer` is the dial policy (first dial and the rounds of a move) |
+//! | `wire` | the WebSocket wire: `wire::frame` (RFC 6455 at the byte level), `wire::peer` (one side's socket, reader and write queue), `wire::close` (named close codes, client faults) |
+//! | `session` | one session from 101 to close: the relay and the move; `session::relay` forwards frames both ways, `session::replay` holds the replay window, the queue and the move chain |
+//! | `memory` | what sessions hold in bytes against the process budget: pause, then close the largest |
+//! | `operator` | operator actions (drain, undrain, reload) for the admin API and SIGHUP |
+//! | `admin` | the admin listener: metrics, health, readiness, backends and memory API |
+//! | `metrics` | metric names, descriptions, label value enums and the Prometheus recorder |
 
-pub mod admin;
+mod admin;
 mod answer;
-pub mod app;
-pub mod backend;
+mod app;
+mod backend;
 pub mod config;
 mod connection;
 pub mod geo;
-pub mod handshake;
-pub mod health;
-pub mod limits;
-pub mod listener;
-pub mod memory;
-pub mod metrics;
-pub mod operator;
-pub mod proxy_protocol;
-pub mod session;
-pub mod shutdown;
+mod handshake;
+mod health;
+mod limits;
+mod listener;
+mod memory;
+mod metrics;
+mod operator;
+mod proxy_protocol;
+mod session;
+mod shutdown;
 pub mod steer;
-pub mod tls;
-pub mod upstream;
-pub mod wire;
+mod tls;
+mod upstream;
+mod wire;
 
 pub use app::{Options, run, run_with};
 pub use config::Config;

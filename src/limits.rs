@@ -180,6 +180,7 @@ impl Limits {
     }
 
     /// Live sessions in all.
+    #[cfg(test)]
     pub fn sessions(&self) -> usize {
         self.shared.total.load(Ordering::Relaxed)
     }

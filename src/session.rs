@@ -56,6 +56,7 @@ pub struct Router {
     pub shutdown: Shutdown,
     /// Every connection holds a clone (inside its `Router`); the router
     /// knows all sessions ended when every clone is dropped.
+    #[expect(dead_code, reason = "held, never read: its drop is the signal")]
     pub sessions: SessionTracker,
     pub counters: TrafficCounters,
     /// Source of session ids (registry keys, never exported).

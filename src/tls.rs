@@ -25,7 +25,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use crate::config::BackendUrl;
-pub use crate::config::tls::{ALPN_HTTP11, CertificateFiles, TlsConfig, provider};
+pub use crate::config::tls::TlsConfig;
 use crate::wire::peer::ReadHint;
 
 // === running ===

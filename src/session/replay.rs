@@ -467,6 +467,7 @@ impl ReplayWindow {
     /// `max_messages` the backend read that are still young enough, then
     /// every one after the watermark. Leaves the window empty: they are
     /// pushed again as they are re-sent.
+    #[cfg(test)]
     pub fn take_fresh(&mut self, now: Instant) -> Vec<Bytes> {
         self.take_fresh_struck(now)
             .into_iter()
@@ -538,6 +539,7 @@ impl ReplayWindow {
         self.read_messages.min(self.margin())
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.batches.is_empty()
     }
@@ -620,17 +622,9 @@ impl PendingQueue {
         self.items.drain(..)
     }
 
-    pub fn len(&self) -> usize {
-        self.items.len()
-    }
-
     /// Bytes of the messages held.
     pub fn bytes(&self) -> usize {
         self.bytes
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
     }
 }
 

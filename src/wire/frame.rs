@@ -56,10 +56,6 @@ impl Header {
     pub fn frame_len(&self) -> usize {
         self.header_len + self.payload_len
     }
-
-    pub fn is_control(&self) -> bool {
-        self.opcode & 0x8 != 0
-    }
 }
 
 /// Read the frame header at the start of `buf`; `Ok(None)` while it is
@@ -338,10 +334,6 @@ impl Unit {
             | Unit::Pong { len, .. }
             | Unit::Close { len, .. } => len,
         }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
