@@ -25,6 +25,7 @@ pub const GEOIP_LOOKUPS_TOTAL: &str = "wsrouter_geoip_lookups_total";
 pub const REJECTED_CONNECTIONS_TOTAL: &str = "wsrouter_rejected_connections_total";
 pub const CLOSES_TOTAL: &str = "wsrouter_closes_total";
 pub const MIGRATIONS_TOTAL: &str = "wsrouter_migrations_total";
+pub const MIGRATIONS_STAYED_TOTAL: &str = "wsrouter_migrations_stayed_total";
 pub const MIGRATION_DURATION_SECONDS: &str = "wsrouter_migration_duration_seconds";
 pub const REPLAYED_MESSAGES_TOTAL: &str = "wsrouter_replayed_messages_total";
 pub const BUFFERED_BYTES: &str = "wsrouter_buffered_bytes";
@@ -241,6 +242,10 @@ fn describe() {
     describe_counter!(
         MIGRATIONS_TOTAL,
         "Sessions moved to another backend, by from, to and reason."
+    );
+    describe_counter!(
+        MIGRATIONS_STAYED_TOTAL,
+        "Planned moves (drain, removal, health) that found no other backend, so the session stayed, by reason."
     );
     describe_histogram!(
         MIGRATION_DURATION_SECONDS,

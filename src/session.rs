@@ -432,6 +432,8 @@ impl Session {
         let Some(Connected { mut upstream, slot }) = moved else {
             if let Some(mut old) = kept {
                 tracing::debug!(backend = %from, reason = reason.as_label(), "no other backend took the session; it stays");
+                metrics::counter!(m::MIGRATIONS_STAYED_TOTAL, "reason" => reason.as_label())
+                    .increment(1);
                 send_in_order(&mut old, &mut self.window, Vec::new(), queue.drain()).await;
                 return Ok(old);
             }

@@ -495,9 +495,25 @@ async fn draining_a_backend_with_nowhere_to_go_keeps_its_sessions_relaying() {
         .await;
     assert_eq!(status, 200, "{body}");
     // No other backend: the session stays (DESIGN: a planned move that finds
-    // no backend stays where it is), and keeps relaying both ways meanwhile.
-    for i in 0..5 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // no backend stays where it is), and keeps relaying both ways between
+    // the drain's requests (one every half second while it stays).
+    let r = &router;
+    let stayed = async || {
+        let text = r.admin_get("/metrics").await.1;
+        metric(
+            &text,
+            "wsrouter_migrations_stayed_total",
+            &[("reason", "drain")],
+        )
+    };
+    for i in 0..3 {
+        let before = stayed().await;
+        eventually(
+            "the session was asked to move, and stayed",
+            WAIT,
+            async || stayed().await > before,
+        )
+        .await;
         echo(&mut client, &format!("while draining {i}")).await;
     }
     assert_eq!(router.backend_sessions(&a.id).await, 1);
