@@ -9,7 +9,7 @@
 //! (the one it replaces exits at its next wake-up, without probing).
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -148,7 +148,7 @@ enum ProbeFailure {
 
 /// One GET on the backend's health path, bounded by the check timeout.
 async fn probe(backend: &Backend, config: &HealthCheckConfig) -> Result<(), ProbeFailure> {
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let deadline = config.timeout;
     let attempt = async {
         // wss:// backends are checked over https, their certificate verified.

@@ -257,15 +257,15 @@ impl MemoryBudget {
     pub async fn monitor(self, stop: impl Future<Output = ()>) {
         let mut stop = std::pin::pin!(stop);
         let mut state = Pressure::Normal;
-        let mut pressed_since: Option<std::time::Instant> = None;
+        let mut pressed_since: Option<tokio::time::Instant> = None;
         loop {
             let sustained = pressed_since.is_some_and(|at| at.elapsed() >= PAUSE_GRACE);
             let next = self.enforce(sustained);
             pressed_since = match next {
                 Pressure::Normal => None,
                 // A shed after sustained pausing gives the rest a new grace.
-                _ if sustained => Some(std::time::Instant::now()),
-                _ => pressed_since.or_else(|| Some(std::time::Instant::now())),
+                _ if sustained => Some(tokio::time::Instant::now()),
+                _ => pressed_since.or_else(|| Some(tokio::time::Instant::now())),
             };
             if next != state {
                 let (held, limit) = (self.held(), self.limit());

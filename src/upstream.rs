@@ -14,7 +14,7 @@ pub(crate) mod dialer;
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
@@ -176,7 +176,7 @@ pub async fn dial(
     let Ok(Ok(_permit)) = tokio::time::timeout_at(deadline, backend.dials.acquire()).await else {
         return Err(DialError::Busy);
     };
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let result = tokio::time::timeout_at(deadline, async {
         let key = generate_key();
         let head = build_request(backend, request, client, &key);
