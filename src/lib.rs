@@ -8,7 +8,7 @@
 //! | module | owns |
 //! | --- | --- |
 //! | [`app`] | wiring: listeners, the session threads and their accept loops, background tasks, the shutdown sequence |
-//! | [`config`] | the TOML file, validation into [`config::Config`], errors naming fields; [`config::tls`] loads and checks `[tls]` and `[upstream_tls]` |
+//! | [`config`] | the typed [`config::Config`], its defaults, errors naming fields; inside it `file` (the TOML schema), `validate` (each section checked, no I/O), `load` (the GeoIP database, the token file, certificates and CA roots) and [`config::tls`] (the TLS configs, the SNI resolver) |
 //! | [`proxy_protocol`] | PROXY protocol v1/v2 headers from trusted L4 balancers |
 //! | [`tls`] | TLS running: the server config swapped on reload, [`tls::ClientStream`], dialing `wss://` backends |
 //! | [`handshake`] | the client's HTTP/1.1 upgrade: paths, 400/404/426, client address, session key |
