@@ -174,8 +174,9 @@ pub struct Config {
     /// `[tls]`: the public listener speaks TLS with these certificates;
     /// `None` leaves it plain.
     pub tls: Option<TlsConfig>,
-    /// The TLS client for `wss://` backends (dials and health checks);
-    /// built when a backend is `wss://` or `[upstream_tls]` is present.
+    /// The TLS client for `wss://` backends (dials, and health checks over
+    /// https); built when a backend is `wss://` or `[upstream_tls]` is
+    /// present.
     pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
     pub regions: Vec<RegionConfig>,
     pub backends: Vec<BackendConfig>,
@@ -266,11 +267,9 @@ pub struct HealthCheckConfig {
     pub interval: Duration,
     pub timeout: Duration,
     /// Consecutive successes that bring an unhealthy backend back.
-    pub consecutive_success: u32,
+    pub rise: u32,
     /// Consecutive failures that take a healthy backend out.
-    pub consecutive_failure: u32,
-    /// The TLS client for checks of `wss://` backends (over https).
-    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    pub fall: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -453,10 +452,7 @@ fn build(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
         geoip: geoip.expect("no problems means the database opened"),
         session_key,
         steering,
-        health_check: HealthCheckConfig {
-            upstream_tls: upstream_tls.clone(),
-            ..health_check
-        },
+        health_check,
         relay,
         migration,
         passive_health,

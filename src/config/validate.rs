@@ -462,7 +462,7 @@ fn region_map(
     out
 }
 
-/// `[health_check]`; its `upstream_tls` is the one built for dials.
+/// `[health_check]`.
 pub(super) fn health_check(p: &mut Problems, file: &FileHealthCheck) -> HealthCheckConfig {
     let path = file
         .path
@@ -507,9 +507,8 @@ pub(super) fn health_check(p: &mut Problems, file: &FileHealthCheck) -> HealthCh
         expected_status,
         interval,
         timeout,
-        consecutive_success: rise,
-        consecutive_failure: fall,
-        upstream_tls: None,
+        rise,
+        fall,
     }
 }
 
