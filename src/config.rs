@@ -1,14 +1,15 @@
-//! Configuration: the TOML file, its validation into a typed [`Config`], and
-//! the errors that name the field at fault.
+//! Configuration: the typed [`Config`] the router runs on, its defaults
+//! (the `DEFAULT_*` constants; `examples/router.toml` documents each option
+//! beside its default) and the errors that name the field at fault.
 //!
-//! The pipeline is `router.toml -> FileConfig (serde) -> validate -> Config`.
-//! Validation never stops at the first problem: it collects every one, each
-//! with the dotted path of the field and what is wrong, so an operator fixes a
-//! file in one pass. `--check-config` and start-up run exactly this code, and
-//! nothing here binds a port. Defaults are the `DEFAULT_*` constants, and
-//! `examples/router.toml` documents each option beside its default.
+//! The pipeline is `router.toml -> file::FileConfig (serde) -> validate
+//! (each section's values) + load (the files they name) -> Config`.
+//! Neither stops at the first problem: every one is collected, with the
+//! dotted path of the field and what is wrong, so an operator fixes a file
+//! in one pass. `--check-config` and start-up run exactly this code, and
+//! nothing here binds a port.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,12 +17,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::Deserialize;
 
 use crate::geo::GeoDb;
 
+mod backend_url;
+mod file;
+mod load;
 pub mod tls;
+mod validate;
+
+pub use backend_url::BackendUrl;
+use file::FileConfig;
 use tls::TlsConfig;
+use validate::Problems;
 
 pub const DEFAULT_PUBLIC_LISTEN: &str = "0.0.0.0:8080";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -139,196 +147,6 @@ impl ConfigError {
     }
 }
 
-// === file structs: what the TOML looks like ===
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    #[serde(default)]
-    listener: FileListener,
-    #[serde(default)]
-    admin: FileAdmin,
-    #[serde(default)]
-    client_address: FileClientAddress,
-    geoip: Option<FileGeoIp>,
-    #[serde(default)]
-    session_key: FileSessionKey,
-    #[serde(default)]
-    steering: FileSteering,
-    #[serde(default)]
-    health_check: FileHealthCheck,
-    #[serde(default)]
-    relay: FileRelay,
-    #[serde(default)]
-    migration: FileMigration,
-    #[serde(default)]
-    passive_health: FilePassiveHealth,
-    #[serde(default)]
-    shutdown: FileShutdown,
-    #[serde(default)]
-    runtime: FileRuntime,
-    tls: Option<tls::FileTls>,
-    upstream_tls: Option<tls::FileUpstreamTls>,
-    #[serde(default)]
-    limits: FileLimits,
-    #[serde(default)]
-    regions: Vec<FileRegion>,
-    #[serde(default)]
-    backends: Vec<FileBackend>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileListener {
-    public: Option<String>,
-    paths: Option<Vec<String>>,
-    handshake_timeout: Option<String>,
-    max_request_header_bytes: Option<usize>,
-    #[serde(default)]
-    proxy_protocol_from: Vec<String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileAdmin {
-    listen: Option<String>,
-    token: Option<String>,
-    token_file: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileClientAddress {
-    #[serde(default)]
-    trusted_proxies: Vec<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileGeoIp {
-    database: String,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileSessionKey {
-    source: Option<String>,
-    name: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileSteering {
-    default_region: Option<String>,
-    #[serde(default)]
-    countries: HashMap<String, Vec<String>>,
-    #[serde(default)]
-    continents: HashMap<String, Vec<String>>,
-    dial_timeout: Option<String>,
-    max_dial_attempts: Option<u32>,
-    max_concurrent_dials: Option<u32>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileHealthCheck {
-    path: Option<String>,
-    expected_status: Option<u16>,
-    interval: Option<String>,
-    timeout: Option<String>,
-    rise: Option<u32>,
-    fall: Option<u32>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileRelay {
-    ping_interval: Option<String>,
-    idle_timeout: Option<String>,
-    max_message_bytes: Option<usize>,
-    close_timeout: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileMigration {
-    queue_max_bytes: Option<usize>,
-    replay_max_messages: Option<usize>,
-    replay_max_bytes: Option<usize>,
-    replay_max_age: Option<String>,
-    timeout: Option<String>,
-    max_rate_per_backend: Option<u32>,
-    max_moves: Option<u32>,
-    moves_window: Option<String>,
-    max_redeliveries: Option<u32>,
-    watermark_interval: Option<String>,
-    stall_timeout: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FilePassiveHealth {
-    max_failures: Option<u32>,
-    cooldown: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileLimits {
-    max_sessions: Option<usize>,
-    max_buffered_bytes: Option<usize>,
-    per_ip_connection_rate: Option<u32>,
-    per_ip_connection_burst: Option<u32>,
-    per_ip_max_sessions: Option<u32>,
-    allowed_origins: Option<Vec<String>>,
-    require_origin: Option<bool>,
-    session_message_rate: Option<u64>,
-    session_message_burst: Option<u64>,
-    session_byte_rate: Option<u64>,
-    session_byte_burst: Option<u64>,
-    #[serde(default)]
-    under_attack: FileUnderAttack,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileUnderAttack {
-    enabled: Option<bool>,
-    per_ip_connection_rate: Option<u32>,
-    per_ip_connection_burst: Option<u32>,
-    per_ip_max_sessions: Option<u32>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileShutdown {
-    grace_period: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileRuntime {
-    session_threads: Option<usize>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileRegion {
-    name: String,
-    latitude: f64,
-    longitude: f64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileBackend {
-    id: String,
-    url: String,
-    region: String,
-    weight: Option<u32>,
-    max_sessions: Option<u32>,
-}
-
 // === validated config: what the router runs on ===
 
 /// The validated configuration. Everything here has been checked; the GeoIP
@@ -356,8 +174,9 @@ pub struct Config {
     /// `[tls]`: the public listener speaks TLS with these certificates;
     /// `None` leaves it plain.
     pub tls: Option<TlsConfig>,
-    /// The TLS client for `wss://` backends (dials and health checks);
-    /// built when a backend is `wss://` or `[upstream_tls]` is present.
+    /// The TLS client for `wss://` backends (dials, and health checks over
+    /// https); built when a backend is `wss://` or `[upstream_tls]` is
+    /// present.
     pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
     pub regions: Vec<RegionConfig>,
     pub backends: Vec<BackendConfig>,
@@ -411,7 +230,7 @@ impl fmt::Debug for AdminConfig {
 #[derive(Clone)]
 pub struct GeoIpConfig {
     pub database: PathBuf,
-    /// The database, opened and checked at validation time.
+    /// The database, opened and checked with the configuration.
     pub db: Arc<GeoDb>,
 }
 
@@ -448,11 +267,9 @@ pub struct HealthCheckConfig {
     pub interval: Duration,
     pub timeout: Duration,
     /// Consecutive successes that bring an unhealthy backend back.
-    pub consecutive_success: u32,
+    pub rise: u32,
     /// Consecutive failures that take a healthy backend out.
-    pub consecutive_failure: u32,
-    /// The TLS client for checks of `wss://` backends (over https).
-    pub upstream_tls: Option<Arc<rustls::ClientConfig>>,
+    pub fall: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -502,7 +319,7 @@ pub struct MigrationConfig {
 pub struct LimitsConfig {
     /// Sessions in all; past it, 503 before the upgrade.
     pub max_sessions: usize,
-    /// Bytes held for clients and backends in all (see [`crate::memory`]);
+    /// Bytes held for clients and backends in all (see the memory module);
     /// never 0: the default is half the memory the process may use.
     pub max_buffered_bytes: usize,
     /// Per client address, normally.
@@ -562,84 +379,6 @@ pub struct BackendConfig {
     pub max_sessions: u32,
 }
 
-/// A parsed backend URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendUrl {
-    pub host: String,
-    pub port: u16,
-    /// `wss://`: TLS to the backend, its certificate checked for `host`.
-    pub tls: bool,
-    /// Path prefix without a trailing slash (may be empty).
-    pub prefix: String,
-    /// The original text, for display.
-    pub raw: String,
-}
-
-impl BackendUrl {
-    /// Parse `ws://host[:port][/prefix]` or `wss://...` (ports 80 and 443
-    /// by default).
-    pub fn parse(raw: &str) -> Result<BackendUrl, String> {
-        let (rest, tls) = if let Some(rest) = raw.strip_prefix("ws://") {
-            (rest, false)
-        } else if let Some(rest) = raw.strip_prefix("wss://") {
-            (rest, true)
-        } else {
-            return Err(format!("{raw:?} must start with ws:// or wss://"));
-        };
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, ""),
-        };
-        if path.contains('?') || path.contains('#') {
-            return Err(format!(
-                "{raw:?} must not have a query or fragment: the client's query is forwarded"
-            ));
-        }
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (h, p) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("{raw:?} has an unclosed '[' in the host"))?;
-            (h.to_string(), p.strip_prefix(':'))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p)),
-                None => (authority.to_string(), None),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!("{raw:?} has no host"));
-        }
-        if host.contains('@') {
-            return Err(format!("{raw:?} must not carry credentials"));
-        }
-        let port = match port {
-            None | Some("") if tls => 443,
-            None | Some("") => 80,
-            Some(p) => p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("{raw:?} has an invalid port {p:?}"))?,
-        };
-        Ok(BackendUrl {
-            host,
-            port,
-            tls,
-            prefix: path.trim_end_matches('/').to_string(),
-            raw: raw.to_string(),
-        })
-    }
-
-    /// `host:port` as it goes into a Host header or a TCP connect.
-    pub fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
-}
-
 impl Config {
     /// Read, parse and validate a config file. Relative paths inside it (the
     /// GeoIP database) are resolved against the file's directory, and when
@@ -660,7 +399,7 @@ impl Config {
             path: origin.to_path_buf(),
             message: e.to_string().trim_end().replace('\n', "\n    "),
         })?;
-        validate(file, base).map_err(|problems| ConfigError::Invalid {
+        build(file, base).map_err(|problems| ConfigError::Invalid {
             path: origin.to_path_buf(),
             problems,
         })
@@ -672,652 +411,48 @@ impl Config {
     }
 }
 
-/// Collects problems while validating.
-#[derive(Default)]
-struct Problems(Vec<ConfigProblem>);
-
-impl Problems {
-    fn add(&mut self, field: impl Into<String>, problem: impl Into<String>) {
-        self.0.push(ConfigProblem {
-            field: field.into(),
-            problem: problem.into(),
-        });
-    }
-
-    /// Note a number outside `lo..=hi`.
-    fn between<T: PartialOrd + std::fmt::Display>(&mut self, field: &str, value: T, lo: T, hi: T) {
-        if value < lo || value > hi {
-            self.add(field, format!("{value} must be between {lo} and {hi}"));
-        }
-    }
-
-    fn duration(&mut self, field: &str, value: Option<&String>, default: Duration) -> Duration {
-        let Some(text) = value else { return default };
-        match humantime::parse_duration(text) {
-            Ok(d) if d.is_zero() => {
-                self.add(field, format!("{text:?} must be greater than zero"));
-                default
-            }
-            Ok(d) => d,
-            Err(e) => {
-                self.add(
-                    field,
-                    format!(
-                        "{text:?} is not a duration ({e}); write e.g. \"500ms\", \"10s\", \"2m\""
-                    ),
-                );
-                default
-            }
-        }
-    }
-
-    fn addr(&mut self, field: &str, value: Option<&String>, default: &str) -> SocketAddr {
-        let text = value.map(String::as_str).unwrap_or(default);
-        text.parse().unwrap_or_else(|_| {
-            self.add(
-                field,
-                format!("{text:?} is not a socket address; write e.g. \"127.0.0.1:8080\" or \"[::1]:8080\""),
-            );
-            default.parse().expect("default addresses parse")
-        })
-    }
-}
-
-/// Parse a list of addresses or CIDRs, naming each bad entry.
-fn cidrs(p: &mut Problems, field: &str, list: &[String]) -> Vec<IpNet> {
-    let mut out = Vec::new();
-    for (i, cidr) in list.iter().enumerate() {
-        let parsed = cidr
-            .parse::<IpNet>()
-            .or_else(|_| cidr.parse::<std::net::IpAddr>().map(IpNet::from));
-        match parsed {
-            Ok(net) => out.push(net.trunc()),
-            Err(_) => p.add(
-                format!("{field}[{i}]"),
-                format!("{cidr:?} is not an address or CIDR, e.g. \"10.0.0.0/8\""),
-            ),
-        }
-    }
-    out
-}
-
-fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
+/// Validate every section and load what it names, section by section: the
+/// order problems are listed in.
+fn build(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
     let mut p = Problems::default();
-
-    // listener
-    let public = p.addr(
-        "listener.public",
-        file.listener.public.as_ref(),
-        DEFAULT_PUBLIC_LISTEN,
-    );
-    let paths = file
-        .listener
-        .paths
-        .unwrap_or_else(|| DEFAULT_PATHS.iter().map(|s| s.to_string()).collect());
-    if paths.is_empty() {
-        p.add(
-            "listener.paths",
-            "must list at least one path, e.g. [\"/chat\"]",
-        );
-    }
-    for (i, path) in paths.iter().enumerate() {
-        if !path.starts_with('/') || path.contains('?') || path.contains(char::is_whitespace) {
-            p.add(
-                format!("listener.paths[{i}]"),
-                format!("{path:?} must be an absolute path like \"/chat\", without a query"),
-            );
-        }
-    }
-    let handshake_timeout = p.duration(
-        "listener.handshake_timeout",
-        file.listener.handshake_timeout.as_ref(),
-        DEFAULT_HANDSHAKE_TIMEOUT,
-    );
-    let max_request_header_bytes = file
-        .listener
-        .max_request_header_bytes
-        .unwrap_or(DEFAULT_MAX_REQUEST_HEADER_BYTES);
-    p.between(
-        "listener.max_request_header_bytes",
-        max_request_header_bytes,
-        1024,
-        1024 * 1024,
-    );
-
-    let proxy_protocol_from = cidrs(
-        &mut p,
-        "listener.proxy_protocol_from",
-        &file.listener.proxy_protocol_from,
-    );
-
-    // admin
-    let admin = p.addr(
-        "admin.listen",
-        file.admin.listen.as_ref(),
-        DEFAULT_ADMIN_LISTEN,
-    );
-    if admin == public && public.port() != 0 {
-        p.add("admin.listen", "must differ from listener.public");
-    }
-    let token = match (&file.admin.token, &file.admin.token_file) {
-        (Some(_), Some(_)) => {
-            p.add(
-                "admin.token_file",
-                "set either admin.token or admin.token_file, not both",
-            );
-            None
-        }
-        (Some(t), None) => Some(t.clone()),
-        (None, Some(path)) => match std::fs::read_to_string(base.join(path)) {
-            Ok(t) => Some(t.trim().to_string()),
-            Err(e) => {
-                p.add("admin.token_file", format!("cannot read {path:?}: {e}"));
-                None
-            }
-        },
-        (None, None) => None,
-    };
-    if token.as_deref() == Some("") {
-        p.add(
-            "admin.token",
-            "must not be empty (leave it out to disable the check)",
-        );
-    }
-
-    // client address
-    let trusted_proxies = cidrs(
-        &mut p,
-        "client_address.trusted_proxies",
-        &file.client_address.trusted_proxies,
-    );
-
-    // geoip
-    let geoip = match &file.geoip {
-        None => {
-            p.add(
-                "geoip.database",
-                "is required: the path of a GeoIP2/GeoLite2 City or Country .mmdb file",
-            );
-            None
-        }
-        Some(g) => {
-            let mut path = PathBuf::from(&g.database);
-            if path.is_relative() && base.join(&path).exists() {
-                path = base.join(&path);
-            }
-            match GeoDb::open(&path) {
-                Ok(db) => Some(GeoIpConfig {
-                    database: path,
-                    db: Arc::new(db),
-                }),
-                Err(e) => {
-                    p.add("geoip.database", e.to_string());
-                    None
-                }
-            }
-        }
-    };
-
-    // session key
-    let key_name = file
-        .session_key
-        .name
-        .clone()
-        .unwrap_or_else(|| DEFAULT_SESSION_KEY_NAME.to_string());
-    if key_name.is_empty() || !key_name.bytes().all(|b| b.is_ascii_graphic()) {
-        p.add(
-            "session_key.name",
-            format!("{key_name:?} must be a non-empty token"),
-        );
-    }
-    let session_key = match file.session_key.source.as_deref().unwrap_or("query") {
-        "query" => SessionKeySource::Query(key_name),
-        "header" => SessionKeySource::Header(key_name.to_ascii_lowercase()),
-        "cookie" => SessionKeySource::Cookie(key_name),
-        other => {
-            p.add(
-                "session_key.source",
-                format!("{other:?} is not one of \"query\", \"header\", \"cookie\""),
-            );
-            SessionKeySource::Query(key_name)
-        }
-    };
-
-    // regions
-    let mut regions = Vec::new();
-    let mut region_names = HashSet::new();
-    if file.regions.is_empty() {
-        p.add("regions", "must define at least one [[regions]] entry");
-    }
-    for (i, r) in file.regions.iter().enumerate() {
-        if r.name.is_empty() {
-            p.add(format!("regions[{i}].name"), "must not be empty");
-        } else if !region_names.insert(r.name.clone()) {
-            p.add(
-                format!("regions[{i}].name"),
-                format!("duplicate region {:?}", r.name),
-            );
-        }
-        if !(-90.0..=90.0).contains(&r.latitude) {
-            p.add(
-                format!("regions[{i}].latitude"),
-                format!("{} is outside -90..90", r.latitude),
-            );
-        }
-        if !(-180.0..=180.0).contains(&r.longitude) {
-            p.add(
-                format!("regions[{i}].longitude"),
-                format!("{} is outside -180..180", r.longitude),
-            );
-        }
-        regions.push(RegionConfig {
-            name: r.name.clone(),
-            latitude: r.latitude,
-            longitude: r.longitude,
-        });
-    }
-    let region_of = |name: &str| regions.iter().position(|r| r.name == name);
-    let known = || {
-        regions
-            .iter()
-            .map(|r| format!("{:?}", r.name))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-
-    // backends
-    let mut backends = Vec::new();
-    let mut ids = HashSet::new();
-    if file.backends.is_empty() {
-        p.add("backends", "must define at least one [[backends]] entry");
-    }
-    for (i, b) in file.backends.iter().enumerate() {
-        if b.id.is_empty()
-            || !b
-                .id
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
-        {
-            p.add(
-                format!("backends[{i}].id"),
-                format!(
-                    "{:?} must be non-empty and use only letters, digits, '-', '_' or '.'",
-                    b.id
-                ),
-            );
-        } else if !ids.insert(b.id.clone()) {
-            p.add(
-                format!("backends[{i}].id"),
-                format!("duplicate backend id {:?}", b.id),
-            );
-        }
-        let url = BackendUrl::parse(&b.url).map_err(|e| p.add(format!("backends[{i}].url"), e));
-        let region = region_of(&b.region);
-        if region.is_none() {
-            p.add(
-                format!("backends[{i}].region"),
-                format!(
-                    "unknown region {:?}; defined regions: {}",
-                    b.region,
-                    known()
-                ),
-            );
-        }
-        let weight = b.weight.unwrap_or(DEFAULT_WEIGHT);
-        if weight == 0 {
-            p.add(
-                format!("backends[{i}].weight"),
-                "must be at least 1 (drain a backend instead of weighting it 0)",
-            );
-        }
-        let max_sessions = b.max_sessions.unwrap_or(DEFAULT_MAX_SESSIONS);
-        if max_sessions == 0 {
-            p.add(format!("backends[{i}].max_sessions"), "must be at least 1");
-        }
-        if let (Ok(url), Some(region)) = (url, region) {
-            backends.push(BackendConfig {
-                id: b.id.clone(),
-                url,
-                region,
-                weight,
-                max_sessions,
-            });
-        }
-    }
-
-    // steering
-    let default_region = match &file.steering.default_region {
-        Some(name) => region_of(name).unwrap_or_else(|| {
-            p.add(
-                "steering.default_region",
-                format!("unknown region {name:?}; defined regions: {}", known()),
-            );
-            0
-        }),
-        None => {
-            if regions.len() > 1 {
-                p.add(
-                    "steering.default_region",
-                    "is required when there is more than one region",
-                );
-            }
-            0
-        }
-    };
-    let mut region_map = |section: &str, map: &HashMap<String, Vec<String>>, code_len: usize| {
-        let mut out = HashMap::new();
-        for (code, names) in map {
-            let field = format!("steering.{section}.{code}");
-            if code.len() != code_len || !code.bytes().all(|b| b.is_ascii_alphabetic()) {
-                p.add(&field, format!("{code:?} is not a {code_len}-letter code"));
-            }
-            if names.is_empty() {
-                p.add(&field, "must list at least one region");
-            }
-            let mut list = Vec::new();
-            for name in names {
-                match region_of(name) {
-                    Some(r) => list.push(r),
-                    None => p.add(
-                        &field,
-                        format!("unknown region {name:?}; defined regions: {}", known()),
-                    ),
-                }
-            }
-            out.insert(code.to_ascii_uppercase(), list);
-        }
-        out
-    };
-    let countries = region_map("countries", &file.steering.countries, 2);
-    let continents = region_map("continents", &file.steering.continents, 2);
-    let dial_timeout = p.duration(
-        "steering.dial_timeout",
-        file.steering.dial_timeout.as_ref(),
-        DEFAULT_DIAL_TIMEOUT,
-    );
-    let max_dial_attempts = file
-        .steering
-        .max_dial_attempts
-        .unwrap_or(DEFAULT_MAX_DIAL_ATTEMPTS);
-    p.between("steering.max_dial_attempts", max_dial_attempts, 1, 16);
-    let max_concurrent_dials = file
-        .steering
-        .max_concurrent_dials
-        .unwrap_or(DEFAULT_MAX_CONCURRENT_DIALS);
-    p.between(
-        "steering.max_concurrent_dials",
-        max_concurrent_dials,
-        1,
-        65_535,
-    );
-
-    // health checks
-    let hc = &file.health_check;
-    let health_path = hc
-        .path
-        .clone()
-        .unwrap_or_else(|| DEFAULT_HEALTH_PATH.into());
-    if !health_path.starts_with('/') {
-        p.add(
-            "health_check.path",
-            format!("{health_path:?} must start with '/'"),
-        );
-    }
-    let expected_status = hc.expected_status.unwrap_or(DEFAULT_HEALTH_STATUS);
-    if !(100..=599).contains(&expected_status) {
-        p.add(
-            "health_check.expected_status",
-            format!("{expected_status} is not an HTTP status"),
-        );
-    }
-    let interval = p.duration(
-        "health_check.interval",
-        hc.interval.as_ref(),
-        DEFAULT_HEALTH_INTERVAL,
-    );
-    let timeout = p.duration(
-        "health_check.timeout",
-        hc.timeout.as_ref(),
-        DEFAULT_HEALTH_TIMEOUT,
-    );
-    if timeout > interval {
-        p.add(
-            "health_check.timeout",
-            "must not be longer than health_check.interval",
-        );
-    }
-    let rise = hc.rise.unwrap_or(DEFAULT_HEALTH_RISE);
-    let fall = hc.fall.unwrap_or(DEFAULT_HEALTH_FALL);
-    if rise == 0 {
-        p.add("health_check.rise", "must be at least 1");
-    }
-    if fall == 0 {
-        p.add("health_check.fall", "must be at least 1");
-    }
-
-    // relay
-    let r = &file.relay;
-    let relay = RelayConfig {
-        ping_interval: p.duration(
-            "relay.ping_interval",
-            r.ping_interval.as_ref(),
-            DEFAULT_PING_INTERVAL,
-        ),
-        idle_timeout: p.duration(
-            "relay.idle_timeout",
-            r.idle_timeout.as_ref(),
-            DEFAULT_IDLE_TIMEOUT,
-        ),
-        max_message_bytes: r.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
-        close_timeout: p.duration(
-            "relay.close_timeout",
-            r.close_timeout.as_ref(),
-            DEFAULT_CLOSE_TIMEOUT,
-        ),
-    };
-    if relay.max_message_bytes < 125 {
-        p.add("relay.max_message_bytes", "must be at least 125");
-    }
-    if relay.idle_timeout <= relay.ping_interval {
-        p.add(
-            "relay.idle_timeout",
-            "must be longer than relay.ping_interval, or every quiet session is cut",
-        );
-    }
-
-    // migration, passive health, shutdown
-    let mg = &file.migration;
-    let migration = MigrationConfig {
-        queue_max_bytes: mg.queue_max_bytes.unwrap_or(DEFAULT_QUEUE_MAX_BYTES),
-        replay_max_messages: mg
-            .replay_max_messages
-            .unwrap_or(DEFAULT_REPLAY_MAX_MESSAGES),
-        replay_max_bytes: mg.replay_max_bytes.unwrap_or(DEFAULT_REPLAY_MAX_BYTES),
-        replay_max_age: p.duration(
-            "migration.replay_max_age",
-            mg.replay_max_age.as_ref(),
-            DEFAULT_REPLAY_MAX_AGE,
-        ),
-        timeout: p.duration(
-            "migration.timeout",
-            mg.timeout.as_ref(),
-            DEFAULT_MIGRATION_TIMEOUT,
-        ),
-        max_rate_per_backend: mg.max_rate_per_backend.unwrap_or(DEFAULT_MIGRATION_RATE),
-        max_moves: mg.max_moves.unwrap_or(DEFAULT_MAX_MOVES),
-        moves_window: p.duration(
-            "migration.moves_window",
-            mg.moves_window.as_ref(),
-            DEFAULT_MOVES_WINDOW,
-        ),
-        max_redeliveries: mg.max_redeliveries.unwrap_or(DEFAULT_MAX_REDELIVERIES),
-        watermark_interval: p.duration(
-            "migration.watermark_interval",
-            mg.watermark_interval.as_ref(),
-            DEFAULT_WATERMARK_INTERVAL,
-        ),
-        stall_timeout: p.duration(
-            "migration.stall_timeout",
-            mg.stall_timeout.as_ref(),
-            DEFAULT_STALL_TIMEOUT,
-        ),
-    };
-    if migration.replay_max_bytes < 1024 {
-        p.add("migration.replay_max_bytes", "must be at least 1024 bytes");
-    }
-    if migration.stall_timeout <= migration.watermark_interval {
-        p.add(
-            "migration.stall_timeout",
-            "must be longer than migration.watermark_interval",
-        );
-    }
-    if migration.max_moves == 0 {
-        p.add("migration.max_moves", "must be at least 1 move");
-    }
-    if migration.max_redeliveries == 0 {
-        p.add("migration.max_redeliveries", "must be at least 1 backend");
-    }
-    if migration.queue_max_bytes == 0 {
-        p.add("migration.queue_max_bytes", "must be at least 1");
-    }
-    if migration.max_rate_per_backend == 0 {
-        p.add(
-            "migration.max_rate_per_backend",
-            "must be at least 1 session per second",
-        );
-    }
-    let ph = &file.passive_health;
-    let passive_health = PassiveHealthConfig {
-        max_failures: ph.max_failures.unwrap_or(DEFAULT_PASSIVE_FAILURES),
-        cooldown: p.duration(
-            "passive_health.cooldown",
-            ph.cooldown.as_ref(),
-            DEFAULT_PASSIVE_COOLDOWN,
-        ),
-    };
-    if passive_health.max_failures == 0 {
-        p.add("passive_health.max_failures", "must be at least 1");
-    }
-    let session_threads = file.runtime.session_threads.unwrap_or(0);
-    if session_threads > 1024 {
-        p.add(
-            "runtime.session_threads",
-            format!("{session_threads} must be at most 1024 (0: one per CPU core)"),
-        );
-    }
-    let shutdown_grace = match &file.shutdown.grace_period {
-        Some(text) if text.trim() == "0s" || text.trim() == "0" => Duration::ZERO,
-        other => p.duration(
-            "shutdown.grace_period",
-            other.as_ref(),
-            DEFAULT_SHUTDOWN_GRACE,
-        ),
-    };
-
-    // limits
-    let l = &file.limits;
-    let ua = &l.under_attack;
-    let per_ip = PerIpLimits {
-        connection_rate: l.per_ip_connection_rate.unwrap_or(0),
-        connection_burst: l.per_ip_connection_burst.unwrap_or(0),
-        max_sessions: l.per_ip_max_sessions.unwrap_or(0),
-    };
-    let under_attack = PerIpLimits {
-        connection_rate: ua
-            .per_ip_connection_rate
-            .unwrap_or(DEFAULT_ATTACK_CONNECTION_RATE),
-        connection_burst: ua
-            .per_ip_connection_burst
-            .unwrap_or(DEFAULT_ATTACK_CONNECTION_BURST),
-        max_sessions: ua
-            .per_ip_max_sessions
-            .unwrap_or(DEFAULT_ATTACK_MAX_SESSIONS),
-    };
-    let allowed_origins = l.allowed_origins.clone().unwrap_or_default();
-    for (i, origin) in allowed_origins.iter().enumerate() {
-        let valid = (origin.starts_with("https://") || origin.starts_with("http://"))
-            && !origin
-                .trim_end_matches('/')
-                .contains(|c: char| c.is_whitespace())
-            && origin.matches('/').count() == 2;
-        if !valid {
-            p.add(
-                format!("limits.allowed_origins[{i}]"),
-                format!("{origin:?} must be an origin like \"https://chat.example.com\" (scheme, host, optional port; no path)"),
-            );
-        }
-    }
-    let max_buffered_bytes = l
-        .max_buffered_bytes
-        .unwrap_or_else(crate::memory::default_budget);
-    if max_buffered_bytes < MIN_BUFFERED_BYTES {
-        p.add(
-            "limits.max_buffered_bytes",
-            format!("{max_buffered_bytes} must be at least {MIN_BUFFERED_BYTES} (16 MiB)"),
-        );
-    }
-    let limits = LimitsConfig {
-        max_sessions: l.max_sessions.unwrap_or(0),
-        max_buffered_bytes,
-        per_ip,
-        under_attack,
-        start_under_attack: ua.enabled.unwrap_or(false),
-        allowed_origins,
-        require_origin: l.require_origin.unwrap_or(false),
-        session_message_rate: l.session_message_rate.unwrap_or(0),
-        session_message_burst: l.session_message_burst.unwrap_or(0),
-        session_byte_rate: l.session_byte_rate.unwrap_or(0),
-        session_byte_burst: l.session_byte_burst.unwrap_or(0),
-    };
-    // tls: certificates and keys are read and checked here, so a bad one
-    // fails --check-config and a reload.
-    let tls = file
-        .tls
-        .as_ref()
-        .and_then(|t| tls::validate(t, base).map_err(|e| p.0.extend(e)).ok());
-    let upstream_tls = if file.upstream_tls.is_some() || backends.iter().any(|b| b.url.tls) {
-        tls::upstream_client_config(file.upstream_tls.as_ref(), base)
-            .map_err(|e| p.0.extend(e))
-            .ok()
-    } else {
-        None
-    };
-
-    if !p.0.is_empty() {
-        return Err(p.0);
-    }
+    let listener = validate::listener(&mut p, &file.listener);
+    let (admin_listen, token) = validate::admin(&mut p, &file.admin, listener.public);
+    let token = load::admin_token(&mut p, token, base);
+    let token = validate::admin_token(&mut p, token);
+    let trusted_proxies = validate::client_address(&mut p, &file.client_address);
+    let geoip = validate::geoip(&mut p, file.geoip.as_ref())
+        .and_then(|database| load::geoip(&mut p, database, base));
+    let session_key = validate::session_key(&mut p, &file.session_key);
+    let regions = validate::regions(&mut p, &file.regions);
+    let backends = validate::backends(&mut p, &file.backends, &regions);
+    let steering = validate::steering(&mut p, &file.steering, &regions);
+    let health_check = validate::health_check(&mut p, &file.health_check);
+    let relay = validate::relay(&mut p, &file.relay);
+    let migration = validate::migration(&mut p, &file.migration);
+    let passive_health = validate::passive_health(&mut p, &file.passive_health);
+    let session_threads = validate::runtime(&mut p, &file.runtime);
+    let shutdown_grace = validate::shutdown(&mut p, &file.shutdown);
+    let limits = validate::limits(&mut p, &file.limits, load::memory_budget);
+    // Certificates and keys are read and checked here, so a bad one fails
+    // --check-config and a reload.
+    let tls = file.tls.as_ref().and_then(|t| {
+        validate::tls(&mut p, t);
+        load::tls(&mut p, t, base)
+    });
+    let upstream_tls = validate::upstream_tls(file.upstream_tls.as_ref(), &backends)
+        .and_then(|roots| load::upstream_tls(&mut p, roots, base));
+    p.finish()?;
     Ok(Config {
-        listener: ListenerConfig {
-            public,
-            paths,
-            handshake_timeout,
-            max_request_header_bytes,
-            proxy_protocol_from,
-        },
+        listener,
         admin: AdminConfig {
-            listen: admin,
+            listen: admin_listen,
             token,
         },
         trusted_proxies,
         geoip: geoip.expect("no problems means the database opened"),
         session_key,
-        steering: SteeringConfig {
-            default_region,
-            countries,
-            continents,
-            dial_timeout,
-            max_dial_attempts,
-            max_concurrent_dials,
-        },
-        health_check: HealthCheckConfig {
-            path: health_path,
-            expected_status,
-            interval,
-            timeout,
-            consecutive_success: rise,
-            consecutive_failure: fall,
-            upstream_tls: upstream_tls.clone(),
-        },
+        steering,
+        health_check,
         relay,
         migration,
         passive_health,
@@ -1329,37 +464,4 @@ fn validate(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>>
         regions,
         backends,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backend_urls_parse() {
-        let u = BackendUrl::parse("ws://10.0.0.1:9001/chat/").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.prefix.as_str()),
-            ("10.0.0.1", 9001, "/chat")
-        );
-        let u = BackendUrl::parse("ws://[::1]:9001").unwrap();
-        assert_eq!(
-            (u.host.as_str(), u.port, u.authority().as_str()),
-            ("::1", 9001, "[::1]:9001")
-        );
-        assert_eq!(BackendUrl::parse("ws://example.com").unwrap().port, 80);
-        let u = BackendUrl::parse("wss://example.com/chat").unwrap();
-        assert_eq!((u.tls, u.port, u.prefix.as_str()), (true, 443, "/chat"));
-        assert!(!BackendUrl::parse("ws://example.com").unwrap().tls);
-        for bad in [
-            "http://x:1",
-            "ws://:1",
-            "ws://x:0",
-            "ws://x:99999",
-            "ws://x:1/a?b",
-            "x",
-        ] {
-            assert!(BackendUrl::parse(bad).is_err(), "{bad} should be refused");
-        }
-    }
 }

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use rustls::ClientConfig;
 
 use crate::backend::{Backend, LastCheck};
 use crate::config::{Config, HealthCheckConfig};
@@ -82,12 +83,11 @@ pub fn spawn_check(
 ) {
     let generation = backend.new_checker();
     tokio::spawn(async move {
-        let config = shared_config.load().health_check.clone();
-        let mut thresholds = Thresholds::new(
-            backend.is_healthy(),
-            config.consecutive_success,
-            config.consecutive_failure,
-        );
+        let (config, upstream_tls) = {
+            let current = shared_config.load();
+            (current.health_check.clone(), current.upstream_tls.clone())
+        };
+        let mut thresholds = Thresholds::new(backend.is_healthy(), config.rise, config.fall);
         let mut interval = tokio::time::interval(config.interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -98,7 +98,7 @@ pub fn spawn_check(
             if backend.is_removed() || !backend.is_current_checker(generation) {
                 return;
             }
-            let result = probe(&backend, &config).await;
+            let result = probe(&backend, &config, upstream_tls.as_ref()).await;
             if !backend.is_current_checker(generation) {
                 // A reload replaced this checker while it probed.
                 return;
@@ -147,12 +147,16 @@ enum ProbeFailure {
 }
 
 /// One GET on the backend's health path, bounded by the check timeout.
-async fn probe(backend: &Backend, config: &HealthCheckConfig) -> Result<(), ProbeFailure> {
+async fn probe(
+    backend: &Backend,
+    config: &HealthCheckConfig,
+    upstream_tls: Option<&Arc<ClientConfig>>,
+) -> Result<(), ProbeFailure> {
     let started = tokio::time::Instant::now();
     let deadline = config.timeout;
     let attempt = async {
         // wss:// backends are checked over https, their certificate verified.
-        let stream = crate::tls::connect_backend(&backend.url, config.upstream_tls.as_ref())
+        let stream = crate::tls::connect_backend(&backend.url, upstream_tls)
             .await
             .map_err(ProbeFailure::Connect)?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))

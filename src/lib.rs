@@ -14,7 +14,7 @@
 //! | --- | --- |
 //! | `app` | wiring: shared state, background tasks, the admin server, the shutdown phases |
 //! | `shutdown` | the phase watch (running, draining, closing, done) and the session tracker |
-//! | [`config`] | the TOML file, validation into [`Config`], errors naming fields |
+//! | [`config`] | the typed [`Config`], its defaults, errors naming fields; inside it `file` (the TOML schema), `validate` (each section checked, no I/O), `load` (the GeoIP database, the token file, certificates and CA roots) and `config::tls` (the TLS configs, the SNI resolver) |
 //! | `listener` | `SO_REUSEPORT` listeners, the session threads and their accept loops |
 //! | `connection` | accept to 101: PROXY header, rate limit, TLS, the upgrade request, Origin, placement, the first dial |
 //! | `proxy_protocol` | PROXY protocol v1/v2 headers from trusted L4 balancers |
