@@ -26,8 +26,8 @@ BACKEND_ADDR=127.0.0.1:19001
 PROXY_ADDR=127.0.0.1:18080
 ADMIN_ADDR=127.0.0.1:19090
 ALL_TARGETS=direct,wsrouter,haproxy,nginx
-# Byte tunnels on tokio, on a hand-written epoll loop (examples/) and on
-# io_uring (bench/uring_tunnel/), run only when named: BENCHMARKS.md, "The
+# Byte tunnels on tokio, on a hand-written epoll loop (bench/src/bin/) and
+# on io_uring (bench/uring_tunnel/), run only when named: BENCHMARKS.md, "The
 # tokio floor".
 YARDSTICKS=tokio-tunnel,mio-tunnel,uring-tunnel
 ALL_WORKLOADS=latency,throughput,large,idle,churn
@@ -241,7 +241,7 @@ start_target() {
             proxy_pid=$!
             ;;
         tokio-tunnel | mio-tunnel)
-            "$ROOT/target/release/examples/${target/-/_}" --listen "$PROXY_ADDR" --backend "$BACKEND_ADDR" 2>"$out/logs/$tag-proxy.log" &
+            "$ROOT/target/release/${target/-/_}" --listen "$PROXY_ADDR" --backend "$BACKEND_ADDR" 2>"$out/logs/$tag-proxy.log" &
             proxy_pid=$!
             ;;
         uring-tunnel)

@@ -9,19 +9,21 @@ raise_fd_limit() {
     log "open files limit: $(ulimit -n)"
 }
 
-# Build the release binaries when $1 is 1 (with the byte tunnels that
-# compare.sh can measure as yardsticks), then set WSROUTER (or $2, a
-# router binary given on the command line), LOADGEN and ECHO.
+# Build the release binaries when $1 is 1 (the router, then the benchmark
+# package's: loadgen, echo_backend and the byte tunnels that compare.sh can
+# measure as yardsticks), then set WSROUTER (or $2, a router binary given on
+# the command line), LOADGEN and ECHO. Two cargo runs, so that the router is
+# built with its own features only, exactly as `cargo build --release` does.
 release_binaries() {
     local build=$1 router_bin=$2 b
     if [ "$build" = 1 ]; then
         log "building release binaries (wsrouter, loadgen, echo_backend, the tunnels), niced"
-        (cd "$ROOT" && nice -n 10 cargo build --release --bin wsrouter --example loadgen \
-            --example echo_backend --example tokio_tunnel --example mio_tunnel)
+        (cd "$ROOT" && nice -n 10 cargo build --release -p wsrouter --bin wsrouter \
+            && nice -n 10 cargo build --release -p wsrouter-bench --bins)
     fi
     WSROUTER=${router_bin:-"$ROOT/target/release/wsrouter"}
-    LOADGEN="$ROOT/target/release/examples/loadgen"
-    ECHO="$ROOT/target/release/examples/echo_backend"
+    LOADGEN="$ROOT/target/release/loadgen"
+    ECHO="$ROOT/target/release/echo_backend"
     for b in "$WSROUTER" "$LOADGEN" "$ECHO"; do
         [ -x "$b" ] || die "$b is missing (run without --no-build)"
     done

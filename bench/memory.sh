@@ -5,7 +5,7 @@
 # (issue 11)".
 #
 #   bench/memory.sh --before OLD/wsrouter --after NEW/wsrouter \
-#       --loadgen NEW/examples/loadgen --echo NEW/examples/echo_backend --runs 3
+#       --loadgen NEW/loadgen --echo NEW/echo_backend --runs 3
 #
 # Everything runs on loopback with the ports and configuration of
 # bench/compare.sh (echo backend 127.0.0.1:19001, router 127.0.0.1:18080,
@@ -51,8 +51,8 @@ URL="ws://$PROXY_ADDR/chat"
 
 before_bin=""
 after_bin=""
-LOADGEN="$ROOT/target/release/examples/loadgen"
-ECHO="$ROOT/target/release/examples/echo_backend"
+LOADGEN="$ROOT/target/release/loadgen"
+ECHO="$ROOT/target/release/echo_backend"
 runs=3
 out=""
 quick=0
@@ -73,7 +73,7 @@ usage: bench/memory.sh --before BIN --after BIN [options]
 
   --before BIN, --after BIN   the two router binaries (required)
   --loadgen BIN, --echo BIN   load generator and echo backend
-                              (default target/release/examples/{loadgen,echo_backend})
+                              (default target/release/{loadgen,echo_backend})
   --labels A,B                names for the two binaries in the output (default before,after)
   --runs N                    rounds; each runs every scenario once per binary (default 3)
   --sessions N                idle sessions for (a) (default 1000)

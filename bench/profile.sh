@@ -68,14 +68,14 @@ pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-"$ROOT/target/release/examples/echo_backend" --listen 127.0.0.1:19001 2>"$out/backend.log" &
+"$ROOT/target/release/echo_backend" --listen 127.0.0.1:19001 2>"$out/backend.log" &
 pids+=($!)
 case "$proxy" in
     wsrouter)
         (cd "$BENCH" && exec "${WSROUTER:-$ROOT/target/release/wsrouter}" --config "${WSROUTER_CONFIG:-wsrouter.toml}") 2>"$out/proxy.log" &
         ;;
     tokio-tunnel | mio-tunnel)
-        "$ROOT/target/release/examples/${proxy/-/_}" --listen 127.0.0.1:18080 --backend 127.0.0.1:19001 2>"$out/proxy.log" &
+        "$ROOT/target/release/${proxy/-/_}" --listen 127.0.0.1:18080 --backend 127.0.0.1:19001 2>"$out/proxy.log" &
         ;;
     uring-tunnel)
         "$ROOT/target/release/uring_tunnel" --listen 127.0.0.1:18080 --backend 127.0.0.1:19001 2>"$out/proxy.log" &
@@ -98,7 +98,7 @@ for p in "${targets[@]}"; do attach+=(-p "$p"); done
 # perf takes one --pid option, a comma-separated list (a second would win).
 perf_pids=$(IFS=,; echo "${targets[*]}")
 
-"$ROOT/target/release/examples/loadgen" "$@" --url ws://127.0.0.1:18080/chat >"$out/loadgen.json" 2>"$out/loadgen.log" &
+"$ROOT/target/release/loadgen" "$@" --url ws://127.0.0.1:18080/chat >"$out/loadgen.json" 2>"$out/loadgen.log" &
 load=$!
 sleep 1
 case "$tool" in

@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 
 use io_uring::{IoUring, opcode, squeue, types};
 
-#[path = "../../tunnel_cli.rs"]
+#[path = "../../src/tunnel_cli.rs"]
 mod tunnel_cli;
 
 fn main() -> io::Result<()> {

@@ -9,14 +9,13 @@
 //! What it costs per message is tokio's floor under wsrouter's relay; see
 //! BENCHMARKS.md ("The tokio floor").
 //!
-//!   cargo run --release --example tokio_tunnel -- --listen 127.0.0.1:18080 --backend 127.0.0.1:19001
+//!   cargo run --release -p wsrouter-bench --bin tokio_tunnel -- --listen 127.0.0.1:18080 --backend 127.0.0.1:19001
 
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-#[path = "../bench/tunnel_cli.rs"]
-mod tunnel_cli;
+use wsrouter_bench::tunnel_cli;
 
 fn main() -> std::io::Result<()> {
     tunnel_cli::run_per_core(serve)

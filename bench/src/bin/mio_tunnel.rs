@@ -9,7 +9,7 @@
 //! shows what leaving tokio's reactor would buy; see BENCHMARKS.md ("The
 //! tokio floor").
 //!
-//!   cargo run --release --example mio_tunnel -- --listen 127.0.0.1:18080 --backend 127.0.0.1:19001
+//!   cargo run --release -p wsrouter-bench --bin mio_tunnel -- --listen 127.0.0.1:18080 --backend 127.0.0.1:19001
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -17,8 +17,7 @@ use std::net::SocketAddr;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
-#[path = "../bench/tunnel_cli.rs"]
-mod tunnel_cli;
+use wsrouter_bench::tunnel_cli;
 
 fn main() -> io::Result<()> {
     tunnel_cli::run_per_core(event_loop)

@@ -1,7 +1,7 @@
-//! What the three byte-tunnel yardsticks share (examples/tokio_tunnel.rs,
-//! examples/mio_tunnel.rs, bench/uring_tunnel/): their command line, a loop
-//! per core, and the `SO_REUSEPORT` listener each loop accepts on. Included
-//! by path (`#[path]`), since the io_uring tunnel is a package of its own.
+//! What the three byte-tunnel yardsticks share (src/bin/tokio_tunnel.rs,
+//! src/bin/mio_tunnel.rs, uring_tunnel/): their command line, a loop per
+//! core, and the `SO_REUSEPORT` listener each loop accepts on. The io_uring
+//! tunnel, a package of its own, includes this file by path (`#[path]`).
 
 use std::io;
 use std::net::SocketAddr;

@@ -1,11 +1,11 @@
 //! WebSocket load generator for wsrouter's benchmarks (see BENCHMARKS.md).
 //!
 //! ```text
-//! cargo run --release --example loadgen -- latency    --url ws://127.0.0.1:18080/chat -c 100 --rate 100 --size 64 --duration 10s
-//! cargo run --release --example loadgen -- throughput --url ws://127.0.0.1:18080/chat -c 50 --window 16 --size 64 --duration 10s
-//! cargo run --release --example loadgen -- idle       --url ws://127.0.0.1:18080/chat -c 8000 --duration 10s
-//! cargo run --release --example loadgen -- churn      --url ws://127.0.0.1:18080/chat --cycles 5000 --concurrency 100
-//! cargo run --release --example loadgen -- failover   --url ws://127.0.0.1:18180/chat -c 8000 --rate 2 --duration 25s --kill-after 10s --kill-pid PID --watch-pid ROUTER_PID
+//! cargo run --release -p wsrouter-bench --bin loadgen -- latency    --url ws://127.0.0.1:18080/chat -c 100 --rate 100 --size 64 --duration 10s
+//! cargo run --release -p wsrouter-bench --bin loadgen -- throughput --url ws://127.0.0.1:18080/chat -c 50 --window 16 --size 64 --duration 10s
+//! cargo run --release -p wsrouter-bench --bin loadgen -- idle       --url ws://127.0.0.1:18080/chat -c 8000 --duration 10s
+//! cargo run --release -p wsrouter-bench --bin loadgen -- churn      --url ws://127.0.0.1:18080/chat --cycles 5000 --concurrency 100
+//! cargo run --release -p wsrouter-bench --bin loadgen -- failover   --url ws://127.0.0.1:18180/chat -c 8000 --rate 2 --duration 25s --kill-after 10s --kill-pid PID --watch-pid ROUTER_PID
 //! ```
 //!
 //! Modes:

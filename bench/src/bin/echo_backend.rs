@@ -1,7 +1,7 @@
 //! A minimal, fast WebSocket echo server: the backend of the benchmarks.
 //!
 //! ```text
-//! cargo run --release --example echo_backend -- --listen 127.0.0.1:19001
+//! cargo run --release -p wsrouter-bench --bin echo_backend -- --listen 127.0.0.1:19001
 //! ```
 //!
 //! Every text or binary message is sent back unchanged on the same

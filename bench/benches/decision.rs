@@ -6,7 +6,7 @@
 //! under 2 µs for lookup plus steering.
 //!
 //! ```text
-//! cargo bench --bench decision
+//! cargo bench -p wsrouter-bench --bench decision
 //! ```
 
 use std::collections::HashMap;
@@ -62,9 +62,10 @@ fn backends(per_region: usize) -> Vec<BackendView> {
 const CANDIDATES: usize = 3;
 
 fn decision(c: &mut Criterion) {
-    let db =
-        GeoDb::open(&Path::new(env!("CARGO_MANIFEST_DIR")).join("geoip/GeoLite2-City-Test.mmdb"))
-            .expect("the default GeoIP database");
+    let db = GeoDb::open(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("../geoip/GeoLite2-City-Test.mmdb"),
+    )
+    .expect("the default GeoIP database");
     let clients: Vec<IpAddr> = CLIENTS.iter().map(|a| a.parse().unwrap()).collect();
     let keys: Vec<String> = (0..64).map(|i| format!("session-{i:08x}")).collect();
     let policy = policy();
