@@ -6,9 +6,10 @@
 //! # Layout
 //!
 //! In the order a session travels (ARCHITECTURE.md draws the layers and
-//! the path of one session). Only `config`, `geo` and `steer` are public
-//! beyond the entry points below: the binary, the tests and the
-//! benchmarks use them.
+//! the path of one session). Only `config`, `geo` and `steer` (for the
+//! binary, the tests and the benchmarks) and the parsers `handshake`,
+//! `proxy_protocol` and `wire::frame` (for the fuzz targets) are public beyond
+//! the entry points below.
 //!
 //! | module | owns |
 //! | --- | --- |
@@ -41,20 +42,20 @@ mod backend;
 pub mod config;
 mod connection;
 pub mod geo;
-mod handshake;
+pub mod handshake;
 mod health;
 mod limits;
 mod listener;
 mod memory;
 mod metrics;
 mod operator;
-mod proxy_protocol;
+pub mod proxy_protocol;
 mod session;
 mod shutdown;
 pub mod steer;
 mod tls;
 mod upstream;
-mod wire;
+pub mod wire;
 
 pub use app::{Options, run, run_with};
 pub use config::Config;

@@ -4,6 +4,6 @@
 //! queue, [`close`] the close codes by name and the faults a peer is
 //! closed for. Nothing here knows about backends, placement or moves.
 
-pub mod close;
+pub(crate) mod close;
 pub mod frame;
-pub mod peer;
+pub(crate) mod peer;

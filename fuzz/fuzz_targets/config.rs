@@ -113,7 +113,7 @@ fuzz_target!(|data: &[u8]| {
             let hc = &config.health_check;
             assert!(hc.path.starts_with('/') && (100..=599).contains(&hc.expected_status));
             assert!(!hc.interval.is_zero() && !hc.timeout.is_zero() && hc.timeout <= hc.interval);
-            assert!(hc.consecutive_success >= 1 && hc.consecutive_failure >= 1);
+            assert!(hc.rise >= 1 && hc.fall >= 1);
             assert!(
                 !config.relay.ping_interval.is_zero()
                     && config.relay.idle_timeout > config.relay.ping_interval

@@ -335,6 +335,10 @@ impl Unit {
             | Unit::Close { len, .. } => len,
         }
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// What [`FrameScan::plain_run`] walked over.
