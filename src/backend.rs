@@ -4,14 +4,15 @@
 //! A [`Backend`] is shared (`Arc`) between the health checker that flips its
 //! state, the sessions that hold a [`SessionSlot`] on it, and the admin API
 //! that reports it. Each slot registers its session's control cell, so
-//! the backend can ask its sessions to move ([`Backend::evacuate`], paced).
+//! the backend can ask its sessions to move (`evacuate.rs`: paced, with
+//! jitter).
 //! Passive health (failed dials, abrupt failures) ejects a backend for a
 //! cool-down. The set is held in an `ArcSwap` so that readers take a
 //! consistent snapshot without locking and a reload can replace it whole.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -24,6 +25,7 @@ use crate::config::{BackendUrl, Config, PassiveHealthConfig};
 use crate::geo::{Code, Location};
 use crate::metrics as m;
 pub mod control;
+mod evacuate;
 
 use crate::steer::{self, BackendView, Policy};
 use control::{Control, MigrationReason};
@@ -265,61 +267,6 @@ impl Backend {
             backend: Arc::clone(self),
             session_id,
         })
-    }
-
-    /// Ask every session on this backend to move, at most `rate` per second
-    /// with jitter, for as long as the backend should be left: removed,
-    /// draining or unhealthy, in that order of precedence (one that is
-    /// undrained or healthy again keeps the sessions not yet moved). One
-    /// evacuation runs at a time; a trigger that arrives while it runs is
-    /// picked up by it. Sessions that could not move are asked again after
-    /// a pause.
-    pub fn evacuate(self: &Arc<Self>, rate: u32) {
-        if self.evacuating.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let backend = Arc::clone(self);
-        tokio::spawn(async move {
-            let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-            loop {
-                backend.evacuation_pass(interval).await;
-                backend.evacuating.store(false, Ordering::Release);
-                // A trigger may have come in just as the pass ended.
-                let again = backend.leaving_reason().is_some() && !backend.registry.is_empty();
-                if !again || backend.evacuating.swap(true, Ordering::AcqRel) {
-                    return;
-                }
-            }
-        });
-    }
-
-    async fn evacuation_pass(&self, interval: Duration) {
-        if let Some(reason) = self.leaving_reason() {
-            tracing::info!(backend = %self.id, reason = reason.as_label(), sessions = self.sessions(), "moving sessions off backend");
-        }
-        while self.leaving_reason().is_some() && !self.registry.is_empty() {
-            let targets: Vec<(u64, Arc<Control>)> = self
-                .registry
-                .iter()
-                .map(|e| (*e.key(), e.value().clone()))
-                .collect();
-            for (id, control) in targets {
-                let Some(reason) = self.leaving_reason() else {
-                    break;
-                };
-                if !self.registry.contains_key(&id) {
-                    continue;
-                }
-                if control.request_move(reason) {
-                    // Jitter in [0.5, 1.5) of the interval: an even pace on
-                    // average, without lock-step reconnect waves.
-                    let jitter = 0.5 + rand::random::<f64>();
-                    tokio::time::sleep(interval.mul_f64(jitter)).await;
-                }
-            }
-            // Give the last sessions time to move before looking again.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
     }
 
     /// Why sessions should leave this backend now, if they should.
