@@ -552,10 +552,10 @@ where
             if (all || stop_probe.has_changed()) && stop.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Stopped::Shutdown);
             }
-            if all || control.has_request() {
-                if let Poll::Ready(reason) = control.poll_move(cx) {
-                    return Poll::Ready(Stopped::Migrate(reason));
-                }
+            if (all || control.has_request())
+                && let Poll::Ready(reason) = control.poll_move(cx)
+            {
+                return Poll::Ready(Stopped::Migrate(reason));
             }
             // Only when the window's deadlines may have moved (a ping fell
             // due later, the stall clock started): a busy session's
