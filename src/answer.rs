@@ -184,13 +184,43 @@ impl Answer {
         out
     }
 
-    /// Count the outcome, write the answer (if any) and close our side.
+    /// Count the outcome as an upgrade's, write the answer (if any) and
+    /// close our side.
     pub async fn send<S: AsyncWrite + Unpin>(self, stream: &mut S) {
         self.result.count();
+        self.write_to(stream).await;
+    }
+
+    /// Write the answer (if any) and close our side, counting nothing.
+    pub async fn write_to<S: AsyncWrite + Unpin>(self, stream: &mut S) {
         if self.status.is_some() {
             let _ = stream.write_all(&self.to_bytes()).await;
             let _ = stream.shutdown().await;
         }
+    }
+
+    /// An engine.io `sid` this router does not know, from a client without
+    /// a session key: engine.io's own answer, so its client starts over.
+    pub fn unknown_sid() -> Answer {
+        Answer {
+            result: UpgradeResult::Rejected,
+            status: Some(400),
+            phrase: Cow::Borrowed("Bad Request"),
+            headers: vec![(Cow::Borrowed("Content-Type"), b"application/json".to_vec())],
+            body: br#"{"code":1,"message":"Session ID unknown"}"#.to_vec(),
+        }
+    }
+
+    /// A request body past `limit` bytes.
+    pub fn too_large(limit: usize) -> Answer {
+        let body = format!("the request body is larger than {limit} bytes\n");
+        Answer::plain(UpgradeResult::Rejected, 413, "Content Too Large", body)
+    }
+
+    /// A request body without a length (chunked).
+    pub fn length_required() -> Answer {
+        let body = "a request body needs a Content-Length\n".to_string();
+        Answer::plain(UpgradeResult::Rejected, 411, "Length Required", body)
     }
 }
 

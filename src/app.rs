@@ -33,6 +33,7 @@ use crate::operator::Operator;
 use crate::session::Router;
 use crate::session::relay::TrafficCounters;
 use crate::shutdown::{Phase, Phases, Shutdown, track_sessions};
+use crate::socketio::SidTable;
 use crate::tls::Terminator;
 
 /// Optional run-time behaviour.
@@ -115,6 +116,7 @@ pub async fn run_with(
         limits,
         tls,
         memory: memory.clone(),
+        sids: SidTable::default(),
     };
     // Sessions run on threads of their own (see `crate::listener`); this
     // runtime keeps the admin API, health checks, reloads and signals.

@@ -82,6 +82,11 @@ pub const DEFAULT_WATERMARK_INTERVAL: Duration = Duration::from_millis(250);
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_PASSIVE_FAILURES: u32 = 3;
 pub const DEFAULT_PASSIVE_COOLDOWN: Duration = Duration::from_secs(10);
+/// engine.io's own default `maxHttpBufferSize`.
+pub const DEFAULT_SOCKETIO_MAX_BODY_BYTES: usize = 1_000_000;
+/// engine.io holds a poll up to its ping interval (25 s by default) plus
+/// its ping timeout (20 s): a backend that holds one longer is stuck.
+pub const DEFAULT_SOCKETIO_POLL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// The smallest `limits.max_buffered_bytes`: a few sessions' worth.
 pub const MIN_BUFFERED_BYTES: usize = 16 * 1024 * 1024;
@@ -170,6 +175,8 @@ pub struct Config {
     /// Threads that run sessions, each with its own listener and event
     /// loop (`[runtime] session_threads`); 0 means one per CPU core.
     pub session_threads: usize,
+    /// `[socketio]`.
+    pub socketio: SocketIoConfig,
     pub limits: LimitsConfig,
     /// `[tls]`: the public listener speaks TLS with these certificates;
     /// `None` leaves it plain.
@@ -207,6 +214,28 @@ pub struct ListenerConfig {
     /// Peers that must open with a PROXY protocol (v1 or v2) header, whose
     /// address then stands for the client. Empty: PROXY protocol is off.
     pub proxy_protocol_from: Vec<IpNet>,
+}
+
+/// `[socketio]`: paths where engine.io and Socket.IO clients connect.
+#[derive(Debug, Clone)]
+pub struct SocketIoConfig {
+    /// Path prefixes, as engine.io matches its `path` option
+    /// (`/socket.io/`): long-polling requests there are proxied over HTTP,
+    /// upgrades relayed as Socket.IO sessions. Empty: Socket.IO is off.
+    pub paths: Vec<String>,
+    /// Largest long-polling request body; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// The longest a backend may hold a long-poll before it answers.
+    pub poll_timeout: Duration,
+}
+
+impl SocketIoConfig {
+    /// Whether `path` (without its query) is under a Socket.IO prefix.
+    pub fn matches(&self, path: &str) -> bool {
+        self.paths
+            .iter()
+            .any(|prefix| path.starts_with(prefix.as_str()) || path == prefix.trim_end_matches('/'))
+    }
 }
 
 #[derive(Clone)]
@@ -431,6 +460,7 @@ fn build(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
     let migration = validate::migration(&mut p, &file.migration);
     let passive_health = validate::passive_health(&mut p, &file.passive_health);
     let session_threads = validate::runtime(&mut p, &file.runtime);
+    let socketio = validate::socketio(&mut p, &file.socketio, &listener.paths);
     let shutdown_grace = validate::shutdown(&mut p, &file.shutdown);
     let limits = validate::limits(&mut p, &file.limits, load::memory_budget);
     // Certificates and keys are read and checked here, so a bad one fails
@@ -458,6 +488,7 @@ fn build(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
         passive_health,
         shutdown_grace,
         session_threads,
+        socketio,
         limits,
         tls,
         upstream_tls,

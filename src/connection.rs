@@ -17,11 +17,12 @@ use tracing::Instrument;
 
 use crate::answer::{self, Answer};
 use crate::config::{Config, SessionKeySource};
-use crate::handshake::{self, HandshakeError, UpgradeRequest};
+use crate::handshake::{self, HandshakeError, Request, UpgradeRequest};
 use crate::limits::Admission;
-use crate::metrics::{self as m, UpgradeResult};
+use crate::metrics::{self as m, PollResult, UpgradeResult};
 use crate::proxy_protocol;
 use crate::session::{Router, Session};
+use crate::socketio::polling::Polling;
 use crate::tls::ClientStream;
 use crate::upstream::dialer::{Connected, Dialer, Placement};
 use crate::upstream::{self, Upstream};
@@ -87,7 +88,33 @@ async fn establish(
         return None;
     }
     let mut stream = open_client(&router, stream, deadline).await?;
-    let accepted = match upgrade(&router, &config, &mut stream, peer, peer_is_proxy, deadline).await
+    let request = match read_request(&config, &mut stream, deadline).await {
+        Ok(Request::Upgrade(request)) => request,
+        Ok(Request::Http { method, request }) => {
+            // engine.io long-polling: HTTP to the end of this connection.
+            let client_ip = handshake::client_ip(peer.ip(), &request, &config.trusted_proxies);
+            if peer_is_proxy && let Err(refused) = router.limits.check_rate(client_ip) {
+                PollResult::Rejected.count();
+                Answer::refused(refused).write_to(&mut stream).await;
+                return None;
+            }
+            let polling = Polling {
+                config: &config,
+                backends: &router.backends,
+                limits: &router.limits,
+                sids: &router.sids,
+                peer,
+                tls: stream.is_tls(),
+            };
+            polling.serve(&mut stream, (method, request)).await;
+            return None;
+        }
+        Err(answer) => {
+            answer.send(&mut stream).await;
+            return None;
+        }
+    };
+    let accepted = match upgrade(&router, &config, &mut stream, request, peer, peer_is_proxy).await
     {
         Ok(accepted) => accepted,
         Err(answer) => {
@@ -138,17 +165,16 @@ struct Accepted {
     key_cookie: Option<String>,
 }
 
-/// From the upgrade request to a backend that accepts the session: the
-/// request, Origin, the client's place and key, the caps, the first dial.
+/// From the upgrade request to a backend that accepts the session:
+/// Origin, the client's place and key, the caps, the first dial.
 async fn upgrade(
     router: &Router,
     config: &Config,
     stream: &mut ClientStream,
+    mut request: UpgradeRequest,
     peer: SocketAddr,
     peer_is_proxy: bool,
-    deadline: Instant,
 ) -> Result<Accepted, Answer> {
-    let mut request = read_upgrade(config, stream, deadline).await?;
     router
         .limits
         .check_origin(request.header("origin"))
@@ -159,6 +185,7 @@ async fn upgrade(
         .trim()
         .to_string();
     let leftover = std::mem::take(&mut request.leftover);
+    let pinned = engineio_backend(router, config, &request)?;
     let (placement, key_cookie) = place(config, request, peer, stream.is_tls())?;
     if peer_is_proxy {
         router
@@ -177,7 +204,10 @@ async fn upgrade(
         placement,
         id,
     );
-    let connected = dialer.first().await.map_err(Answer::dial_failed)?;
+    let connected = dialer
+        .first(pinned.as_deref())
+        .await
+        .map_err(Answer::dial_failed)?;
     Ok(Accepted {
         dialer,
         connected,
@@ -217,12 +247,36 @@ async fn open_client(
     }
 }
 
-/// Read and check the upgrade request under the handshake deadline.
-async fn read_upgrade(
+/// The upgrade of an engine.io session that started with long-polling
+/// (its request carries the `sid`) goes to the backend that holds it, when
+/// this router saw its handshake. Without a session key, a `sid` it does
+/// not know gets engine.io's "Session ID unknown", so the client starts over.
+fn engineio_backend(
+    router: &Router,
+    config: &Config,
+    request: &UpgradeRequest,
+) -> Result<Option<String>, Answer> {
+    let path = request.target.split(['?', '#']).next().unwrap_or("/");
+    if !config.socketio.matches(path) {
+        return Ok(None);
+    }
+    let Some(sid) = request.query_param("sid") else {
+        return Ok(None);
+    };
+    match router.sids.backend_of(&sid) {
+        Some(backend) => Ok(Some(backend)),
+        None if matches!(request.session_key(&config.session_key), Ok(Some(_))) => Ok(None),
+        None => Err(Answer::unknown_sid()),
+    }
+}
+
+/// Read the request under the handshake deadline: an upgrade, or an
+/// HTTP request on a Socket.IO path.
+async fn read_request(
     config: &Config,
     stream: &mut ClientStream,
     deadline: Instant,
-) -> Result<UpgradeRequest, Answer> {
+) -> Result<Request, Answer> {
     let listener = &config.listener;
     let read = tokio::time::timeout_at(
         deadline,
@@ -230,11 +284,13 @@ async fn read_upgrade(
     )
     .await
     .unwrap_or(Err(HandshakeError::Timeout));
-    read.and_then(|(head, leftover)| handshake::validate(head, leftover, &listener.paths))
-        .map_err(|error| {
-            tracing::debug!(%error, "request refused");
-            Answer::bad_request(&error)
-        })
+    read.and_then(|(head, leftover)| {
+        handshake::classify(head, leftover, &listener.paths, &config.socketio)
+    })
+    .map_err(|error| {
+        tracing::debug!(%error, "request refused");
+        Answer::bad_request(&error)
+    })
 }
 
 /// Work out who and where the client is and its session key. Returns the

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::config::SessionKeySource;
+use crate::config::{SessionKeySource, SocketIoConfig};
 
 /// Most headers a request may carry.
 const MAX_HEADERS: usize = 64;
@@ -163,6 +163,64 @@ pub mod httparse_owned {
     }
 }
 
+/// What a request on the public listener asks for.
+#[derive(Debug)]
+pub enum Request {
+    /// A WebSocket upgrade, on a WebSocket path or a Socket.IO path.
+    Upgrade(UpgradeRequest),
+    /// An HTTP request on a Socket.IO path (engine.io long-polling, or a
+    /// CORS preflight): proxied as HTTP. `leftover` holds the start of
+    /// its body.
+    Http {
+        method: String,
+        request: UpgradeRequest,
+    },
+}
+
+/// Sort a parsed head: an upgrade on one of `paths` or under one of the
+/// `socketio` prefixes, or an HTTP request under a `socketio` prefix.
+pub fn classify(
+    head: httparse_owned::Head,
+    leftover: Vec<u8>,
+    paths: &[String],
+    socketio: &SocketIoConfig,
+) -> Result<Request, HandshakeError> {
+    let path = head
+        .target
+        .split(['?', '#'])
+        .next()
+        .unwrap_or("/")
+        .to_string();
+    if !head.target.starts_with('/') || !socketio.matches(&path) {
+        return validate(head, leftover, paths).map(Request::Upgrade);
+    }
+    let wants_upgrade = head
+        .headers
+        .iter()
+        .any(|(name, value)| name == "upgrade" && value.eq_ignore_ascii_case(b"websocket"));
+    if wants_upgrade {
+        return validate(head, leftover, std::slice::from_ref(&path)).map(Request::Upgrade);
+    }
+    if head.version != 1 {
+        return Err(HandshakeError::Malformed("Socket.IO needs HTTP/1.1".into()));
+    }
+    if !matches!(head.method.as_str(), "GET" | "POST" | "OPTIONS") {
+        return Err(HandshakeError::MethodNotAllowed);
+    }
+    let request = UpgradeRequest {
+        target: head.target,
+        headers: head.headers,
+        leftover,
+    };
+    if request.header("host").is_none() {
+        return Err(HandshakeError::Malformed("missing Host header".into()));
+    }
+    Ok(Request::Http {
+        method: head.method,
+        request,
+    })
+}
+
 /// Check that a parsed head is a WebSocket upgrade on one of `paths`.
 /// Order matters: an unknown path is 404 whatever else is wrong with it.
 pub fn validate(
@@ -248,18 +306,21 @@ impl UpgradeRequest {
             .map(|(_, q)| q.split('#').next().unwrap_or(""))
     }
 
+    /// The first value of query parameter `name`, decoded.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query()?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k).as_deref() == Some(name))
+                .then(|| percent_decode(v))
+                .flatten()
+        })
+    }
+
     /// The session key the client presented, from the configured source.
     /// `Ok(None)` when absent; an error when present but unusable.
     pub fn session_key(&self, source: &SessionKeySource) -> Result<Option<String>, HandshakeError> {
         let raw: Option<String> = match source {
-            SessionKeySource::Query(name) => self.query().and_then(|q| {
-                q.split('&').find_map(|pair| {
-                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                    (percent_decode(k).as_deref() == Some(name.as_str()))
-                        .then(|| percent_decode(v))
-                        .flatten()
-                })
-            }),
+            SessionKeySource::Query(name) => self.query_param(name),
             SessionKeySource::Header(name) => self.header(name).map(|v| v.trim().to_string()),
             SessionKeySource::Cookie(name) => self.header_values("cookie").find_map(|line| {
                 line.split(';').find_map(|c| {

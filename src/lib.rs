@@ -52,6 +52,7 @@ mod operator;
 pub mod proxy_protocol;
 mod session;
 mod shutdown;
+mod socketio;
 pub mod steer;
 mod tls;
 mod upstream;

@@ -26,6 +26,7 @@ pub const REJECTED_CONNECTIONS_TOTAL: &str = "wsrouter_rejected_connections_tota
 pub const CLOSES_TOTAL: &str = "wsrouter_closes_total";
 pub const MIGRATIONS_TOTAL: &str = "wsrouter_migrations_total";
 pub const MIGRATIONS_STAYED_TOTAL: &str = "wsrouter_migrations_stayed_total";
+pub const POLLING_REQUESTS_TOTAL: &str = "wsrouter_polling_requests_total";
 pub const MIGRATION_DURATION_SECONDS: &str = "wsrouter_migration_duration_seconds";
 pub const REPLAYED_MESSAGES_TOTAL: &str = "wsrouter_replayed_messages_total";
 pub const BUFFERED_BYTES: &str = "wsrouter_buffered_bytes";
@@ -130,6 +131,44 @@ impl UpgradeResult {
     /// Count one upgrade with this result.
     pub fn count(self) {
         metrics::counter!(UPGRADES_TOTAL, "result" => self.as_label()).increment(1);
+    }
+}
+
+/// How a long-polling request on a Socket.IO path ended:
+/// `wsrouter_polling_requests_total{result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollResult {
+    /// The backend's answer went back to the client.
+    Ok,
+    /// A bad request, an edge limit, or a request that is not engine.io's.
+    Rejected,
+    /// Larger than `socketio.max_body_bytes`.
+    TooLarge,
+    /// A `sid` this router does not know, from a client without a key.
+    UnknownSid,
+    NoBackend,
+    /// The backend could not be reached or broke the exchange.
+    BackendError,
+    /// The backend held the request past `socketio.poll_timeout`.
+    Timeout,
+}
+
+impl PollResult {
+    pub fn as_label(self) -> &'static str {
+        match self {
+            PollResult::Ok => "ok",
+            PollResult::Rejected => "rejected",
+            PollResult::TooLarge => "too_large",
+            PollResult::UnknownSid => "unknown_sid",
+            PollResult::NoBackend => "no_backend",
+            PollResult::BackendError => "backend_error",
+            PollResult::Timeout => "timeout",
+        }
+    }
+
+    /// Count one request with this result.
+    pub fn count(self) {
+        metrics::counter!(POLLING_REQUESTS_TOTAL, "result" => self.as_label()).increment(1);
     }
 }
 
@@ -242,6 +281,10 @@ fn describe() {
     describe_counter!(
         MIGRATIONS_TOTAL,
         "Sessions moved to another backend, by from, to and reason."
+    );
+    describe_counter!(
+        POLLING_REQUESTS_TOTAL,
+        "engine.io long-polling requests on Socket.IO paths, by result."
     );
     describe_counter!(
         MIGRATIONS_STAYED_TOTAL,

@@ -28,6 +28,7 @@ use crate::limits::{Admission, Limits, MessageBudget};
 use crate::memory::{MemoryBudget, SessionMemory};
 use crate::metrics::{self as m, CloseReason, ReplayKind};
 use crate::shutdown::{SessionTracker, Shutdown};
+use crate::socketio::SidTable;
 use crate::tls::{ClientStream, Terminator};
 use crate::upstream::Upstream;
 use crate::upstream::dialer::{Connected, Dialer, FIRST_REDIAL_PAUSE, LAST_REDIAL_PAUSE, Move};
@@ -65,6 +66,9 @@ pub struct Router {
     pub limits: Limits,
     /// Set when the public listener speaks TLS (`[tls]`).
     pub tls: Option<Terminator>,
+    /// engine.io sessions and their backends, for Socket.IO clients
+    /// without a session key.
+    pub sids: SidTable,
     /// What sessions hold in memory, against `limits.max_buffered_bytes`.
     pub memory: MemoryBudget,
 }

@@ -303,3 +303,27 @@ fn move_limits_must_allow_a_move() {
     assert!(problem_for(&text, "migration.max_redeliveries").contains("at least 1"));
     assert!(!problem_for(&text, "migration.moves_window").is_empty());
 }
+
+#[test]
+fn socketio_paths_must_be_prefixes_apart_from_the_websocket_paths() {
+    let text = valid()
+        .extra("[socketio]\npaths = [\"socket.io\", \"/chat/\", \"/io/\", \"/io/\"]\nmax_body_bytes = 10")
+        .toml();
+    let problems = problems(&text);
+    let problem = |field: &str| {
+        problems
+            .iter()
+            .find(|(f, _)| f == field)
+            .map(|(_, p)| p.clone())
+            .unwrap_or_else(|| panic!("no problem reported for {field}; got {problems:?}"))
+    };
+    assert!(problem("socketio.paths[0]").contains("starts and ends with \"/\""));
+    assert!(problem("socketio.paths[1]").contains("listener.paths"));
+    assert!(problem("socketio.paths[3]").contains("listed twice"));
+    assert!(problem("socketio.max_body_bytes").contains("10"));
+    assert!(!problems.iter().any(|(f, _)| f == "socketio.paths[2]"));
+    let good = valid().extra("[socketio]\npaths = [\"/socket.io/\"]").config().expect("valid");
+    assert!(good.socketio.matches("/socket.io/"));
+    assert!(good.socketio.matches("/socket.io"));
+    assert!(!good.socketio.matches("/chat"));
+}

@@ -32,6 +32,8 @@ pub(super) struct FileConfig {
     pub(super) shutdown: FileShutdown,
     #[serde(default)]
     pub(super) runtime: FileRuntime,
+    #[serde(default)]
+    pub(super) socketio: FileSocketIo,
     pub(super) tls: Option<FileTls>,
     pub(super) upstream_tls: Option<FileUpstreamTls>,
     #[serde(default)]
@@ -168,6 +170,15 @@ pub(super) struct FileUnderAttack {
 #[serde(deny_unknown_fields)]
 pub(super) struct FileShutdown {
     pub(super) grace_period: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileSocketIo {
+    #[serde(default)]
+    pub(super) paths: Vec<String>,
+    pub(super) max_body_bytes: Option<usize>,
+    pub(super) poll_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -15,7 +15,7 @@ use rustls::pki_types::DnsName;
 use super::file::{
     FileAdmin, FileBackend, FileCertificate, FileClientAddress, FileGeoIp, FileHealthCheck,
     FileLimits, FileListener, FileMigration, FilePassiveHealth, FileRegion, FileRelay, FileRuntime,
-    FileSessionKey, FileShutdown, FileSteering, FileTls, FileUpstreamTls,
+    FileSessionKey, FileShutdown, FileSocketIo, FileSteering, FileTls, FileUpstreamTls,
 };
 use super::{
     BackendConfig, BackendUrl, ConfigProblem, DEFAULT_ADMIN_LISTEN,
@@ -29,9 +29,10 @@ use super::{
     DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FAILURES, DEFAULT_PATHS, DEFAULT_PING_INTERVAL,
     DEFAULT_PUBLIC_LISTEN, DEFAULT_QUEUE_MAX_BYTES, DEFAULT_REPLAY_MAX_AGE,
     DEFAULT_REPLAY_MAX_BYTES, DEFAULT_REPLAY_MAX_MESSAGES, DEFAULT_SESSION_KEY_NAME,
-    DEFAULT_SHUTDOWN_GRACE, DEFAULT_STALL_TIMEOUT, DEFAULT_WATERMARK_INTERVAL, DEFAULT_WEIGHT,
-    HealthCheckConfig, LimitsConfig, ListenerConfig, MIN_BUFFERED_BYTES, MigrationConfig,
-    PassiveHealthConfig, PerIpLimits, RegionConfig, RelayConfig, SessionKeySource, SteeringConfig,
+    DEFAULT_SHUTDOWN_GRACE, DEFAULT_SOCKETIO_MAX_BODY_BYTES, DEFAULT_SOCKETIO_POLL_TIMEOUT,
+    DEFAULT_STALL_TIMEOUT, DEFAULT_WATERMARK_INTERVAL, DEFAULT_WEIGHT, HealthCheckConfig,
+    LimitsConfig, ListenerConfig, MIN_BUFFERED_BYTES, MigrationConfig, PassiveHealthConfig,
+    PerIpLimits, RegionConfig, RelayConfig, SessionKeySource, SocketIoConfig, SteeringConfig,
 };
 
 /// Collects problems while validating (and loading).
@@ -634,6 +635,57 @@ pub(super) fn runtime(p: &mut Problems, file: &FileRuntime) -> usize {
         );
     }
     session_threads
+}
+
+/// `[socketio]`: prefixes that start and end with "/" (engine.io's `path`),
+/// none of them also an exact WebSocket path.
+pub(super) fn socketio(
+    p: &mut Problems,
+    file: &FileSocketIo,
+    ws_paths: &[String],
+) -> SocketIoConfig {
+    for (i, path) in file.paths.iter().enumerate() {
+        let field = format!("socketio.paths[{i}]");
+        if !path.starts_with('/')
+            || !path.ends_with('/')
+            || path.contains(['?', '#'])
+            || path.contains(char::is_whitespace)
+        {
+            p.add(
+                field,
+                format!("{path:?} must be a path prefix that starts and ends with \"/\", like \"/socket.io/\""),
+            );
+        } else if ws_paths
+            .iter()
+            .any(|ws| ws.starts_with(path.as_str()) || ws == path.trim_end_matches('/'))
+        {
+            p.add(
+                field,
+                format!("{path:?} covers a path in listener.paths; a path is either plain WebSocket or Socket.IO"),
+            );
+        } else if file.paths[..i].contains(path) {
+            p.add(field, format!("{path:?} is listed twice"));
+        }
+    }
+    let max_body_bytes = file
+        .max_body_bytes
+        .unwrap_or(DEFAULT_SOCKETIO_MAX_BODY_BYTES);
+    p.between(
+        "socketio.max_body_bytes",
+        max_body_bytes,
+        1024,
+        64 * 1024 * 1024,
+    );
+    let poll_timeout = p.duration(
+        "socketio.poll_timeout",
+        file.poll_timeout.as_ref(),
+        DEFAULT_SOCKETIO_POLL_TIMEOUT,
+    );
+    SocketIoConfig {
+        paths: file.paths.clone(),
+        max_body_bytes,
+        poll_timeout,
+    }
 }
 
 /// `[shutdown]`: the grace period ("0s" allowed: close at once).

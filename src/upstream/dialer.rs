@@ -152,11 +152,23 @@ impl Dialer {
     }
 
     /// The session's first backend: the ranked candidates in order, within
-    /// `steering.max_dial_attempts`. A backend's 4xx ends the search: it is
-    /// the application's answer to this client.
-    pub async fn first(&self) -> Result<Connected, DialFailure> {
+    /// `steering.max_dial_attempts`, or only `pinned` (a backend id) when
+    /// the session must go where it started (an engine.io session's
+    /// upgrade). A backend's 4xx ends the search: it is the application's
+    /// answer to this client.
+    pub async fn first(&self, pinned: Option<&str>) -> Result<Connected, DialFailure> {
         let config = self.config.load_full();
-        let candidates = self.rank(&config, &[], false);
+        let candidates = match pinned {
+            Some(id) => {
+                let set = self.backends.load();
+                set.get(id)
+                    .filter(|b| b.accepts_sessions())
+                    .cloned()
+                    .into_iter()
+                    .collect()
+            }
+            None => self.rank(&config, &[], false),
+        };
         if candidates.is_empty() {
             tracing::warn!("no backend available");
             return Err(DialFailure::NoBackend);

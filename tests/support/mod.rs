@@ -15,6 +15,8 @@
 //! uses only part of it.
 #![allow(dead_code)]
 
+pub mod socketio;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,0 +1,78 @@
+// A Socket.IO 4.8 chat server for wsrouter's tests: the real `socket.io`
+// package, on a loopback port.
+//
+//   node server.js --id NAME [--port 0] [--ping-interval MS]
+//
+// Prints one line `listening PORT` when it accepts connections, then one
+// JSON line per event a test may want to see (a connection with the headers
+// it came with, each event received). Answers:
+//   - `echo` (with an acknowledgement): {backend, data}
+//   - `join` room: joins it, acknowledges {backend, room}
+// On each connection it emits `welcome` {backend, sid, migratedFrom} and
+// joins the room named in the auth payload (`auth.room`), if any.
+// HTTP routes beside engine.io: GET /healthz (200), and
+// GET /broadcast?room=R&text=T (emits `broadcast` {backend, text} to R).
+"use strict";
+const http = require("http");
+const { Server } = require("socket.io");
+
+const args = process.argv.slice(2);
+const option = (name, fallback) => {
+  const i = args.indexOf(name);
+  return i >= 0 ? args[i + 1] : fallback;
+};
+const id = option("--id", "sio");
+const port = Number(option("--port", "0"));
+const pingInterval = Number(option("--ping-interval", "25000"));
+
+const log = (event) => process.stdout.write(JSON.stringify({ backend: id, ...event }) + "\n");
+
+const httpServer = http.createServer((req, res) => {
+  const url = new URL(req.url, "http://localhost");
+  if (url.pathname === "/healthz") {
+    res.writeHead(200, { "content-type": "text/plain" });
+    res.end("ok\n");
+  } else if (url.pathname === "/broadcast") {
+    const room = url.searchParams.get("room");
+    const text = url.searchParams.get("text");
+    io.to(room).emit("broadcast", { backend: id, text });
+    res.writeHead(200, { "content-type": "text/plain" });
+    res.end("sent\n");
+  }
+  // engine.io answers everything under /socket.io/.
+});
+
+const io = new Server(httpServer, {
+  pingInterval,
+  pingTimeout: 20000,
+  cors: { origin: true, credentials: true },
+});
+
+io.on("connection", (socket) => {
+  const headers = socket.handshake.headers;
+  const migratedFrom = headers["x-wsrouter-migrated-from"] || null;
+  const room = socket.handshake.auth && socket.handshake.auth.room;
+  if (room) socket.join(room);
+  log({
+    event: "connection",
+    sid: socket.id,
+    transport: socket.conn.transport.name,
+    migratedFrom,
+    session: headers["x-wsrouter-session"] || null,
+    auth: socket.handshake.auth,
+  });
+  socket.emit("welcome", { backend: id, sid: socket.id, migratedFrom });
+  socket.on("echo", (data, ack) => {
+    log({ event: "echo", data });
+    if (typeof ack === "function") ack({ backend: id, data });
+  });
+  socket.on("join", (room, ack) => {
+    socket.join(room);
+    if (typeof ack === "function") ack({ backend: id, room });
+  });
+  socket.on("disconnect", (reason) => log({ event: "disconnect", sid: socket.id, reason }));
+});
+
+httpServer.listen(port, "127.0.0.1", () => {
+  process.stdout.write(`listening ${httpServer.address().port}\n`);
+});

@@ -1,0 +1,224 @@
+//! Socket.IO peers for the tests: the real `socket.io` server and
+//! `socket.io-client` (4.8, pinned in `tests/socketio/package-lock.json`),
+//! run with node. The packages are installed on first use with `npm ci`,
+//! once per checkout (a file lock keeps parallel test processes from
+//! installing twice), so `cargo test` on a fresh clone does the set-up.
+//!
+//! [`SioServer`] is `tests/socketio/server.js` on a loopback port;
+//! [`SioClient`] is `tests/socketio/client.js`, driven by JSON lines.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use super::{manifest_dir, within};
+
+/// `tests/socketio`, with its packages installed.
+pub fn socketio_dir() -> &'static Path {
+    static READY: OnceLock<PathBuf> = OnceLock::new();
+    READY.get_or_init(|| {
+        let dir = manifest_dir().join("tests/socketio");
+        let lock =
+            std::fs::File::create(dir.join(".install.lock")).expect("create the install lock");
+        lock.lock().expect("take the install lock");
+        let wanted = std::fs::read(dir.join("package-lock.json")).expect("read package-lock.json");
+        let marker = dir.join("node_modules/.wsrouter-installed");
+        if std::fs::read(&marker).ok().as_deref() != Some(&wanted[..]) {
+            let status = std::process::Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--prefer-offline"])
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .status()
+                .expect("run npm ci (node 20 and npm are needed for the Socket.IO tests)");
+            assert!(status.success(), "npm ci in {} failed", dir.display());
+            std::fs::write(&marker, &wanted).expect("write the install marker");
+        }
+        dir
+    })
+}
+
+/// A node process whose stdout is JSON lines (after any plain lines).
+struct Node {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+impl Node {
+    fn start(script: &str, args: &[String]) -> Node {
+        let dir = socketio_dir();
+        let mut child = Command::new("node")
+            .arg(dir.join(script))
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start node {script}: {e}"));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        Node {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    async fn next_line(&mut self) -> Option<String> {
+        self.lines.next_line().await.expect("read from node")
+    }
+}
+
+/// A Socket.IO server (`tests/socketio/server.js`) on a loopback port.
+pub struct SioServer {
+    pub id: String,
+    pub port: u16,
+    node: Node,
+    /// Every event it reported so far, in order.
+    events: Vec<Value>,
+}
+
+impl SioServer {
+    /// Start it and wait until it listens. `ping_interval_ms` is
+    /// engine.io's (a held long-poll is answered within it).
+    pub async fn start(id: &str, ping_interval_ms: u64) -> SioServer {
+        let args = [
+            "--id".to_string(),
+            id.to_string(),
+            "--ping-interval".to_string(),
+            ping_interval_ms.to_string(),
+        ];
+        let mut node = Node::start("server.js", &args);
+        let line = within("the Socket.IO server to listen", node.next_line())
+            .await
+            .expect("the Socket.IO server printed nothing");
+        let port = line
+            .strip_prefix("listening ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line from server.js: {line}"));
+        SioServer {
+            id: id.to_string(),
+            port,
+            node,
+            events: Vec::new(),
+        }
+    }
+
+    /// `ws://127.0.0.1:PORT`, for the router's backend entry.
+    pub fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    /// Wait for the first reported event (from the start) that `matches`.
+    pub async fn wait_for(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        if let Some(found) = self.events.iter().find(|e| matches(e)) {
+            return found.clone();
+        }
+        let node = &mut self.node;
+        let events = &mut self.events;
+        within(what, async {
+            loop {
+                let line = node
+                    .next_line()
+                    .await
+                    .unwrap_or_else(|| panic!("server.js ended while waiting for {what}"));
+                let event: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                events.push(event.clone());
+                if matches(&event) {
+                    return event;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Kill it (SIGKILL): its connections die with it.
+    pub async fn kill(&mut self) {
+        let _ = self.node.child.kill().await;
+    }
+}
+
+/// A Socket.IO client (`tests/socketio/client.js`).
+pub struct SioClient {
+    node: Node,
+    next_seq: u64,
+    /// Every event it reported so far, in order.
+    pub events: Vec<Value>,
+}
+
+impl SioClient {
+    /// Connect to `url` with `io(url, options)`.
+    pub fn connect(url: &str, options: Value) -> SioClient {
+        let node = Node::start("client.js", &[url.to_string(), options.to_string()]);
+        SioClient {
+            node,
+            next_seq: 1,
+            events: Vec::new(),
+        }
+    }
+
+    /// The next reported event.
+    pub async fn next_event(&mut self) -> Value {
+        let line = within("an event from the Socket.IO client", self.node.next_line())
+            .await
+            .expect("client.js ended");
+        let event: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        self.events.push(event.clone());
+        event
+    }
+
+    /// Wait for the next event named `name`, keeping the others.
+    pub async fn wait_for(&mut self, name: &str) -> Value {
+        let what = format!("the client's {name} event");
+        within(&what, async {
+            loop {
+                let event = self.next_event().await;
+                if event["event"] == name {
+                    return event;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Emit `event` with `data` and an acknowledgement; returns its seq,
+    /// which the `ack` event carries.
+    pub async fn emit(&mut self, event: &str, data: Value) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let line =
+            json!({"cmd": "emit", "event": event, "data": data, "seq": seq}).to_string() + "\n";
+        self.node
+            .stdin
+            .write_all(line.as_bytes())
+            .await
+            .expect("write to client.js");
+        seq
+    }
+
+    /// Emit and wait for the acknowledgement's data.
+    pub async fn emit_acked(&mut self, event: &str, data: Value) -> Value {
+        let seq = self.emit(event, data).await;
+        let what = format!("the acknowledgement of emit {seq}");
+        within(&what, async {
+            loop {
+                let event = self.next_event().await;
+                if event["event"] == "ack" && event["seq"] == seq {
+                    return event["data"].clone();
+                }
+            }
+        })
+        .await
+    }
+
+    /// Whether any event so far was a `disconnect`.
+    pub fn saw_disconnect(&self) -> bool {
+        self.events.iter().any(|e| e["event"] == "disconnect")
+    }
+}
