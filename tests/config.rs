@@ -322,7 +322,10 @@ fn socketio_paths_must_be_prefixes_apart_from_the_websocket_paths() {
     assert!(problem("socketio.paths[3]").contains("listed twice"));
     assert!(problem("socketio.max_body_bytes").contains("10"));
     assert!(!problems.iter().any(|(f, _)| f == "socketio.paths[2]"));
-    let good = valid().extra("[socketio]\npaths = [\"/socket.io/\"]").config().expect("valid");
+    let good = valid()
+        .extra("[socketio]\npaths = [\"/socket.io/\"]")
+        .config()
+        .expect("valid");
     assert!(good.socketio.matches("/socket.io/"));
     assert!(good.socketio.matches("/socket.io"));
     assert!(!good.socketio.matches("/chat"));
