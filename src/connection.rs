@@ -23,6 +23,7 @@ use crate::metrics::{self as m, PollResult, UpgradeResult};
 use crate::proxy_protocol;
 use crate::session::{Router, Session};
 use crate::socketio::polling::Polling;
+use crate::socketio::{self, Connects};
 use crate::tls::ClientStream;
 use crate::upstream::dialer::{Connected, Dialer, Placement};
 use crate::upstream::{self, Upstream};
@@ -123,6 +124,7 @@ async fn establish(
         }
     };
     let Accepted {
+        engineio,
         mut dialer,
         connected: Connected { upstream, slot },
         admission,
@@ -148,12 +150,18 @@ async fn establish(
         .increment(1);
     // The client's first frames may have come right behind its request.
     let client = Peer::client(stream, config.relay.max_message_bytes, leftover);
-    let session = Session::start(router, client, slot, dialer, admission);
+    if engineio.is_some() {
+        metrics::counter!(m::SOCKETIO_SESSIONS_TOTAL).increment(1);
+    }
+    let session = Session::start(router, client, slot, dialer, admission, engineio);
     Some((session, upstream))
 }
 
 /// An upgrade a backend accepted, before the client has its 101.
 struct Accepted {
+    /// A Socket.IO session, with the namespace CONNECT packets its client
+    /// sent while long-polling (if it did, through this router).
+    engineio: Option<Connects>,
     dialer: Dialer,
     connected: Connected,
     /// The session's place under the per-IP and global caps.
@@ -185,7 +193,9 @@ async fn upgrade(
         .trim()
         .to_string();
     let leftover = std::mem::take(&mut request.leftover);
-    let pinned = engineio_backend(router, config, &request)?;
+    let engineio = config.socketio.matches(path_of(&request.target));
+    let (pinned, connects) = engineio_backend(router, config, &request)?;
+    let fresh_target = engineio.then(|| socketio::fresh_target(&request.target));
     let (placement, key_cookie) = place(config, request, peer, stream.is_tls())?;
     if peer_is_proxy {
         router
@@ -198,7 +208,7 @@ async fn upgrade(
         .admit(placement.client_ip)
         .map_err(Answer::refused)?;
     let id = router.next_session_id.fetch_add(1, Ordering::Relaxed);
-    let dialer = Dialer::new(
+    let mut dialer = Dialer::new(
         router.config.clone(),
         router.backends.clone(),
         placement,
@@ -208,7 +218,11 @@ async fn upgrade(
         .first(pinned.as_deref())
         .await
         .map_err(Answer::dial_failed)?;
+    if let Some(target) = fresh_target {
+        dialer.set_target(target);
+    }
     Ok(Accepted {
+        engineio: engineio.then_some(connects),
         dialer,
         connected,
         admission,
@@ -255,19 +269,25 @@ fn engineio_backend(
     router: &Router,
     config: &Config,
     request: &UpgradeRequest,
-) -> Result<Option<String>, Answer> {
-    let path = request.target.split(['?', '#']).next().unwrap_or("/");
-    if !config.socketio.matches(path) {
-        return Ok(None);
+) -> Result<(Option<String>, Connects), Answer> {
+    if !config.socketio.matches(path_of(&request.target)) {
+        return Ok((None, Connects::default()));
     }
     let Some(sid) = request.query_param("sid") else {
-        return Ok(None);
+        return Ok((None, Connects::default()));
     };
     match router.sids.backend_of(&sid) {
-        Some(backend) => Ok(Some(backend)),
-        None if matches!(request.session_key(&config.session_key), Ok(Some(_))) => Ok(None),
+        Some(backend) => Ok((Some(backend), router.sids.connects_of(&sid))),
+        None if matches!(request.session_key(&config.session_key), Ok(Some(_))) => {
+            Ok((None, Connects::default()))
+        }
         None => Err(Answer::unknown_sid()),
     }
+}
+
+/// The path of a request target, without its query.
+fn path_of(target: &str) -> &str {
+    target.split(['?', '#']).next().unwrap_or("/")
 }
 
 /// Read the request under the handshake deadline: an upgrade, or an

@@ -27,6 +27,8 @@ pub const CLOSES_TOTAL: &str = "wsrouter_closes_total";
 pub const MIGRATIONS_TOTAL: &str = "wsrouter_migrations_total";
 pub const MIGRATIONS_STAYED_TOTAL: &str = "wsrouter_migrations_stayed_total";
 pub const POLLING_REQUESTS_TOTAL: &str = "wsrouter_polling_requests_total";
+pub const SOCKETIO_SESSIONS_TOTAL: &str = "wsrouter_socketio_sessions_total";
+pub const SOCKETIO_RESUMES_TOTAL: &str = "wsrouter_socketio_resumes_total";
 pub const MIGRATION_DURATION_SECONDS: &str = "wsrouter_migration_duration_seconds";
 pub const REPLAYED_MESSAGES_TOTAL: &str = "wsrouter_replayed_messages_total";
 pub const BUFFERED_BYTES: &str = "wsrouter_buffered_bytes";
@@ -281,6 +283,14 @@ fn describe() {
     describe_counter!(
         MIGRATIONS_TOTAL,
         "Sessions moved to another backend, by from, to and reason."
+    );
+    describe_counter!(
+        SOCKETIO_SESSIONS_TOTAL,
+        "WebSocket sessions opened on Socket.IO paths."
+    );
+    describe_counter!(
+        SOCKETIO_RESUMES_TOTAL,
+        "Moves of Socket.IO sessions that replayed the Socket.IO handshake on the new backend, by result."
     );
     describe_counter!(
         POLLING_REQUESTS_TOTAL,

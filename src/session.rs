@@ -28,7 +28,8 @@ use crate::limits::{Admission, Limits, MessageBudget};
 use crate::memory::{MemoryBudget, SessionMemory};
 use crate::metrics::{self as m, CloseReason, ReplayKind};
 use crate::shutdown::{SessionTracker, Shutdown};
-use crate::socketio::SidTable;
+use crate::socketio::resume;
+use crate::socketio::{Connects, SidTable};
 use crate::tls::{ClientStream, Terminator};
 use crate::upstream::Upstream;
 use crate::upstream::dialer::{Connected, Dialer, FIRST_REDIAL_PAUSE, LAST_REDIAL_PAUSE, Move};
@@ -97,6 +98,9 @@ pub(crate) struct Session {
     moves: MoveChain,
     /// This session's place under the per-IP and global caps.
     _admission: Admission,
+    /// A Socket.IO session: its client's namespace CONNECT packets, sent
+    /// again to each new backend.
+    engineio: Option<Box<Connects>>,
 }
 
 impl Session {
@@ -107,6 +111,7 @@ impl Session {
         slot: SessionSlot,
         dialer: Dialer,
         admission: Admission,
+        engineio: Option<Connects>,
     ) -> Box<Session> {
         let config = router.config();
         let migration = &config.migration;
@@ -120,6 +125,7 @@ impl Session {
             budget: router.limits.message_budget(),
             memory: router.memory.open(dialer.session_id()),
             _admission: admission,
+            engineio: engineio.map(Box::new),
             window,
             moves: MoveChain::default(),
             router,
@@ -133,6 +139,12 @@ impl Session {
     /// is drained, until the session ends.
     pub(crate) async fn run(mut self: Box<Self>, mut upstream: Upstream) {
         self.window.start_connection(upstream.acknowledges);
+        if let Some(connects) = self.engineio.as_deref_mut().filter(|c| c.is_empty()) {
+            // Learn the client's CONNECT as it goes by (a client that
+            // long-polled first sent it through the polling proxy).
+            let within = self.router.config().listener.handshake_timeout;
+            resume::watch_opening(&mut self.client, &mut upstream.peer, connects, within).await;
+        }
         let mut shutdown = self.router.shutdown.clone();
         loop {
             let config = self.router.config();
@@ -482,8 +494,33 @@ impl Session {
         metrics::histogram!(m::MIGRATION_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
         tracing::debug!(from = %from, to = %to, reason = reason.as_label(), elapsed = ?started.elapsed(), "session moved");
 
+        let mut queued: Vec<Bytes> = queue.drain().collect();
+        if let Some(connects) = self.engineio.as_deref() {
+            // The new Socket.IO server takes the client before its messages.
+            let resumed = resume::resume(
+                &mut self.client,
+                &mut upstream.peer,
+                connects,
+                config.migration.timeout,
+            )
+            .await;
+            let result = if resumed.is_ok() { "ok" } else { "failed" };
+            metrics::counter!(m::SOCKETIO_RESUMES_TOTAL, "result" => result).increment(1);
+            if let Err(error) = resumed {
+                tracing::warn!(backend = %to, %error, "the Socket.IO session did not resume; closing it");
+                self.client
+                    .finish_close(
+                        Some(&close(code::TRY_AGAIN_LATER, "try again later")),
+                        close_timeout,
+                    )
+                    .await;
+                return Err(CloseReason::MigrationFailed);
+            }
+            replay = resume::replayable(replay, |(frames, _)| frames);
+            queued = resume::replayable(queued, |frames| frames);
+        }
         // Replays first, then what queued up, in order.
-        send_in_order(&mut upstream, &mut self.window, replay, queue.drain()).await;
+        send_in_order(&mut upstream, &mut self.window, replay, queued.into_iter()).await;
         Ok(upstream)
     }
 }

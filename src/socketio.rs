@@ -1,7 +1,9 @@
 //! What the router knows of engine.io and Socket.IO: where an engine.io
-//! session (`sid`) lives when the client brings no session key, and how to
-//! read the `sid` out of a backend's OPEN packet. The long-polling proxy
-//! is [`polling`].
+//! session (`sid`) lives when the client brings no session key, how to
+//! read the `sid` out of a backend's OPEN packet, the client's namespace
+//! CONNECT packets a session keeps, and the packet kinds a move must
+//! treat apart. The long-polling proxy is [`polling`]; how a Socket.IO
+//! session resumes on a new backend is [`resume`].
 //!
 //! Without a session key, every long-polling request and the WebSocket
 //! upgrade of one engine.io session carry its `sid` (engine.io puts it in
@@ -12,11 +14,13 @@
 //! "Socket.IO").
 
 pub mod polling;
+pub mod resume;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
@@ -34,7 +38,14 @@ const MAX_SID_LEN: usize = 64;
 /// engine.io sessions and the backend each lives on; cheap to clone.
 #[derive(Clone, Default)]
 pub struct SidTable {
-    entries: Arc<Mutex<HashMap<String, (String, Instant)>>>,
+    entries: Arc<Mutex<HashMap<String, SidEntry>>>,
+}
+
+struct SidEntry {
+    backend: String,
+    used: Instant,
+    /// The namespace CONNECT packets the client sent while polling.
+    connects: Connects,
 }
 
 impl SidTable {
@@ -48,12 +59,17 @@ impl SidTable {
         let now = Instant::now();
         let mut entries = self.entries.lock();
         if entries.len() >= SID_TABLE_CAPACITY && !entries.contains_key(sid) {
-            entries.retain(|_, (_, used)| now.duration_since(*used) < SID_IDLE);
+            entries.retain(|_, entry| now.duration_since(entry.used) < SID_IDLE);
             if entries.len() >= SID_TABLE_CAPACITY {
                 return false;
             }
         }
-        entries.insert(sid.to_string(), (backend.to_string(), now));
+        let entry = SidEntry {
+            backend: backend.to_string(),
+            used: now,
+            connects: Connects::default(),
+        };
+        entries.insert(sid.to_string(), entry);
         true
     }
 
@@ -61,19 +77,146 @@ impl SidTable {
     pub fn backend_of(&self, sid: &str) -> Option<String> {
         let now = Instant::now();
         let mut entries = self.entries.lock();
-        let (backend, used) = entries.get_mut(sid)?;
-        if now.duration_since(*used) >= SID_IDLE {
+        let entry = entries.get_mut(sid)?;
+        if now.duration_since(entry.used) >= SID_IDLE {
             entries.remove(sid);
             return None;
         }
-        *used = now;
-        Some(backend.clone())
+        entry.used = now;
+        Some(entry.backend.clone())
+    }
+
+    /// Keep the namespace CONNECT packets in a long-polling request body
+    /// (engine.io v4 payload: packets separated by `\x1e`) sent for `sid`.
+    pub fn note_connects(&self, sid: &str, body: &[u8]) {
+        if !body.windows(2).any(|w| w == b"40") {
+            return;
+        }
+        if let Some(entry) = self.entries.lock().get_mut(sid) {
+            for packet in body.split(|&b| b == 0x1e) {
+                entry.connects.note(packet);
+            }
+        }
+    }
+
+    /// The CONNECT packets the client sent for `sid` while polling.
+    pub fn connects_of(&self, sid: &str) -> Connects {
+        self.entries
+            .lock()
+            .get(sid)
+            .map(|entry| entry.connects.clone())
+            .unwrap_or_default()
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.lock().len()
     }
+}
+
+/// Most namespaces a session's CONNECT packets are kept for.
+const MAX_NAMESPACES: usize = 8;
+
+/// Largest CONNECT packet kept (the auth payload rides in it).
+const MAX_CONNECT_BYTES: usize = 8 * 1024;
+
+/// The client's namespace CONNECT packets (`40`, `40/chat,{"token":...}`),
+/// the last one per namespace: what a new backend must see before the
+/// client's events, so the Socket.IO server there runs its connection
+/// handler. Bounded in count and size.
+#[derive(Debug, Clone, Default)]
+pub struct Connects(Vec<(String, Bytes)>);
+
+impl Connects {
+    /// Keep `payload` if it is a CONNECT packet (a DISCONNECT, `41`,
+    /// forgets its namespace).
+    pub fn note(&mut self, payload: &[u8]) {
+        let (connect, disconnect) = (payload.starts_with(b"40"), payload.starts_with(b"41"));
+        if !(connect || disconnect) || payload.len() > MAX_CONNECT_BYTES {
+            return;
+        }
+        let namespace = namespace_of(&payload[2..]);
+        self.0.retain(|(kept, _)| *kept != namespace);
+        if connect && self.0.len() < MAX_NAMESPACES {
+            self.0.push((namespace, Bytes::copy_from_slice(payload)));
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The packets to send a new backend: the kept ones, or, when none were
+    /// seen (the session was opened through another router instance), a
+    /// CONNECT to the main namespace.
+    pub fn to_send(&self) -> Vec<Bytes> {
+        if self.0.is_empty() {
+            return vec![Bytes::from_static(b"40")];
+        }
+        self.0.iter().map(|(_, packet)| packet.clone()).collect()
+    }
+}
+
+/// The namespace a Socket.IO packet names after its type: `/chat,...` is
+/// `/chat`; anything else is the main namespace `/`.
+fn namespace_of(rest: &[u8]) -> String {
+    if rest.first() != Some(&b'/') {
+        return "/".into();
+    }
+    let end = rest.iter().position(|&b| b == b',').unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end]).into_owned()
+}
+
+/// What an engine.io text packet is, for a move: the router passes every
+/// packet through untouched except while a session resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packet {
+    /// `0`: a new engine.io session (the server's first packet).
+    Open,
+    /// `2`, `3`, `5`, `6`: ping, pong, upgrade, noop: about one
+    /// connection, never replayed to another.
+    Transport,
+    /// `40`: a namespace CONNECT (from the client) or its acknowledgement
+    /// (from the server).
+    Connect,
+    /// `44`: the server refused a namespace CONNECT.
+    ConnectError,
+    /// Any other packet (events, acknowledgements, binary placeholders).
+    Other,
+}
+
+/// The kind of an engine.io v4 text packet.
+pub fn packet_kind(payload: &[u8]) -> Packet {
+    match payload {
+        [b'0', ..] => Packet::Open,
+        [b'2' | b'3' | b'5' | b'6', ..] => Packet::Transport,
+        [b'4', b'0', ..] => Packet::Connect,
+        [b'4', b'4', ..] => Packet::ConnectError,
+        _ => Packet::Other,
+    }
+}
+
+/// The request target for the same client on another backend: a new
+/// engine.io session over WebSocket (`sid` dropped, `transport=websocket`),
+/// the rest of the query as the client sent it.
+pub fn fresh_target(target: &str) -> String {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.to_string();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split('=').next().unwrap_or("");
+            name != "sid" && name != "transport"
+        })
+        .collect();
+    let mut out = format!("{path}?");
+    for pair in kept {
+        out.push_str(pair);
+        out.push('&');
+    }
+    out.push_str("transport=websocket");
+    out
 }
 
 /// A sid as engine.io makes them: base64url-ish, bounded.
@@ -149,5 +292,62 @@ mod tests {
         tokio::time::advance(SID_IDLE).await;
         assert_eq!(table.backend_of("abc"), None);
         assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn connects_are_kept_per_namespace_and_forgotten_on_disconnect() {
+        let mut connects = Connects::default();
+        assert_eq!(connects.to_send(), vec![Bytes::from_static(b"40")]);
+        connects.note(b"42[\"chat\",\"hi\"]");
+        connects.note(br#"40{"token":"a"}"#);
+        connects.note(br#"40/admin,{"token":"b"}"#);
+        connects.note(br#"40{"token":"c"}"#);
+        assert_eq!(
+            connects.to_send(),
+            vec![
+                Bytes::from_static(br#"40/admin,{"token":"b"}"#),
+                Bytes::from_static(br#"40{"token":"c"}"#)
+            ]
+        );
+        connects.note(b"41/admin,");
+        assert_eq!(
+            connects.to_send(),
+            vec![Bytes::from_static(br#"40{"token":"c"}"#)]
+        );
+    }
+
+    #[test]
+    fn a_fresh_target_drops_the_sid_and_asks_for_websocket() {
+        assert_eq!(
+            fresh_target("/socket.io/?EIO=4&transport=websocket&sid=abc&session=k"),
+            "/socket.io/?EIO=4&session=k&transport=websocket"
+        );
+        assert_eq!(
+            fresh_target("/socket.io/?EIO=4&transport=websocket"),
+            "/socket.io/?EIO=4&transport=websocket"
+        );
+    }
+
+    #[test]
+    fn packet_kinds() {
+        assert_eq!(packet_kind(br#"0{"sid":"x"}"#), Packet::Open);
+        assert_eq!(packet_kind(b"2probe"), Packet::Transport);
+        assert_eq!(packet_kind(b"5"), Packet::Transport);
+        assert_eq!(packet_kind(br#"40{"sid":"y"}"#), Packet::Connect);
+        assert_eq!(packet_kind(br#"44{"message":"no"}"#), Packet::ConnectError);
+        assert_eq!(packet_kind(b"42[\"ev\"]"), Packet::Other);
+    }
+
+    #[test]
+    fn a_polling_body_s_connects_are_kept_for_its_sid() {
+        let table = SidTable::default();
+        assert!(table.insert("s1", "eu-1"));
+        table.note_connects("s1", b"40{\"token\":\"t\"}\x1e42[\"x\"]");
+        table.note_connects("unknown", b"40");
+        assert_eq!(
+            table.connects_of("s1").to_send(),
+            vec![Bytes::from_static(b"40{\"token\":\"t\"}")]
+        );
+        assert!(table.connects_of("unknown").is_empty());
     }
 }

@@ -32,9 +32,9 @@ fn socketio_router(servers: &[SioServer]) -> RouterBuilder {
 }
 
 /// Connect, and check what every default-transport client must see: it
-/// connects, upgrades to WebSocket, is welcomed by one server, and its
-/// acknowledged emit is answered by that same server. Returns that
-/// server's id.
+/// connects, is welcomed by one server, upgrades to WebSocket, and its
+/// acknowledged emits, before and after the upgrade, are answered by that
+/// same server. Returns that server's id.
 async fn connects_and_upgrades_on_one_backend(client: &mut SioClient) -> String {
     let welcome = client.wait_for("welcome").await;
     let backend = welcome["data"]["backend"]
@@ -43,15 +43,14 @@ async fn connects_and_upgrades_on_one_backend(client: &mut SioClient) -> String 
         .to_string();
     let reply = client.emit_acked("echo", json!("hello")).await;
     assert_eq!(reply, json!({"backend": backend, "data": "hello"}));
-    let upgraded = client
-        .events
-        .iter()
-        .any(|e| e["event"] == "upgrade" && e["transport"] == "websocket");
-    assert!(
-        upgraded,
-        "the client never upgraded to WebSocket: {:?}",
-        client.events
-    );
+    // engine.io upgrades in the background, after the first exchange.
+    client
+        .seen_or_next("the upgrade to WebSocket", |e| {
+            e["event"] == "upgrade" && e["transport"] == "websocket"
+        })
+        .await;
+    let reply = client.emit_acked("echo", json!("upgraded")).await;
+    assert_eq!(reply, json!({"backend": backend, "data": "upgraded"}));
     let connected = client
         .events
         .iter()
@@ -115,4 +114,150 @@ async fn without_a_session_key_the_sid_keeps_polls_and_the_upgrade_on_one_backen
         let mut client = SioClient::connect(&url, json!({}));
         connects_and_upgrades_on_one_backend(&mut client).await;
     }
+}
+
+/// Emit `count` numbered events 100 ms apart, calling `midway` after the
+/// first `at`; returns their seqs.
+async fn emit_paced(
+    client: &mut SioClient,
+    label: &str,
+    count: usize,
+    at: usize,
+    midway: impl AsyncFnOnce(),
+) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let mut midway = Some(midway);
+    for i in 0..count {
+        if i == at
+            && let Some(midway) = midway.take()
+        {
+            midway().await;
+        }
+        seqs.push(client.emit("echo", json!(format!("{label}-{i}"))).await);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    seqs
+}
+
+#[tokio::test]
+async fn a_socketio_session_survives_a_crash_and_a_drain_without_a_disconnect() {
+    let mut servers = three_servers().await;
+    let router = socketio_router(&servers).start().await;
+    let url = format!("http://{}", router.public);
+    let mut client = SioClient::connect(
+        &url,
+        json!({"transports": ["websocket"], "query": {"session": "survivor"}, "auth": {"room": "lobby"}}),
+    );
+    let first = client.wait_for("welcome").await["data"]["backend"]
+        .as_str()
+        .expect("a backend")
+        .to_string();
+
+    // Its backend is killed while it emits every 100 ms.
+    let crashed = servers.iter().position(|s| s.id == first).expect("known");
+    let mut dead = servers.remove(crashed);
+    let seqs = emit_paced(&mut client, "crash", 10, 3, async || dead.kill().await).await;
+    let replies = client.acks(&seqs).await;
+    let second = replies.last().expect("acks")["backend"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_ne!(second, first);
+    for (i, reply) in replies.iter().enumerate() {
+        assert_eq!(reply["data"], format!("crash-{i}"), "{replies:?}");
+    }
+    // The new server ran its connection handler for the session, and knew
+    // where it came from.
+    let server = servers.iter_mut().find(|s| s.id == second).expect("known");
+    let connection = server
+        .wait_for("the moved session's connection", |e| {
+            e["event"] == "connection" && e["migratedFrom"] == first.as_str()
+        })
+        .await;
+    assert_eq!(connection["auth"], json!({"room": "lobby"}), "{connection}");
+
+    // Then that backend is drained.
+    let drain = format!("/api/backends/{second}/drain");
+    let r = &router;
+    let seqs = emit_paced(&mut client, "drain", 10, 3, async || {
+        assert_eq!(r.admin_post(&drain, None).await.0, 200);
+    })
+    .await;
+    let replies = client.acks(&seqs).await;
+    let third = replies.last().expect("acks")["backend"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert!(third != first && third != second, "{replies:?}");
+    let server = servers.iter_mut().find(|s| s.id == third).expect("known");
+    server
+        .wait_for("the drained session's connection", |e| {
+            e["event"] == "connection" && e["migratedFrom"] == second.as_str()
+        })
+        .await;
+    // The room joined in that handler reaches the client.
+    let news = "/broadcast?room=lobby&text=after-the-moves";
+    let sent = support::http_get(
+        format!("127.0.0.1:{}", server.port)
+            .parse()
+            .expect("address"),
+        news,
+    )
+    .await;
+    assert_eq!(sent.0, 200);
+    let broadcast = client.wait_for("broadcast").await;
+    assert_eq!(
+        broadcast["data"],
+        json!({"backend": third, "text": "after-the-moves"})
+    );
+    assert!(
+        !client.saw_disconnect(),
+        "the application saw a disconnect: {:?}",
+        client.events
+    );
+    let connects = client
+        .events
+        .iter()
+        .filter(|e| e["event"] == "connect")
+        .count();
+    assert_eq!(connects, 1, "{:?}", client.events);
+}
+
+#[tokio::test]
+async fn a_session_that_long_polled_first_survives_a_crash_with_its_auth() {
+    let mut servers = three_servers().await;
+    let router = socketio_router(&servers).start().await;
+    let url = format!("http://{}", router.public);
+    // Default transports: the namespace CONNECT (with its auth payload)
+    // goes over long-polling, before the upgrade.
+    let mut client = SioClient::connect(
+        &url,
+        json!({"query": {"session": "poller"}, "auth": {"room": "upstairs"}}),
+    );
+    let first = connects_and_upgrades_on_one_backend(&mut client).await;
+    let crashed = servers.iter().position(|s| s.id == first).expect("known");
+    let mut dead = servers.remove(crashed);
+    let seqs = emit_paced(&mut client, "after-upgrade", 6, 2, async || {
+        dead.kill().await
+    })
+    .await;
+    let replies = client.acks(&seqs).await;
+    let second = replies.last().expect("acks")["backend"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_ne!(second, first);
+    let server = servers.iter_mut().find(|s| s.id == second).expect("known");
+    let connection = server
+        .wait_for("the moved session's connection", |e| {
+            e["event"] == "connection" && e["migratedFrom"] == first.as_str()
+        })
+        .await;
+    assert_eq!(
+        connection["auth"],
+        json!({"room": "upstairs"}),
+        "{connection}"
+    );
+    assert_eq!(connection["transport"], "websocket", "{connection}");
+    assert!(!client.saw_disconnect(), "{:?}", client.events);
 }

@@ -204,6 +204,12 @@ impl Polling<'_> {
                 Answer::dial_failed(crate::upstream::dialer::DialFailure::NoBackend),
             ));
         };
+        if method == "POST"
+            && let Some(sid) = &sid
+        {
+            // What a move of the session, once upgraded, sends again.
+            self.sids.note_connects(sid, &body);
+        }
         let sender = self.backend_for(backend, &chosen).await?;
         let outgoing = self.outgoing(method, request, &chosen, client_ip, &key, body)?;
         let started = Instant::now();

@@ -151,6 +151,12 @@ impl Dialer {
         Arc::make_mut(&mut self.placement).subprotocol = subprotocol;
     }
 
+    /// Dial later backends with `target` instead of the client's request
+    /// target (a Socket.IO session opens a new engine.io session there).
+    pub fn set_target(&mut self, target: String) {
+        Arc::make_mut(&mut self.placement).request.target = target;
+    }
+
     /// The session's first backend: the ranked candidates in order, within
     /// `steering.max_dial_attempts`, or only `pinned` (a backend id) when
     /// the session must go where it started (an engine.io session's

@@ -280,6 +280,35 @@ pub fn encode(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Bytes {
     out.freeze()
 }
 
+/// The data of one whole message as a [`FrameReader`] found it (`frames`:
+/// its frames, masked or not, with any control frames between them):
+/// its opcode and the unmasked payload of its data frames.
+pub fn message_payload(frames: &[u8]) -> (u8, Vec<u8>) {
+    let mut opcode = OP_CONTINUATION;
+    let mut payload = Vec::new();
+    let mut at = 0;
+    while at + 2 <= frames.len() {
+        let masked = frames[at + 1] & 0x80 != 0;
+        let Ok(Some(header)) = parse_header(&frames[at..], masked, usize::MAX) else {
+            break;
+        };
+        let start = at + header.header_len;
+        let end = (start + header.payload_len).min(frames.len());
+        if header.opcode & 0x8 == 0 {
+            if opcode == OP_CONTINUATION {
+                opcode = header.opcode;
+            }
+            let from = payload.len();
+            payload.extend_from_slice(&frames[start..end]);
+            if let Some(key) = header.mask {
+                apply_mask(&mut payload[from..], key, 0);
+            }
+        }
+        at = end;
+    }
+    (opcode, payload)
+}
+
 /// A close frame's payload: the code and a reason.
 pub fn close_payload(close: Option<&CloseFrame>) -> Vec<u8> {
     match close {
@@ -560,6 +589,12 @@ impl FrameReader {
             BytesMut::new()
         };
         result
+    }
+
+    /// The first `len` bytes, left where they are: whole units already
+    /// returned, to look at before taking or leaving them.
+    pub fn buffered_front(&self, len: usize) -> &[u8] {
+        &self.buf[..len.min(self.buf.len())]
     }
 
     /// Hand over the first `len` bytes: whole units already returned.
@@ -1137,5 +1172,28 @@ mod tests {
                 prop_assert_eq!(ok, std::str::from_utf8(&input).is_ok(), "{:x?}", input);
             }
         }
+    }
+
+    #[test]
+    fn a_fragmented_masked_message_decodes_to_its_payload() {
+        let mut frames = BytesMut::new();
+        let first = encode(OP_TEXT, b"42[\"ev\",", Some([1, 2, 3, 4]));
+        let mut first = first.to_vec();
+        first[0] &= 0x7F; // not the last frame
+        frames.extend_from_slice(&first);
+        frames.extend_from_slice(&encode(OP_PING, b"p", Some([9, 9, 9, 9])));
+        frames.extend_from_slice(&{
+            let mut last = encode(OP_TEXT, b"1]", Some([5, 6, 7, 8])).to_vec();
+            last[0] = 0x80 | OP_CONTINUATION;
+            last
+        });
+        assert_eq!(
+            message_payload(&frames),
+            (OP_TEXT, b"42[\"ev\",1]".to_vec())
+        );
+        assert_eq!(
+            message_payload(&encode(OP_BINARY, b"\x01", None)),
+            (OP_BINARY, vec![1])
+        );
     }
 }

@@ -187,6 +187,22 @@ impl SioClient {
         .await
     }
 
+    /// The first event so far that `matches`, or the next one that does.
+    pub async fn seen_or_next(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        if let Some(found) = self.events.iter().find(|e| matches(e)) {
+            return found.clone();
+        }
+        within(what, async {
+            loop {
+                let event = self.next_event().await;
+                if matches(&event) {
+                    return event;
+                }
+            }
+        })
+        .await
+    }
+
     /// Emit `event` with `data` and an acknowledgement; returns its seq,
     /// which the `ack` event carries.
     pub async fn emit(&mut self, event: &str, data: Value) -> u64 {
@@ -212,6 +228,30 @@ impl SioClient {
                 if event["event"] == "ack" && event["seq"] == seq {
                     return event["data"].clone();
                 }
+            }
+        })
+        .await
+    }
+
+    /// Wait until every emit in `seqs` has its acknowledgement; returns
+    /// their data in `seqs` order.
+    pub async fn acks(&mut self, seqs: &[u64]) -> Vec<Value> {
+        let what = format!("the acknowledgements of emits {seqs:?}");
+        within(&what, async {
+            loop {
+                let found: Vec<Value> = seqs
+                    .iter()
+                    .filter_map(|seq| {
+                        self.events
+                            .iter()
+                            .find(|e| e["event"] == "ack" && e["seq"] == *seq)
+                            .map(|e| e["data"].clone())
+                    })
+                    .collect();
+                if found.len() == seqs.len() {
+                    return found;
+                }
+                self.next_event().await;
             }
         })
         .await
