@@ -261,3 +261,165 @@ async fn a_session_that_long_polled_first_survives_a_crash_with_its_auth() {
     assert_eq!(connection["transport"], "websocket", "{connection}");
     assert!(!client.saw_disconnect(), "{:?}", client.events);
 }
+
+/// One long-polling request on a connection of its own: (status, body).
+async fn poll(
+    router: std::net::SocketAddr,
+    method: &str,
+    query: &str,
+    body: &str,
+) -> (u16, String) {
+    let request = format!(
+        "{method} /socket.io/?EIO=4&transport=polling{query} HTTP/1.1\r\nHost: chat.example\r\nContent-Type: text/plain;charset=UTF-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = support::raw_exchange(router, request.as_bytes()).await;
+    (answer.status.expect("an HTTP answer"), answer.body)
+}
+
+/// The `sid` of an engine.io OPEN packet body.
+fn sid_of(open: &str) -> String {
+    let json: serde_json::Value =
+        serde_json::from_str(open.strip_prefix('0').expect("an OPEN packet")).expect("json");
+    json["sid"].as_str().expect("a sid").to_string()
+}
+
+#[tokio::test]
+async fn the_polling_requests_of_one_session_alternate_between_two_routers_and_reach_one_backend() {
+    let servers = three_servers().await;
+    let builder = socketio_router(&servers);
+    let (a, b) = (builder.start().await, builder.start().await);
+    let key = "&session=two-routers";
+    let (status, open) = poll(a.public, "GET", key, "").await;
+    assert_eq!(status, 200, "{open}");
+    let sid = format!("{key}&sid={}", sid_of(&open));
+    // Each request goes to the other router; neither saw the other's.
+    assert_eq!(
+        poll(b.public, "POST", &sid, "40").await,
+        (200, "ok".to_string())
+    );
+    let (status, connected) = poll(a.public, "GET", &sid, "").await;
+    assert_eq!(status, 200, "{connected}");
+    let packets: Vec<&str> = connected.split('\u{1e}').collect();
+    assert!(packets[0].starts_with("40{\"sid\":"), "{connected}");
+    let welcome = packets
+        .iter()
+        .find(|p| p.starts_with("42[\"welcome\""))
+        .map(|p| p.to_string());
+    let welcome = match welcome {
+        Some(welcome) => welcome,
+        None => poll(b.public, "GET", &sid, "").await.1,
+    };
+    let backend = servers
+        .iter()
+        .find(|s| welcome.contains(&format!("\"backend\":\"{}\"", s.id)))
+        .map(|s| s.id.clone())
+        .unwrap_or_else(|| panic!("no server named in {welcome}"));
+    assert_eq!(
+        poll(b.public, "POST", &sid, r#"421["echo","across routers"]"#).await,
+        (200, "ok".to_string())
+    );
+    let (status, ack) = poll(a.public, "GET", &sid, "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        ack,
+        format!(r#"431[{{"backend":"{backend}","data":"across routers"}}]"#)
+    );
+}
+
+#[tokio::test]
+async fn a_polling_only_session_whose_backend_dies_reconnects_to_a_live_one() {
+    let mut servers = three_servers().await;
+    let router = socketio_router(&servers).start().await;
+    let url = format!("http://{}", router.public);
+    let mut client = SioClient::connect(
+        &url,
+        json!({"transports": ["polling"], "query": {"session": "poll-only"}}),
+    );
+    let first = client.wait_for("welcome").await["data"]["backend"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let crashed = servers.iter().position(|s| s.id == first).expect("known");
+    servers.remove(crashed).kill().await;
+    // engine.io notices, and Socket.IO reconnects by itself.
+    client.wait_for("disconnect").await;
+    let second = client.wait_for("welcome").await["data"]["backend"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    assert_ne!(second, first);
+    let reply = client.emit_acked("echo", json!("back")).await;
+    assert_eq!(reply, json!({"backend": second, "data": "back"}));
+}
+
+#[tokio::test]
+async fn a_connect_the_new_server_refuses_reaches_the_client_as_a_connect_error() {
+    let mut servers = Vec::new();
+    for id in ["strict-a", "strict-b"] {
+        servers.push(SioServer::start_with(id, PING_INTERVAL_MS, &["--refuse-moved"]).await);
+    }
+    let router = socketio_router(&servers).start().await;
+    let url = format!("http://{}", router.public);
+    let mut client = SioClient::connect(
+        &url,
+        json!({"transports": ["websocket"], "query": {"session": "refused"}, "reconnection": false}),
+    );
+    let first = client.wait_for("welcome").await["data"]["backend"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let crashed = servers.iter().position(|s| s.id == first).expect("known");
+    servers.remove(crashed).kill().await;
+    let error = client.wait_for("connect_error").await;
+    assert_eq!(
+        error["message"], "moved sessions are refused here",
+        "{error}"
+    );
+    servers[0]
+        .wait_for("the refusal", |e| {
+            e["event"] == "refused" && e["migratedFrom"] == first.as_str()
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn bad_input_on_a_socketio_path_gets_a_clear_answer_and_disturbs_no_session() {
+    let servers = three_servers().await;
+    let router = socketio_router(&servers)
+        .extra("max_body_bytes = 2048\n")
+        .start()
+        .await;
+    let url = format!("http://{}", router.public);
+    let mut bystander = SioClient::connect(&url, json!({"query": {"session": "bystander"}}));
+    let backend = connects_and_upgrades_on_one_backend(&mut bystander).await;
+
+    // A sid this router never saw, from a client without a key.
+    let (status, body) = poll(router.public, "GET", "&sid=nobody-knows-me", "").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (400, r#"{"code":1,"message":"Session ID unknown"}"#)
+    );
+    // A body over socketio.max_body_bytes.
+    let (status, _) = poll(router.public, "POST", "&session=big", &"4".repeat(4096)).await;
+    assert_eq!(status, 413);
+    // A chunked body.
+    let chunked = "POST /socket.io/?EIO=4&transport=polling&session=c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n40\r\n0\r\n\r\n";
+    let answer = support::raw_exchange(router.public, chunked.as_bytes()).await;
+    assert_eq!(answer.status, Some(411));
+    // An absolute-form target never names a destination.
+    let absolute = "GET http://127.0.0.1:1/socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let answer = support::raw_exchange(router.public, absolute.as_bytes()).await;
+    assert_eq!(answer.status, Some(400), "{}", answer.body);
+    // Garbage for a real session goes to its backend unchanged; engine.io
+    // answers it (and ends that session), nobody else notices.
+    let (status, open) = poll(router.public, "GET", "&session=garbage", "").await;
+    assert_eq!(status, 200);
+    let sid = format!("&session=garbage&sid={}", sid_of(&open));
+    let (status, body) = poll(router.public, "POST", &sid, "\u{0}\u{1e}not engine.io").await;
+    assert!(status == 400 || status == 200, "{status} {body}");
+
+    let reply = bystander.emit_acked("echo", json!("still here")).await;
+    assert_eq!(reply, json!({"backend": backend, "data": "still here"}));
+    assert!(!bystander.saw_disconnect(), "{:?}", bystander.events);
+}

@@ -71,6 +71,9 @@ pub async fn watch_opening<C, B>(
         }
     })
     .await;
+    // A unit looked at and left is the relay's to read, from the start.
+    client.reader.rewind();
+    backend.reader.rewind();
 }
 
 /// Make a new backend's Socket.IO server take the session: consume its

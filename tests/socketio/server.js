@@ -1,7 +1,7 @@
 // A Socket.IO 4.8 chat server for wsrouter's tests: the real `socket.io`
 // package, on a loopback port.
 //
-//   node server.js --id NAME [--port 0] [--ping-interval MS]
+//   node server.js --id NAME [--port 0] [--ping-interval MS] [--refuse-moved]
 //
 // Prints one line `listening PORT` when it accepts connections, then one
 // JSON line per event a test may want to see (a connection with the headers
@@ -24,6 +24,8 @@ const option = (name, fallback) => {
 const id = option("--id", "sio");
 const port = Number(option("--port", "0"));
 const pingInterval = Number(option("--ping-interval", "25000"));
+// Refuse (in a middleware) connections that a router moved here.
+const refuseMoved = args.includes("--refuse-moved");
 
 const log = (event) => process.stdout.write(JSON.stringify({ backend: id, ...event }) + "\n");
 
@@ -46,6 +48,15 @@ const io = new Server(httpServer, {
   pingInterval,
   pingTimeout: 20000,
   cors: { origin: true, credentials: true },
+});
+
+io.use((socket, next) => {
+  if (refuseMoved && socket.handshake.headers["x-wsrouter-migrated-from"]) {
+    log({ event: "refused", migratedFrom: socket.handshake.headers["x-wsrouter-migrated-from"] });
+    next(new Error("moved sessions are refused here"));
+  } else {
+    next();
+  }
 });
 
 io.on("connection", (socket) => {

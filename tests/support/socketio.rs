@@ -88,12 +88,18 @@ impl SioServer {
     /// Start it and wait until it listens. `ping_interval_ms` is
     /// engine.io's (a held long-poll is answered within it).
     pub async fn start(id: &str, ping_interval_ms: u64) -> SioServer {
-        let args = [
+        SioServer::start_with(id, ping_interval_ms, &[]).await
+    }
+
+    /// [`SioServer::start`] with more of server.js's options.
+    pub async fn start_with(id: &str, ping_interval_ms: u64, extra: &[&str]) -> SioServer {
+        let mut args = vec![
             "--id".to_string(),
             id.to_string(),
             "--ping-interval".to_string(),
             ping_interval_ms.to_string(),
         ];
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut node = Node::start("server.js", &args);
         let line = within("the Socket.IO server to listen", node.next_line())
             .await
