@@ -8,7 +8,9 @@
 // {"event":"connect_error","message":...}, {"event":"upgrade","transport":...},
 // {"event":"welcome"|"broadcast","data":...}, {"event":"ack","seq":N,"data":...}.
 // Commands: {"cmd":"emit","event":E,"data":D,"seq":N} (with an
-// acknowledgement, reported with its seq), {"cmd":"close"}.
+// acknowledgement, reported with its seq), {"cmd":"emit_blob","label":L,
+// "bytes":B,"seq":N} (a binary event: B bytes, each seq % 256),
+// {"cmd":"close"}.
 "use strict";
 const readline = require("readline");
 const { io } = require("socket.io-client");
@@ -33,6 +35,10 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
   const command = JSON.parse(line);
   if (command.cmd === "emit") {
     socket.emit(command.event, command.data, (data) => report({ event: "ack", seq: command.seq, data }));
+  } else if (command.cmd === "emit_blob") {
+    // A binary event: its attachment travels as a frame of its own.
+    const blob = Buffer.alloc(command.bytes, command.seq % 256);
+    socket.emit("blob", command.label, blob, (data) => report({ event: "ack", seq: command.seq, data }));
   } else if (command.cmd === "close") {
     socket.close();
     process.exit(0);

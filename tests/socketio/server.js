@@ -8,6 +8,7 @@
 // it came with, each event received). Answers:
 //   - `echo` (with an acknowledgement): {backend, data}
 //   - `join` room: joins it, acknowledges {backend, room}
+//   - `blob` (label, binary attachment): acknowledges {backend, label, bytes, fill}
 // On each connection it emits `welcome` {backend, sid, migratedFrom} and
 // joins the room named in the auth payload (`auth.room`), if any.
 // HTTP routes beside engine.io: GET /healthz (200), and
@@ -76,6 +77,10 @@ io.on("connection", (socket) => {
   socket.on("echo", (data, ack) => {
     log({ event: "echo", data });
     if (typeof ack === "function") ack({ backend: id, data });
+  });
+  socket.on("blob", (label, blob, ack) => {
+    log({ event: "blob", label, bytes: blob.length });
+    if (typeof ack === "function") ack({ backend: id, label, bytes: blob.length, fill: blob[0] });
   });
   socket.on("join", (room, ack) => {
     socket.join(room);

@@ -224,6 +224,22 @@ impl SioClient {
         seq
     }
 
+    /// Emit a binary event (`label` and an attachment of `bytes` bytes,
+    /// each the seq modulo 256) with an acknowledgement; returns its seq.
+    pub async fn emit_blob(&mut self, label: &str, bytes: usize) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let line = json!({"cmd": "emit_blob", "label": label, "bytes": bytes, "seq": seq})
+            .to_string()
+            + "\n";
+        self.node
+            .stdin
+            .write_all(line.as_bytes())
+            .await
+            .expect("write to client.js");
+        seq
+    }
+
     /// Emit and wait for the acknowledgement's data.
     pub async fn emit_acked(&mut self, event: &str, data: Value) -> Value {
         let seq = self.emit(event, data).await;
