@@ -4,7 +4,14 @@
 //!
 //! ```text
 //! cargo run --example demo
+//! cargo run --example demo -- --socketio
 //! ```
+//!
+//! With `--socketio` the backends are Socket.IO chat servers instead (node
+//! and the `socket.io` package, `examples/socketio_chat`, installed with
+//! `npm ci` on first use), on 127.0.0.1:9011-9013, and the router
+//! (`examples/demo-socketio.toml`) serves Socket.IO clients on
+//! `/socket.io/`: `node examples/socketio_chat/client.js`.
 //!
 //! Fixed ports, so the README can be followed step by step:
 //!
@@ -31,6 +38,7 @@ mod chat;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -44,6 +52,8 @@ const BACKENDS: &[(&str, &str, &str)] = &[
     ("us-1", "us", "127.0.0.1:9002"),
     ("ap-1", "ap", "127.0.0.1:9003"),
 ];
+/// The Socket.IO chat servers of `--socketio`: (id, port).
+const SOCKETIO_BACKENDS: &[(&str, u16)] = &[("eu-1", 9011), ("us-1", 9012), ("ap-1", 9013)];
 const WIDGET_ADDR: &str = "127.0.0.1:8000";
 const WIDGET_HTML: &str = include_str!("widget/index.html");
 
@@ -56,6 +66,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
 
+    if std::env::args().any(|a| a == "--socketio") {
+        return socketio_demo().await;
+    }
     let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo.toml");
     let config = Config::from_file(&config_path)?;
 
@@ -78,6 +91,106 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// The demo with Socket.IO chat servers: install their packages if needed,
+/// start them, run the router until Ctrl-C, then stop them. `kill ID` and
+/// `start ID` on stdin kill (SIGKILL) and restart one.
+async fn socketio_demo() -> anyhow::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/socketio_chat");
+    if !dir.join("node_modules/socket.io").exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .context(
+                "run npm ci in examples/socketio_chat (the Socket.IO demo needs node and npm)",
+            )?;
+        anyhow::ensure!(status.success(), "npm ci in {} failed", dir.display());
+    }
+    let config_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo-socketio.toml");
+    let config = Config::from_file(&config_path)?;
+    let mut servers = HashMap::new();
+    for &(id, port) in SOCKETIO_BACKENDS {
+        servers.insert(id, start_socketio(&dir, id, port)?);
+    }
+    let listeners = Listeners::bind(&config).await?;
+    print_socketio_banner();
+    let servers = Arc::new(std::sync::Mutex::new(servers));
+    let commands = Arc::clone(&servers);
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut words = line.split_whitespace();
+            let (Some(command), Some(name)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Some(&(id, port)) = SOCKETIO_BACKENDS.iter().find(|b| b.0 == name) else {
+                tracing::warn!("unknown backend {name:?}; try eu-1, us-1 or ap-1");
+                continue;
+            };
+            let mut servers = commands.lock().expect("not poisoned");
+            match command {
+                "kill" => match servers.remove(id) {
+                    Some(mut child) => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        tracing::warn!(backend = id, "killed (SIGKILL)");
+                    }
+                    None => tracing::warn!(backend = id, "already dead"),
+                },
+                "start" if !servers.contains_key(id) => match start_socketio(&dir, id, port) {
+                    Ok(child) => {
+                        servers.insert(id, child);
+                    }
+                    Err(e) => tracing::error!("{e:#}"),
+                },
+                other => tracing::warn!("unknown command {other:?}; try kill or start"),
+            }
+        }
+    });
+    let run = wsrouter::run(config, listeners, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await;
+    for (_, mut child) in servers.lock().expect("not poisoned").drain() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    run?;
+    Ok(())
+}
+
+/// Start one Socket.IO chat server (node).
+fn start_socketio(dir: &Path, id: &str, port: u16) -> anyhow::Result<Child> {
+    Command::new("node")
+        .arg(dir.join("server.js"))
+        .args(["--id", id, "--port", &port.to_string()])
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("start the Socket.IO chat server {id} (node)"))
+}
+
+#[allow(clippy::print_stdout)]
+fn print_socketio_banner() {
+    println!(
+        r#"
+wsrouter demo (Socket.IO) is running (Ctrl-C to stop)
+
+  router     http://127.0.0.1:8080/socket.io/
+  admin      http://127.0.0.1:9090/api/backends   /metrics   /readyz
+  backends   eu-1 127.0.0.1:9011   us-1 127.0.0.1:9012   ap-1 127.0.0.1:9013 (node, socket.io 4.8)
+
+Try, in other terminals (type lines to chat):
+
+  node examples/socketio_chat/client.js http://127.0.0.1:8080 --session alice --room demo
+  node examples/socketio_chat/client.js http://127.0.0.1:8080 --session bob --room demo
+
+Then type "kill eu-1" (or whichever backend a client is on) here: the
+client stays connected, says nothing about it, and its next line is
+delivered by another backend. "start eu-1" brings it back.
+"#
+    );
 }
 
 /// Start one regional chat backend; aborting the handle kills it.

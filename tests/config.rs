@@ -330,3 +330,20 @@ fn socketio_paths_must_be_prefixes_apart_from_the_websocket_paths() {
     assert!(good.socketio.matches("/socket.io"));
     assert!(!good.socketio.matches("/chat"));
 }
+
+#[test]
+fn the_example_configurations_pass_check_config() {
+    for example in ["router.toml", "demo.toml", "demo-socketio.toml"] {
+        let path = manifest_dir().join("examples").join(example);
+        let output = Command::new(env!("CARGO_BIN_EXE_wsrouter"))
+            .arg("--check-config")
+            .arg(&path)
+            .output()
+            .expect("run wsrouter");
+        assert!(
+            output.status.success(),
+            "{example}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
