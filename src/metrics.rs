@@ -203,6 +203,13 @@ impl ReplayKind {
     }
 }
 
+/// Count one Socket.IO handshake replay on a new backend:
+/// `wsrouter_socketio_resumes_total{result="ok"|"failed"}`.
+pub fn count_socketio_resume(resumed: bool) {
+    let result = if resumed { "ok" } else { "failed" };
+    metrics::counter!(SOCKETIO_RESUMES_TOTAL, "result" => result).increment(1);
+}
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Install the Prometheus recorder once per process and return its handle.

@@ -504,8 +504,7 @@ impl Session {
                 config.migration.timeout,
             )
             .await;
-            let result = if resumed.is_ok() { "ok" } else { "failed" };
-            metrics::counter!(m::SOCKETIO_RESUMES_TOTAL, "result" => result).increment(1);
+            m::count_socketio_resume(resumed.is_ok());
             if let Err(error) = resumed {
                 tracing::warn!(backend = %to, %error, "the Socket.IO session did not resume; closing it");
                 self.client
