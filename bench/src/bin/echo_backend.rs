@@ -13,6 +13,15 @@
 //! generator's mark position (byte 16 of a binary message, byte 32 of a text
 //! one), so that the failover benchmark knows which backend answered.
 //!
+//! With `--http` it speaks plain HTTP/1.1 instead, as an engine.io server
+//! does to long-polling clients (the Socket.IO benchmark,
+//! `bench/socketio.sh`): every request, on any path, is answered at once
+//! with `200 OK` and a small body (`POST`: `ok`, as engine.io answers a
+//! send; anything else: [`POLL_BODY`], one Socket.IO event), and the
+//! connection is kept alive until the client closes it or asks to
+//! (`Connection: close`). Request bodies are read (by `Content-Length`, at
+//! most 1 MiB) and dropped; chunked bodies get `411`.
+//!
 //! It raises its own open-files soft limit to the hard limit at start, and
 //! by default runs on one thread so that it leaves the second core to the
 //! proxy under test (`--threads` to change).
@@ -21,6 +30,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::{Buf, BytesMut};
 use clap::Parser;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -56,10 +66,23 @@ struct Args {
     /// "Exactly once for backends that acknowledge").
     #[arg(long)]
     ack: bool,
+    /// Serve HTTP/1.1 (engine.io long-polling) instead of WebSocket: every
+    /// request gets `200 OK` and a small body at once, on kept-alive
+    /// connections.
+    #[arg(long, conflicts_with_all = ["mark", "ack"])]
+    http: bool,
 }
 
 /// The request line prefix of a health check; the next byte must end the path.
 const HEALTH_PREFIX: &[u8] = b"GET /healthz";
+
+/// `--http`: the body of the answer to a `GET` (a long-poll), one Socket.IO
+/// event as engine.io would deliver it.
+const POLL_BODY: &[u8] = br#"42["message","0123456789abcdef"]"#;
+
+/// `--http`: the longest request head, and the largest body, accepted.
+const HTTP_MAX_HEAD: usize = 16 * 1024;
+const HTTP_MAX_BODY: usize = 1024 * 1024;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -112,8 +135,125 @@ async fn serve(args: Args) -> anyhow::Result<()> {
                 continue;
             }
         };
-        tokio::spawn(connection(stream, config, mark, args.ack));
+        if args.http {
+            tokio::spawn(http_connection(stream));
+        } else {
+            tokio::spawn(connection(stream, config, mark, args.ack));
+        }
     }
+}
+
+/// `--http`: answer every request on one connection until the client closes
+/// it or asks to. Requests already read (pipelined) are answered with one
+/// write.
+async fn http_connection(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = Vec::with_capacity(512);
+    loop {
+        let mut close = false;
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = parse_head(&buf[..end]);
+            let (status, body, length) = match head {
+                Ok(ref head) if head.length > HTTP_MAX_BODY => (413, &b"too large"[..], 0),
+                Ok(ref head) if head.post => (200, &b"ok"[..], head.length),
+                Ok(ref head) => (200, POLL_BODY, head.length),
+                Err(status) => (status, &b"bad request"[..], 0),
+            };
+            let done = status != 200 || head.as_ref().is_ok_and(|h| h.close);
+            if !done && buf.len() < end + 4 + length {
+                break; // the body is not all here yet
+            }
+            buf.advance((end + 4 + length).min(buf.len()));
+            write_answer(&mut out, status, body, done);
+            if done {
+                close = true;
+                break;
+            }
+        }
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        if close {
+            let _ = stream.shutdown().await;
+            return;
+        }
+        if buf.len() > HTTP_MAX_HEAD + HTTP_MAX_BODY {
+            return;
+        }
+        match stream.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if buf.len() > HTTP_MAX_HEAD && !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            return; // a head too long to be a request
+        }
+    }
+}
+
+/// What `--http` needs from a request head.
+struct Head {
+    post: bool,
+    length: usize,
+    close: bool,
+}
+
+/// The method, `Content-Length` and `Connection: close` of a request head
+/// (without its blank line); `Err(status)` for what is not served.
+fn parse_head(head: &[u8]) -> Result<Head, u16> {
+    let text = std::str::from_utf8(head).map_err(|_| 400u16)?;
+    let mut lines = text.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(' ');
+    let method = parts.next().unwrap_or_default();
+    let _target = parts.next().ok_or(400u16)?;
+    let version = parts.next().ok_or(400u16)?;
+    let mut parsed = Head {
+        post: method == "POST",
+        length: 0,
+        close: version == "HTTP/1.0",
+    };
+    for line in lines {
+        let (name, value) = line.split_once(':').ok_or(400u16)?;
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            parsed.length = value.parse().map_err(|_| 400u16)?;
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(411);
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    parsed.close = true;
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    parsed.close = false;
+                }
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+/// Append one answer to `out`.
+fn write_answer(out: &mut Vec<u8>, status: u16, body: &[u8], close: bool) {
+    let reason = match status {
+        200 => "OK",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        _ => "Bad Request",
+    };
+    let connection = if close { "close" } else { "keep-alive" };
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=UTF-8\r\n\
+             Content-Length: {}\r\nConnection: {connection}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(body);
 }
 
 /// One accepted connection: a health check or a WebSocket echo session.
