@@ -173,7 +173,6 @@ impl Polling<'_> {
             .session_key(&config.session_key)
             .map_err(|e| (PollResult::Rejected, Answer::bad_request(&e)))?;
         let sid = request.query_param("sid");
-        let (location, _) = config.geoip.db.lookup(client_ip);
         // The backend that holds the sid, when this router saw its
         // handshake; else the one the key steers to.
         let pinned = sid.as_deref().and_then(|sid| self.sids.backend_of(sid));
@@ -191,12 +190,14 @@ impl Polling<'_> {
             (None, Some(_), true) => {
                 return Err((PollResult::UnknownSid, Answer::unknown_sid()));
             }
-            _ => self
-                .backends
-                .load()
-                .rank(&location, &key, &[], 1, false)
-                .into_iter()
-                .next(),
+            _ => {
+                let (location, _) = config.geoip.db.lookup(client_ip);
+                self.backends
+                    .load()
+                    .rank(&location, &key, &[], 1, false)
+                    .into_iter()
+                    .next()
+            }
         };
         let Some(chosen) = chosen else {
             return Err((
