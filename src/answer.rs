@@ -169,19 +169,8 @@ impl Answer {
         let Some(status) = self.status else {
             return Vec::new();
         };
-        let mut out = format!("HTTP/1.1 {status} {}\r\n", self.phrase).into_bytes();
-        for (name, value) in &self.headers {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        }
-        let length = self.body.len();
-        out.extend_from_slice(
-            format!("Content-Length: {length}\r\nConnection: close\r\n\r\n").as_bytes(),
-        );
-        out.extend_from_slice(&self.body);
-        out
+        let headers = self.headers.iter().map(|(n, v)| (n.as_ref(), v.as_slice()));
+        http_response(status, &self.phrase, headers, &self.body, false)
     }
 
     /// Count the outcome as an upgrade's, write the answer (if any) and
@@ -222,6 +211,31 @@ impl Answer {
         let body = "a request body needs a Content-Length\n".to_string();
         Answer::plain(UpgradeResult::Rejected, 411, "Length Required", body)
     }
+}
+
+/// An HTTP/1.1 response as written: the status line, `headers`, the
+/// body's `Content-Length`, `Connection` (`keep-alive` or `close`), the body.
+pub(crate) fn http_response<'a>(
+    status: u16,
+    phrase: &str,
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    body: &[u8],
+    keep_alive: bool,
+) -> Vec<u8> {
+    let mut out = format!("HTTP/1.1 {status} {phrase}\r\n").into_bytes();
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let length = body.len();
+    out.extend_from_slice(
+        format!("Content-Length: {length}\r\nConnection: {connection}\r\n\r\n").as_bytes(),
+    );
+    out.extend_from_slice(body);
+    out
 }
 
 /// The 101 that opens a session: the accept key for the client's

@@ -194,7 +194,10 @@ async fn upgrade(
         .to_string();
     let leftover = std::mem::take(&mut request.leftover);
     let engineio = config.socketio.matches(path_of(&request.target));
-    let (pinned, connects) = engineio_backend(router, config, &request)?;
+    let (pinned, connects) = match engineio {
+        true => engineio_backend(router, config, &request)?,
+        false => (None, Connects::default()),
+    };
     let fresh_target = engineio.then(|| socketio::fresh_target(&request.target));
     let (placement, key_cookie) = place(config, request, peer, stream.is_tls())?;
     if peer_is_proxy {
@@ -270,9 +273,6 @@ fn engineio_backend(
     config: &Config,
     request: &UpgradeRequest,
 ) -> Result<(Option<String>, Connects), Answer> {
-    if !config.socketio.matches(path_of(&request.target)) {
-        return Ok((None, Connects::default()));
-    }
     let Some(sid) = request.query_param("sid") else {
         return Ok((None, Connects::default()));
     };

@@ -22,6 +22,30 @@ async fn three_servers() -> Vec<SioServer> {
     servers
 }
 
+/// The backend whose `welcome` the client gets next.
+async fn welcomed_by(client: &mut SioClient) -> String {
+    let welcome = client.wait_for("welcome").await;
+    welcome["data"]["backend"]
+        .as_str()
+        .expect("a backend id")
+        .to_string()
+}
+
+/// The backend that acknowledged the last of `replies`.
+fn last_backend(replies: &[serde_json::Value]) -> String {
+    let last = replies.last().expect("acknowledgements");
+    last["backend"].as_str().expect("a backend id").to_string()
+}
+
+/// Take the server `id` out of `servers` (to kill it).
+fn take(servers: &mut Vec<SioServer>, id: &str) -> SioServer {
+    let at = servers
+        .iter()
+        .position(|s| s.id == id)
+        .expect("a known server");
+    servers.remove(at)
+}
+
 fn socketio_router(servers: &[SioServer]) -> RouterBuilder {
     servers
         .iter()
@@ -36,11 +60,7 @@ fn socketio_router(servers: &[SioServer]) -> RouterBuilder {
 /// acknowledged emits, before and after the upgrade, are answered by that
 /// same server. Returns that server's id.
 async fn connects_and_upgrades_on_one_backend(client: &mut SioClient) -> String {
-    let welcome = client.wait_for("welcome").await;
-    let backend = welcome["data"]["backend"]
-        .as_str()
-        .expect("a backend id")
-        .to_string();
+    let backend = welcomed_by(client).await;
     let reply = client.emit_acked("echo", json!("hello")).await;
     assert_eq!(reply, json!({"backend": backend, "data": "hello"}));
     // engine.io upgrades in the background, after the first exchange.
@@ -148,20 +168,13 @@ async fn a_socketio_session_survives_a_crash_and_a_drain_without_a_disconnect() 
         &url,
         json!({"transports": ["websocket"], "query": {"session": "survivor"}, "auth": {"room": "lobby"}}),
     );
-    let first = client.wait_for("welcome").await["data"]["backend"]
-        .as_str()
-        .expect("a backend")
-        .to_string();
+    let first = welcomed_by(&mut client).await;
 
     // Its backend is killed while it emits every 100 ms.
-    let crashed = servers.iter().position(|s| s.id == first).expect("known");
-    let mut dead = servers.remove(crashed);
+    let mut dead = take(&mut servers, &first);
     let seqs = emit_paced(&mut client, "crash", 10, 3, async || dead.kill().await).await;
     let replies = client.acks(&seqs).await;
-    let second = replies.last().expect("acks")["backend"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let second = last_backend(&replies);
     assert_ne!(second, first);
     for (i, reply) in replies.iter().enumerate() {
         assert_eq!(reply["data"], format!("crash-{i}"), "{replies:?}");
@@ -184,10 +197,7 @@ async fn a_socketio_session_survives_a_crash_and_a_drain_without_a_disconnect() 
     })
     .await;
     let replies = client.acks(&seqs).await;
-    let third = replies.last().expect("acks")["backend"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let third = last_backend(&replies);
     assert!(third != first && third != second, "{replies:?}");
     let server = servers.iter_mut().find(|s| s.id == third).expect("known");
     server
@@ -235,17 +245,13 @@ async fn a_session_that_long_polled_first_survives_a_crash_with_its_auth() {
         json!({"query": {"session": "poller"}, "auth": {"room": "upstairs"}}),
     );
     let first = connects_and_upgrades_on_one_backend(&mut client).await;
-    let crashed = servers.iter().position(|s| s.id == first).expect("known");
-    let mut dead = servers.remove(crashed);
+    let mut dead = take(&mut servers, &first);
     let seqs = emit_paced(&mut client, "after-upgrade", 6, 2, async || {
         dead.kill().await
     })
     .await;
     let replies = client.acks(&seqs).await;
-    let second = replies.last().expect("acks")["backend"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let second = last_backend(&replies);
     assert_ne!(second, first);
     let server = servers.iter_mut().find(|s| s.id == second).expect("known");
     let connection = server
@@ -336,18 +342,11 @@ async fn a_polling_only_session_whose_backend_dies_reconnects_to_a_live_one() {
         &url,
         json!({"transports": ["polling"], "query": {"session": "poll-only"}}),
     );
-    let first = client.wait_for("welcome").await["data"]["backend"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let crashed = servers.iter().position(|s| s.id == first).expect("known");
-    servers.remove(crashed).kill().await;
+    let first = welcomed_by(&mut client).await;
+    take(&mut servers, &first).kill().await;
     // engine.io notices, and Socket.IO reconnects by itself.
     client.wait_for("disconnect").await;
-    let second = client.wait_for("welcome").await["data"]["backend"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let second = welcomed_by(&mut client).await;
     assert_ne!(second, first);
     let reply = client.emit_acked("echo", json!("back")).await;
     assert_eq!(reply, json!({"backend": second, "data": "back"}));
@@ -365,12 +364,8 @@ async fn a_connect_the_new_server_refuses_reaches_the_client_as_a_connect_error(
         &url,
         json!({"transports": ["websocket"], "query": {"session": "refused"}, "reconnection": false}),
     );
-    let first = client.wait_for("welcome").await["data"]["backend"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let crashed = servers.iter().position(|s| s.id == first).expect("known");
-    servers.remove(crashed).kill().await;
+    let first = welcomed_by(&mut client).await;
+    take(&mut servers, &first).kill().await;
     let error = client.wait_for("connect_error").await;
     assert_eq!(
         error["message"], "moved sessions are refused here",
@@ -439,12 +434,8 @@ async fn binary_events_are_replayed_whole_across_a_crash() {
         &url,
         json!({"transports": ["websocket"], "query": {"session": "binary"}}),
     );
-    let first = client.wait_for("welcome").await["data"]["backend"]
-        .as_str()
-        .expect("id")
-        .to_string();
-    let crashed = servers.iter().position(|s| s.id == first).expect("known");
-    let mut dead = servers.remove(crashed);
+    let first = welcomed_by(&mut client).await;
+    let mut dead = take(&mut servers, &first);
     let mut seqs = Vec::new();
     for i in 0..12 {
         if i == 4 {

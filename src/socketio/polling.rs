@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::answer::Answer;
+use crate::answer::{Answer, http_response};
 use crate::backend::{Backend, Backends};
 use crate::config::{Config, SessionKeySource};
 use crate::handshake::{self, HandshakeError, Request, UpgradeRequest};
@@ -414,22 +414,7 @@ impl Reply {
             .ok()
             .and_then(|s| s.canonical_reason())
             .unwrap_or("Unknown");
-        let mut out = format!("HTTP/1.1 {} {reason}\r\n", self.status).into_bytes();
-        for (name, value) in &self.headers {
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        }
-        let connection = if keep_alive { "keep-alive" } else { "close" };
-        out.extend_from_slice(
-            format!(
-                "Content-Length: {}\r\nConnection: {connection}\r\n\r\n",
-                self.body.len()
-            )
-            .as_bytes(),
-        );
-        out.extend_from_slice(&self.body);
-        out
+        let headers = self.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+        http_response(self.status, reason, headers, &self.body, keep_alive)
     }
 }

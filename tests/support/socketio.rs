@@ -179,25 +179,8 @@ impl SioClient {
         event
     }
 
-    /// Wait for the next event named `name`, keeping the others.
-    pub async fn wait_for(&mut self, name: &str) -> Value {
-        let what = format!("the client's {name} event");
-        within(&what, async {
-            loop {
-                let event = self.next_event().await;
-                if event["event"] == name {
-                    return event;
-                }
-            }
-        })
-        .await
-    }
-
-    /// The first event so far that `matches`, or the next one that does.
-    pub async fn seen_or_next(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
-        if let Some(found) = self.events.iter().find(|e| matches(e)) {
-            return found.clone();
-        }
+    /// The next event that `matches`, keeping the others.
+    async fn next_matching(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
         within(what, async {
             loop {
                 let event = self.next_event().await;
@@ -209,50 +192,54 @@ impl SioClient {
         .await
     }
 
-    /// Emit `event` with `data` and an acknowledgement; returns its seq,
-    /// which the `ack` event carries.
-    pub async fn emit(&mut self, event: &str, data: Value) -> u64 {
+    /// Wait for the next event named `name`, keeping the others.
+    pub async fn wait_for(&mut self, name: &str) -> Value {
+        let what = format!("the client's {name} event");
+        self.next_matching(&what, |event| event["event"] == name)
+            .await
+    }
+
+    /// The first event so far that `matches`, or the next one that does.
+    pub async fn seen_or_next(&mut self, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+        match self.events.iter().find(|e| matches(e)) {
+            Some(found) => found.clone(),
+            None => self.next_matching(what, matches).await,
+        }
+    }
+
+    /// Send client.js one command (a JSON line) carrying a new seq; returns
+    /// the seq.
+    async fn command(&mut self, mut command: Value) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let line =
-            json!({"cmd": "emit", "event": event, "data": data, "seq": seq}).to_string() + "\n";
+        command["seq"] = json!(seq);
+        let line = command.to_string() + "\n";
         self.node
             .stdin
             .write_all(line.as_bytes())
             .await
             .expect("write to client.js");
         seq
+    }
+
+    /// Emit `event` with `data` and an acknowledgement; returns its seq,
+    /// which the `ack` event carries.
+    pub async fn emit(&mut self, event: &str, data: Value) -> u64 {
+        self.command(json!({"cmd": "emit", "event": event, "data": data}))
+            .await
     }
 
     /// Emit a binary event (`label` and an attachment of `bytes` bytes,
     /// each the seq modulo 256) with an acknowledgement; returns its seq.
     pub async fn emit_blob(&mut self, label: &str, bytes: usize) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let line = json!({"cmd": "emit_blob", "label": label, "bytes": bytes, "seq": seq})
-            .to_string()
-            + "\n";
-        self.node
-            .stdin
-            .write_all(line.as_bytes())
+        self.command(json!({"cmd": "emit_blob", "label": label, "bytes": bytes}))
             .await
-            .expect("write to client.js");
-        seq
     }
 
     /// Emit and wait for the acknowledgement's data.
     pub async fn emit_acked(&mut self, event: &str, data: Value) -> Value {
         let seq = self.emit(event, data).await;
-        let what = format!("the acknowledgement of emit {seq}");
-        within(&what, async {
-            loop {
-                let event = self.next_event().await;
-                if event["event"] == "ack" && event["seq"] == seq {
-                    return event["data"].clone();
-                }
-            }
-        })
-        .await
+        self.acks(&[seq]).await.remove(0)
     }
 
     /// Wait until every emit in `seqs` has its acknowledgement; returns
