@@ -23,7 +23,7 @@ use crate::metrics::{self as m, PollResult, UpgradeResult};
 use crate::proxy_protocol;
 use crate::session::{Router, Session};
 use crate::socketio::polling::Polling;
-use crate::socketio::{self, Connects};
+use crate::socketio::{self, Connects, EngineIo};
 use crate::tls::ClientStream;
 use crate::upstream::dialer::{Connected, Dialer, Placement};
 use crate::upstream::{self, Upstream};
@@ -159,9 +159,9 @@ async fn establish(
 
 /// An upgrade a backend accepted, before the client has its 101.
 struct Accepted {
-    /// A Socket.IO session, with the namespace CONNECT packets its client
-    /// sent while long-polling (if it did, through this router).
-    engineio: Option<Connects>,
+    /// A Socket.IO session, with the sid its client long-polled with (if
+    /// it did, through this router).
+    engineio: Option<EngineIo>,
     dialer: Dialer,
     connected: Connected,
     /// The session's place under the per-IP and global caps.
@@ -194,9 +194,9 @@ async fn upgrade(
         .to_string();
     let leftover = std::mem::take(&mut request.leftover);
     let engineio = config.socketio.matches(path_of(&request.target));
-    let (pinned, connects) = match engineio {
+    let (pinned, polled_as) = match engineio {
         true => engineio_backend(router, config, &request)?,
-        false => (None, Connects::default()),
+        false => (None, None),
     };
     let fresh_target = engineio.then(|| socketio::fresh_target(&request.target));
     let (placement, key_cookie) = place(config, request, peer, stream.is_tls())?;
@@ -225,7 +225,10 @@ async fn upgrade(
         dialer.set_target(target);
     }
     Ok(Accepted {
-        engineio: engineio.then_some(connects),
+        engineio: engineio.then_some(EngineIo {
+            connects: Connects::default(),
+            polled_as,
+        }),
         dialer,
         connected,
         admission,
@@ -266,21 +269,20 @@ async fn open_client(
 
 /// The upgrade of an engine.io session that started with long-polling
 /// (its request carries the `sid`) goes to the backend that holds it, when
-/// this router saw its handshake. Without a session key, a `sid` it does
-/// not know gets engine.io's "Session ID unknown", so the client starts over.
+/// this router saw its handshake: that backend's id, and the sid. Without a
+/// session key, a `sid` it does not know gets engine.io's "Session ID
+/// unknown", so the client starts over.
 fn engineio_backend(
     router: &Router,
     config: &Config,
     request: &UpgradeRequest,
-) -> Result<(Option<String>, Connects), Answer> {
+) -> Result<(Option<String>, Option<String>), Answer> {
     let Some(sid) = request.query_param("sid") else {
-        return Ok((None, Connects::default()));
+        return Ok((None, None));
     };
     match router.sids.backend_of(&sid) {
-        Some(backend) => Ok((Some(backend), router.sids.connects_of(&sid))),
-        None if matches!(request.session_key(&config.session_key), Ok(Some(_))) => {
-            Ok((None, Connects::default()))
-        }
+        Some(backend) => Ok((Some(backend), Some(sid))),
+        None if matches!(request.session_key(&config.session_key), Ok(Some(_))) => Ok((None, None)),
         None => Err(Answer::unknown_sid()),
     }
 }

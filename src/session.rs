@@ -29,7 +29,7 @@ use crate::memory::{MemoryBudget, SessionMemory};
 use crate::metrics::{self as m, CloseReason, ReplayKind};
 use crate::shutdown::{SessionTracker, Shutdown};
 use crate::socketio::resume;
-use crate::socketio::{Connects, SidTable};
+use crate::socketio::{EngineIo, SidTable};
 use crate::tls::{ClientStream, Terminator};
 use crate::upstream::Upstream;
 use crate::upstream::dialer::{Connected, Dialer, FIRST_REDIAL_PAUSE, LAST_REDIAL_PAUSE, Move};
@@ -100,7 +100,7 @@ pub(crate) struct Session {
     _admission: Admission,
     /// A Socket.IO session: its client's namespace CONNECT packets, sent
     /// again to each new backend.
-    engineio: Option<Box<Connects>>,
+    engineio: Option<Box<EngineIo>>,
 }
 
 impl Session {
@@ -111,7 +111,7 @@ impl Session {
         slot: SessionSlot,
         dialer: Dialer,
         admission: Admission,
-        engineio: Option<Connects>,
+        engineio: Option<EngineIo>,
     ) -> Box<Session> {
         let config = router.config();
         let migration = &config.migration;
@@ -139,11 +139,14 @@ impl Session {
     /// is drained, until the session ends.
     pub(crate) async fn run(mut self: Box<Self>, mut upstream: Upstream) {
         self.window.start_connection(upstream.acknowledges);
-        if let Some(connects) = self.engineio.as_deref_mut().filter(|c| c.is_empty()) {
-            // Learn the client's CONNECT as it goes by (a client that
-            // long-polled first sent it through the polling proxy).
+        if let Some(engineio) = self.engineio.as_deref_mut() {
+            // Learn the client's CONNECT as it goes by. A client that
+            // long-polled first sent it as a POST instead, which has reached
+            // the router by the time the client sends anything else.
             let within = self.router.config().listener.handshake_timeout;
+            let connects = &mut engineio.connects;
             resume::watch_opening(&mut self.client, &mut upstream.peer, connects, within).await;
+            engineio.learn_from_polling(&self.router.sids);
         }
         let mut shutdown = self.router.shutdown.clone();
         loop {
@@ -495,7 +498,10 @@ impl Session {
         tracing::debug!(from = %from, to = %to, reason = reason.as_label(), elapsed = ?started.elapsed(), "session moved");
 
         let mut queued: Vec<Bytes> = queue.drain().collect();
-        if let Some(connects) = self.engineio.as_deref() {
+        if let Some(engineio) = self.engineio.as_deref_mut() {
+            // Its CONNECT POSTs may have come after the opening watch.
+            engineio.learn_from_polling(&self.router.sids);
+            let connects = &engineio.connects;
             // The new Socket.IO server takes the client before its messages.
             let resumed = resume::resume(
                 &mut self.client,

@@ -157,6 +157,28 @@ impl Connects {
     }
 }
 
+/// What a Socket.IO session keeps for its moves: its client's CONNECT
+/// packets, and the engine.io `sid` it long-polled with before its upgrade
+/// (whose POSTs carried the CONNECTs, and may reach the router after the
+/// upgrade does).
+#[derive(Debug, Default)]
+pub struct EngineIo {
+    pub connects: Connects,
+    pub polled_as: Option<String>,
+}
+
+impl EngineIo {
+    /// When no CONNECT was seen on the WebSocket, take those the client
+    /// sent while long-polling, if this router proxied them.
+    pub fn learn_from_polling(&mut self, sids: &SidTable) {
+        if self.connects.is_empty()
+            && let Some(sid) = &self.polled_as
+        {
+            self.connects = sids.connects_of(sid);
+        }
+    }
+}
+
 /// The namespace a Socket.IO packet names after its type: `/chat,...` is
 /// `/chat`; anything else is the main namespace `/`.
 fn namespace_of(rest: &[u8]) -> String {
