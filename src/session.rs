@@ -139,15 +139,6 @@ impl Session {
     /// is drained, until the session ends.
     pub(crate) async fn run(mut self: Box<Self>, mut upstream: Upstream) {
         self.window.start_connection(upstream.acknowledges);
-        if let Some(engineio) = self.engineio.as_deref_mut() {
-            // Learn the client's CONNECT as it goes by. A client that
-            // long-polled first sent it as a POST instead, which has reached
-            // the router by the time the client sends anything else.
-            let within = self.router.config().listener.handshake_timeout;
-            let connects = &mut engineio.connects;
-            resume::watch_opening(&mut self.client, &mut upstream.peer, connects, within).await;
-            engineio.learn_from_polling(&self.router.sids);
-        }
         let mut shutdown = self.router.shutdown.clone();
         loop {
             let config = self.router.config();
@@ -163,6 +154,7 @@ impl Session {
                     window: &mut self.window,
                     budget: self.budget.as_mut(),
                     memory: &mut self.memory,
+                    connects: self.engineio.as_deref_mut().map(|e| &mut e.connects),
                 },
             )
             .await;
@@ -499,7 +491,11 @@ impl Session {
 
         let mut queued: Vec<Bytes> = queue.drain().collect();
         if let Some(engineio) = self.engineio.as_deref_mut() {
-            // Its CONNECT POSTs may have come after the opening watch.
+            // The relay noted the CONNECTs it forwarded; those the client
+            // sent during this move, and those it long-polled, are added.
+            for frames in &queued {
+                engineio.connects.note_in_frames(frames);
+            }
             engineio.learn_from_polling(&self.router.sids);
             let connects = &engineio.connects;
             // The new Socket.IO server takes the client before its messages.

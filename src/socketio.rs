@@ -24,6 +24,8 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+use crate::wire::frame::{self, OP_TEXT};
+
 /// Most engine.io sessions remembered at once.
 const SID_TABLE_CAPACITY: usize = 100_000;
 
@@ -142,8 +144,49 @@ impl Connects {
         }
     }
 
+    /// Note the CONNECT and DISCONNECT packets among `frames`, whole
+    /// client frames as the relay forwards them. Only a one-frame text
+    /// message is looked into (clients send their CONNECTs whole), and only
+    /// past its first two bytes when they say `40` or `41`.
+    pub fn note_in_frames(&mut self, frames: &[u8]) {
+        let mut at = 0;
+        while let Ok(Some(header)) = frame::parse_header(&frames[at..], true, usize::MAX) {
+            let start = at + header.header_len;
+            let Some(end) = start
+                .checked_add(header.payload_len)
+                .filter(|&end| end <= frames.len())
+            else {
+                return;
+            };
+            if let (OP_TEXT, true, Some(key), 2..=MAX_CONNECT_BYTES) =
+                (header.opcode, header.fin, header.mask, header.payload_len)
+            {
+                let mut kind = [frames[start], frames[start + 1]];
+                frame::apply_mask(&mut kind, key, 0);
+                if kind == *b"40" || kind == *b"41" {
+                    let mut payload = frames[start..end].to_vec();
+                    frame::apply_mask(&mut payload, key, 0);
+                    self.note(&payload);
+                }
+            }
+            at = end;
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Add `earlier`'s packets for namespaces not kept here, before these.
+    fn merge_earlier(&mut self, earlier: Connects) {
+        let mut merged: Vec<_> = earlier
+            .0
+            .into_iter()
+            .filter(|(namespace, _)| self.0.iter().all(|(kept, _)| kept != namespace))
+            .collect();
+        merged.truncate(MAX_NAMESPACES.saturating_sub(self.0.len()));
+        merged.append(&mut self.0);
+        self.0 = merged;
     }
 
     /// The packets to send a new backend: the kept ones, or, when none were
@@ -168,13 +211,15 @@ pub struct EngineIo {
 }
 
 impl EngineIo {
-    /// When no CONNECT was seen on the WebSocket, take those the client
-    /// sent while long-polling, if this router proxied them.
+    /// Take the CONNECTs the client sent while long-polling, if this router
+    /// proxied them, before those seen on the WebSocket since (the same
+    /// namespace seen there wins). Once found, the `sid` is done with.
     pub fn learn_from_polling(&mut self, sids: &SidTable) {
-        if self.connects.is_empty()
-            && let Some(sid) = &self.polled_as
-        {
-            self.connects = sids.connects_of(sid);
+        let Some(sid) = &self.polled_as else { return };
+        let polled = sids.connects_of(sid);
+        if !polled.is_empty() {
+            self.connects.merge_earlier(polled);
+            self.polled_as = None;
         }
     }
 }
@@ -335,6 +380,45 @@ mod tests {
         assert_eq!(
             connects.to_send(),
             vec![Bytes::from_static(br#"40{"token":"c"}"#)]
+        );
+    }
+
+    #[test]
+    fn connects_are_found_among_masked_client_frames_and_polled_ones_come_first() {
+        use crate::wire::frame::{OP_BINARY, OP_PING, encode};
+        let masked = |opcode, payload: &[u8]| encode(opcode, payload, Some([7, 9, 1, 3]));
+        let mut frames = Vec::new();
+        for (opcode, payload) in [
+            (OP_TEXT, &br#"42["chat","40"]"#[..]),
+            (OP_PING, b"40"),
+            (OP_BINARY, b"40/binary,"),
+            (OP_TEXT, br#"40/desk,{"room":"front"}"#),
+            (OP_TEXT, b"4"),
+        ] {
+            frames.extend_from_slice(&masked(opcode, payload));
+        }
+        let mut connects = Connects::default();
+        connects.note_in_frames(&frames);
+        assert_eq!(
+            connects.to_send(),
+            vec![Bytes::from_static(br#"40/desk,{"room":"front"}"#)]
+        );
+        // A cut frame at the end is left alone.
+        let cut = masked(OP_TEXT, b"40/cut,");
+        connects.note_in_frames(&cut[..cut.len() - 1]);
+        assert_eq!(connects.to_send().len(), 1);
+
+        let mut polled = Connects::default();
+        polled.note(br#"40{"token":"t"}"#);
+        polled.note(b"40/desk,");
+        connects.merge_earlier(polled);
+        assert_eq!(
+            connects.to_send(),
+            vec![
+                Bytes::from_static(br#"40{"token":"t"}"#),
+                Bytes::from_static(br#"40/desk,{"room":"front"}"#)
+            ],
+            "the WebSocket's /desk wins"
         );
     }
 

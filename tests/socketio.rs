@@ -234,6 +234,74 @@ async fn a_socketio_session_survives_a_crash_and_a_drain_without_a_disconnect() 
 }
 
 #[tokio::test]
+async fn a_namespace_joined_long_after_the_session_opened_survives_a_crash() {
+    let mut servers = three_servers().await;
+    let router = socketio_router(&servers).start().await;
+    let url = format!("http://{}", router.public);
+    let mut client = SioClient::connect(
+        &url,
+        json!({"transports": ["websocket"], "query": {"session": "late-joiner"}}),
+    );
+    let first = welcomed_by(&mut client).await;
+    let reply = client.emit_acked("echo", json!("main")).await;
+    assert_eq!(reply["backend"], first.as_str());
+    // The second namespace's CONNECT goes by in the middle of the session,
+    // over the WebSocket, with its own auth payload.
+    client.join("/desk", json!({"room": "front"})).await;
+    let seq = client.emit_on("/desk", "echo", json!("desk-0")).await;
+    let reply = client.acks(&[seq]).await.remove(0);
+    assert_eq!(
+        reply,
+        json!({"backend": first, "nsp": "/desk", "data": "desk-0"})
+    );
+
+    take(&mut servers, &first).kill().await;
+    let mut seqs = Vec::new();
+    for i in 1..=4 {
+        seqs.push(
+            client
+                .emit_on("/desk", "echo", json!(format!("desk-{i}")))
+                .await,
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let replies = client.acks(&seqs).await;
+    let second = last_backend(&replies);
+    assert_ne!(second, first);
+    for (i, reply) in replies.iter().enumerate() {
+        assert_eq!(reply["nsp"], "/desk", "{replies:?}");
+        assert_eq!(reply["data"], format!("desk-{}", i + 1), "{replies:?}");
+    }
+    // The new server connected both namespaces, the second with its auth,
+    // and the room joined there reaches the client.
+    let server = servers.iter_mut().find(|s| s.id == second).expect("known");
+    for nsp in ["/", "/desk"] {
+        server
+            .wait_for("the moved session's connections", |e| {
+                e["event"] == "connection" && e["nsp"] == nsp && e["migratedFrom"] == first.as_str()
+            })
+            .await;
+    }
+    let desk = server
+        .wait_for("the /desk connection", |e| {
+            e["event"] == "connection" && e["nsp"] == "/desk"
+        })
+        .await;
+    assert_eq!(desk["auth"], json!({"room": "front"}), "{desk}");
+    let address = format!("127.0.0.1:{}", server.port)
+        .parse()
+        .expect("address");
+    let news = "/broadcast?nsp=/desk&room=front&text=still-here";
+    assert_eq!(support::http_get(address, news).await.0, 200);
+    let broadcast = client.wait_for("broadcast").await;
+    assert_eq!(
+        broadcast,
+        json!({"event": "broadcast", "nsp": "/desk", "data": {"backend": second, "nsp": "/desk", "text": "still-here"}})
+    );
+    assert!(!client.saw_disconnect(), "{:?}", client.events);
+}
+
+#[tokio::test]
 async fn a_session_that_long_polled_first_survives_a_crash_with_its_auth() {
     let mut servers = three_servers().await;
     let router = socketio_router(&servers).start().await;

@@ -42,6 +42,7 @@ use crate::memory::SessionMemory;
 use crate::metrics::{self as m, CloseReason};
 use crate::session::replay::ReplayWindow;
 use crate::shutdown::Shutdown;
+use crate::socketio::Connects;
 use crate::wire::close::{self as code, Fault};
 use crate::wire::frame::{self, Ack, CloseFrame, KEEPALIVE, OP_PING, Unit};
 use crate::wire::peer::{Fresh, Peer, ReadHint, close, with_read_scratch};
@@ -157,6 +158,9 @@ struct Pump<'a> {
     /// The session's memory account: reading from the source waits while
     /// the process budget says so (the client's direction only).
     memory: Option<&'a mut SessionMemory>,
+    /// A Socket.IO session's namespace CONNECTs, noted as the client's
+    /// frames go by (the client's direction only).
+    connects: Option<&'a mut Connects>,
     /// An end found while units before it were still to be written.
     pending_end: Option<PumpEnd>,
     /// The source sent something since the last keepalive tick.
@@ -265,6 +269,7 @@ impl Pump<'_> {
             let (messages_total, bytes_total) = (self.messages, self.bytes);
             let replay_dropped = self.replay_dropped;
             let mut window = self.window.as_deref_mut();
+            let mut connects = self.connects.as_deref_mut();
             let mut write = |from: usize, to: usize, messages: usize, payload: usize| {
                 if to == from {
                     return;
@@ -274,6 +279,9 @@ impl Pump<'_> {
                 if messages > 0 {
                     messages_total.increment(messages as u64);
                     bytes_total.increment(payload as u64);
+                }
+                if let Some(connects) = connects.as_deref_mut() {
+                    connects.note_in_frames(&data[from..to]);
                 }
                 if let Some(window) = window.as_deref_mut() {
                     let len = to - from;
@@ -424,6 +432,8 @@ pub struct RelayContext<'a> {
     pub budget: Option<&'a mut MessageBudget>,
     /// The session's account under the process memory budget.
     pub memory: &'a mut SessionMemory,
+    /// A Socket.IO session's namespace CONNECTs, kept up to date.
+    pub connects: Option<&'a mut Connects>,
 }
 
 /// Why the relay loop stopped, before the ends are tidied up.
@@ -457,6 +467,7 @@ where
         window,
         budget,
         memory,
+        connects,
     } = cx;
     let mut up = Pump {
         messages: &counters.messages_up,
@@ -467,6 +478,7 @@ where
         window: Some(window),
         budget,
         memory: Some(memory),
+        connects,
         pending_end: None,
         heard: false,
         watermark_heard: 0,
@@ -481,6 +493,7 @@ where
         window: None,
         budget: None,
         memory: None,
+        connects: None,
         pending_end: None,
         heard: false,
         watermark_heard: 0,
@@ -825,6 +838,7 @@ mod tests {
                 window: &mut window,
                 budget: None,
                 memory: &mut memory,
+                connects: None,
             };
             relay(&mut client, &mut upstream, context).await
         });

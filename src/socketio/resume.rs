@@ -9,9 +9,10 @@
 //! pongs, upgrades, CONNECTs) and without binary attachments whose
 //! placeholder packet is gone.
 //!
-//! The CONNECT packets are learned while the session opens
-//! ([`watch_opening`], for a client that connected over WebSocket) or from
-//! its long-polling requests ([`crate::socketio::SidTable`]).
+//! The CONNECT packets are noted as the relay forwards the client's frames
+//! ([`crate::socketio::Connects::note_in_frames`]), including those for
+//! namespaces joined long after the session opened, and taken from its
+//! long-polling requests ([`crate::socketio::SidTable`]).
 
 use std::time::Duration;
 
@@ -29,51 +30,6 @@ pub enum ResumeError {
     Timeout,
     #[error("the new backend went away while the session resumed")]
     Lost,
-}
-
-/// Relay the opening of an engine.io session until the client's first
-/// namespace CONNECT has gone to the backend, keeping it in `connects`:
-/// the server's OPEN and acknowledgements go to the client, the client's
-/// transport packets to the backend. Stops, leaving it unread for the
-/// relay, at the first unit that is anything else (a Socket.IO event, a
-/// WebSocket ping or close), or when `within` passes.
-pub async fn watch_opening<C, B>(
-    client: &mut Peer<C>,
-    backend: &mut Peer<B>,
-    connects: &mut Connects,
-    within: Duration,
-) where
-    C: AsyncRead + AsyncWrite + ReadHint + Unpin,
-    B: AsyncRead + AsyncWrite + ReadHint + Unpin,
-{
-    let _ = tokio::time::timeout(within, async {
-        loop {
-            tokio::select! {
-                unit = client.next_unit() => {
-                    let Ok(Unit::Message { len, .. }) = unit else { return };
-                    let (opcode, payload) = message_payload(client.reader.buffered_front(len));
-                    let kind = packet_kind(&payload);
-                    if opcode != OP_TEXT || !matches!(kind, Packet::Connect | Packet::Transport) {
-                        return;
-                    }
-                    connects.note(&payload);
-                    if backend.send(client.reader.take(len)).await.is_err() || kind == Packet::Connect {
-                        return;
-                    }
-                }
-                unit = backend.next_unit() => {
-                    let Ok(Unit::Message { len, .. }) = unit else { return };
-                    if client.send(backend.reader.take(len)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-    })
-    .await;
-    // A unit looked at and left is the relay's to read, from the start.
-    client.reader.rewind();
-    backend.reader.rewind();
 }
 
 /// Make a new backend's Socket.IO server take the session: consume its

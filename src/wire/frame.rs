@@ -612,17 +612,6 @@ impl FrameReader {
         self.release_spare();
     }
 
-    /// Forget which units were returned and not taken: the next look starts
-    /// at the first byte again. The relay needs this before it reads on
-    /// from a reader someone peeked into ([`FrameReader::next_unit`]
-    /// without [`FrameReader::take`]), as its scan starts from nothing
-    /// returned.
-    pub fn rewind(&mut self) {
-        self.scan.unit_start = 0;
-        self.scan.cursor = 0;
-        self.scan.partial = None;
-    }
-
     /// Drop what is buffered, and the buffer (nothing more will be read as
     /// frames).
     pub fn clear(&mut self) {
@@ -1206,27 +1195,5 @@ mod tests {
             message_payload(&encode(OP_BINARY, b"\x01", None)),
             (OP_BINARY, vec![1])
         );
-    }
-
-    #[test]
-    fn after_a_rewind_a_peeked_unit_is_found_again_from_the_first_byte() {
-        let first = client_frame(true, OP_TEXT, b"40");
-        let second = client_frame(true, OP_TEXT, b"42[1]");
-        let mut both = first.clone();
-        both.extend_from_slice(&second);
-        let mut reader = FrameReader::client(1 << 20, both.clone());
-        let peeked = reader.next_unit().expect("valid").expect("whole");
-        assert_eq!(peeked.len(), first.len());
-        reader.rewind();
-        // A scan from the start (as the relay's) finds both units at their
-        // offsets, the peeked one first.
-        let found = reader.scan_fresh(&[], |data, scan, _| {
-            let mut lens = Vec::new();
-            while let Ok(Some(unit)) = scan.next_unit(data) {
-                lens.push(unit.len());
-            }
-            (0, lens)
-        });
-        assert_eq!(found, vec![first.len(), second.len()]);
     }
 }

@@ -8,9 +8,11 @@
 // {"event":"connect_error","message":...}, {"event":"upgrade","transport":...},
 // {"event":"welcome"|"broadcast","data":...}, {"event":"ack","seq":N,"data":...}.
 // Commands: {"cmd":"emit","event":E,"data":D,"seq":N} (with an
-// acknowledgement, reported with its seq), {"cmd":"emit_blob","label":L,
-// "bytes":B,"seq":N} (a binary event: B bytes, each seq % 256),
-// {"cmd":"close"}.
+// acknowledgement, reported with its seq; "nsp" sends on another
+// namespace), {"cmd":"emit_blob","label":L, "bytes":B,"seq":N} (a binary
+// event: B bytes, each seq % 256), {"cmd":"join","nsp":NSP,"auth":A} (a
+// socket on another namespace of the same connection, whose events are
+// reported with "nsp"), {"cmd":"close"}.
 "use strict";
 const readline = require("readline");
 const { io } = require("socket.io-client");
@@ -30,15 +32,25 @@ socket.on("disconnect", (reason) => report({ event: "disconnect", reason }));
 socket.on("connect_error", (error) => report({ event: "connect_error", message: error.message }));
 socket.on("welcome", (data) => report({ event: "welcome", data }));
 socket.on("broadcast", (data) => report({ event: "broadcast", data }));
+const sockets = { "/": socket };
 
 readline.createInterface({ input: process.stdin }).on("line", (line) => {
   const command = JSON.parse(line);
   if (command.cmd === "emit") {
-    socket.emit(command.event, command.data, (data) => report({ event: "ack", seq: command.seq, data }));
+    sockets[command.nsp || "/"].emit(command.event, command.data, (data) => report({ event: "ack", seq: command.seq, data }));
   } else if (command.cmd === "emit_blob") {
     // A binary event: its attachment travels as a frame of its own.
     const blob = Buffer.alloc(command.bytes, command.seq % 256);
     socket.emit("blob", command.label, blob, (data) => report({ event: "ack", seq: command.seq, data }));
+  } else if (command.cmd === "join") {
+    const nsp = command.nsp;
+    const other = socket.io.socket(nsp, { auth: command.auth || {} });
+    sockets[nsp] = other;
+    other.on("connect", () => report({ event: "connect", nsp, id: other.id }));
+    other.on("disconnect", (reason) => report({ event: "disconnect", nsp, reason }));
+    other.on("connect_error", (error) => report({ event: "connect_error", nsp, message: error.message }));
+    other.on("broadcast", (data) => report({ event: "broadcast", nsp, data }));
+    // It connects by itself (the manager's autoConnect).
   } else if (command.cmd === "close") {
     socket.close();
     process.exit(0);

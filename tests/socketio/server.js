@@ -10,7 +10,9 @@
 //   - `join` room: joins it, acknowledges {backend, room}
 //   - `blob` (label, binary attachment): acknowledges {backend, label, bytes, fill}
 // On each connection it emits `welcome` {backend, sid, migratedFrom} and
-// joins the room named in the auth payload (`auth.room`), if any.
+// joins the room named in the auth payload (`auth.room`), if any. The main
+// namespace `/` and a second one, `/desk`, behave alike; events and
+// acknowledgements name their namespace (`nsp`).
 // HTTP routes beside engine.io: GET /healthz (200), and
 // GET /broadcast?room=R&text=T (emits `broadcast` {backend, text} to R).
 "use strict";
@@ -38,7 +40,8 @@ const httpServer = http.createServer((req, res) => {
   } else if (url.pathname === "/broadcast") {
     const room = url.searchParams.get("room");
     const text = url.searchParams.get("text");
-    io.to(room).emit("broadcast", { backend: id, text });
+    const nsp = url.searchParams.get("nsp") || "/";
+    io.of(nsp).to(room).emit("broadcast", nsp === "/" ? { backend: id, text } : { backend: id, nsp, text });
     res.writeHead(200, { "content-type": "text/plain" });
     res.end("sent\n");
   }
@@ -60,13 +63,14 @@ io.use((socket, next) => {
   }
 });
 
-io.on("connection", (socket) => {
+const onConnection = (nsp) => (socket) => {
   const headers = socket.handshake.headers;
   const migratedFrom = headers["x-wsrouter-migrated-from"] || null;
   const room = socket.handshake.auth && socket.handshake.auth.room;
   if (room) socket.join(room);
   log({
     event: "connection",
+    nsp,
     sid: socket.id,
     transport: socket.conn.transport.name,
     migratedFrom,
@@ -75,8 +79,8 @@ io.on("connection", (socket) => {
   });
   socket.emit("welcome", { backend: id, sid: socket.id, migratedFrom });
   socket.on("echo", (data, ack) => {
-    log({ event: "echo", data });
-    if (typeof ack === "function") ack({ backend: id, data });
+    log({ event: "echo", nsp, data });
+    if (typeof ack === "function") ack(nsp === "/" ? { backend: id, data } : { backend: id, nsp, data });
   });
   socket.on("blob", (label, blob, ack) => {
     log({ event: "blob", label, bytes: blob.length });
@@ -86,8 +90,10 @@ io.on("connection", (socket) => {
     socket.join(room);
     if (typeof ack === "function") ack({ backend: id, room });
   });
-  socket.on("disconnect", (reason) => log({ event: "disconnect", sid: socket.id, reason }));
-});
+  socket.on("disconnect", (reason) => log({ event: "disconnect", nsp, sid: socket.id, reason }));
+};
+io.on("connection", onConnection("/"));
+io.of("/desk").on("connection", onConnection("/desk"));
 
 httpServer.listen(port, "127.0.0.1", () => {
   process.stdout.write(`listening ${httpServer.address().port}\n`);

@@ -229,6 +229,22 @@ impl SioClient {
             .await
     }
 
+    /// Emit `event` on the namespace `nsp` (joined with [`Self::join`]).
+    pub async fn emit_on(&mut self, nsp: &str, event: &str, data: Value) -> u64 {
+        self.command(json!({"cmd": "emit", "nsp": nsp, "event": event, "data": data}))
+            .await
+    }
+
+    /// Open a socket on the namespace `nsp` over the same connection, with
+    /// `auth`, and wait until it is connected.
+    pub async fn join(&mut self, nsp: &str, auth: Value) {
+        self.command(json!({"cmd": "join", "nsp": nsp, "auth": auth}))
+            .await;
+        let what = format!("the connection of namespace {nsp}");
+        self.next_matching(&what, |e| e["event"] == "connect" && e["nsp"] == nsp)
+            .await;
+    }
+
     /// Emit a binary event (`label` and an attachment of `bytes` bytes,
     /// each the seq modulo 256) with an acknowledgement; returns its seq.
     pub async fn emit_blob(&mut self, label: &str, bytes: usize) -> u64 {
@@ -245,8 +261,7 @@ impl SioClient {
     /// Wait until every emit in `seqs` has its acknowledgement; returns
     /// their data in `seqs` order.
     pub async fn acks(&mut self, seqs: &[u64]) -> Vec<Value> {
-        let what = format!("the acknowledgements of emits {seqs:?}");
-        within(&what, async {
+        let waited = tokio::time::timeout(super::WAIT, async {
             loop {
                 let found: Vec<Value> = seqs
                     .iter()
@@ -263,7 +278,14 @@ impl SioClient {
                 self.next_event().await;
             }
         })
-        .await
+        .await;
+        waited.unwrap_or_else(|_| {
+            panic!(
+                "timed out after {:?}: the acknowledgements of emits {seqs:?}; the client saw {:?}",
+                super::WAIT,
+                self.events
+            )
+        })
     }
 
     /// Whether any event so far was a `disconnect`.
