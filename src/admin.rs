@@ -13,6 +13,7 @@
 //! | `GET /api/attack-mode` | `{"under_attack": bool}` |
 //! | `GET /api/memory` | JSON: bytes held for clients and backends now and at most, the budget, the pressure state |
 //! | `POST /api/attack-mode/on`, `/off` | switch "under attack" mode |
+//! | `POST /api/upgrade` | start the successor process and hand it the listeners (JSON: result, pid or error) |
 //!
 //! Mutating (POST) calls need `Authorization: Bearer <admin.token>` when a
 //! token is configured, and get 401 without it. The token is never logged.
@@ -35,6 +36,7 @@ use crate::backend::Backend;
 use crate::memory::MemoryBudget;
 use crate::operator::{Operator, ReloadError};
 use crate::shutdown::{Phase, Shutdown};
+use crate::upgrade::{UpgradeError, Upgrader};
 
 /// What the admin endpoints read and act on.
 #[derive(Clone)]
@@ -45,6 +47,9 @@ pub struct AdminState {
     /// The router's phase: `/readyz` fails from `Draining`, and the admin
     /// listener closes at `Closing`.
     pub shutdown: Shutdown,
+    /// Starts a successor (`POST /api/upgrade`); the admin listener closes
+    /// once one took over.
+    pub upgrader: Upgrader,
 }
 
 /// Accept admin connections until the router is closing.
@@ -61,12 +66,19 @@ pub async fn serve(listener: TcpListener, state: AdminState) {
                 }
             },
             _ = stop.closing() => return,
+            // The successor accepts on this socket now.
+            _ = state.upgrader.handed_over() => return,
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, req)) }
+                async move {
+                    if req.method() == Method::POST && req.uri().path() == "/api/upgrade" {
+                        return Ok::<_, Infallible>(upgrade(&state, &req).await);
+                    }
+                    Ok::<_, Infallible>(route(&state, req))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -126,28 +138,35 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// `POST /api/upgrade`: start the successor and hand it the listeners;
+/// answers once it serves, or with why it does not.
+async fn upgrade(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Err(refused) = authorize(state, req) {
+        return refused;
+    }
+    match state.upgrader.upgrade().await {
+        Ok(pid) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "result": "ok", "pid": pid }),
+        ),
+        Err(error) => {
+            let status = match error {
+                UpgradeError::Busy => StatusCode::CONFLICT,
+                UpgradeError::Unavailable => StatusCode::NOT_IMPLEMENTED,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            json(
+                status,
+                &serde_json::json!({ "result": error.as_label(), "error": error.to_string() }),
+            )
+        }
+    }
+}
+
 /// POST endpoints, behind the bearer token when one is configured.
 fn mutate(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if let Some(token) = &state.operator.config().admin.token {
-        let presented = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token)
-            .unwrap_or("");
-        if !same_secret(presented.trim().as_bytes(), token.as_bytes()) {
-            let mut response = text(
-                StatusCode::UNAUTHORIZED,
-                "a valid bearer token is required\n",
-            );
-            response.headers_mut().insert(
-                hyper::header::WWW_AUTHENTICATE,
-                hyper::header::HeaderValue::from_static("Bearer realm=\"wsrouter\""),
-            );
-            return response;
-        }
+    if let Err(refused) = authorize(state, req) {
+        return refused;
     }
     let path = req.uri().path();
     if path == "/api/reload" {
@@ -187,6 +206,33 @@ fn mutate(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         Some(b) => json(StatusCode::OK, &backend_json(&b)),
         None => text(StatusCode::NOT_FOUND, "no such backend\n"),
     }
+}
+
+/// Mutating calls: fine without a configured token, or with it.
+#[allow(clippy::result_large_err)]
+fn authorize(state: &AdminState, req: &Request<Incoming>) -> Result<(), Response<Full<Bytes>>> {
+    if let Some(token) = &state.operator.config().admin.token {
+        let presented = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
+            .unwrap_or("");
+        if !same_secret(presented.trim().as_bytes(), token.as_bytes()) {
+            let mut response = text(
+                StatusCode::UNAUTHORIZED,
+                "a valid bearer token is required\n",
+            );
+            response.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer realm=\"wsrouter\""),
+            );
+            return Err(response);
+        }
+    }
+    Ok(())
 }
 
 /// Compare secrets without stopping at the first difference.

@@ -35,16 +35,25 @@ use crate::session::relay::TrafficCounters;
 use crate::shutdown::{Phase, Phases, Shutdown, track_sessions};
 use crate::socketio::SidTable;
 use crate::tls::Terminator;
+use crate::upgrade::{self, Relaunch, Successor, Upgrader};
 
 /// Optional run-time behaviour.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Options {
     /// The file reloads read (SIGHUP and `POST /api/reload`). Without it,
     /// reloads are refused.
     pub config_path: Option<PathBuf>,
-    /// Reload on SIGHUP (the binary does; tests that run several routers in
-    /// one process do not).
-    pub reload_on_sighup: bool,
+    /// Reload on SIGHUP and upgrade on SIGUSR2 (the binary does; tests that
+    /// run several routers in one process do not).
+    pub handle_signals: bool,
+    /// How to start a successor at an upgrade; without it, upgrades are
+    /// refused.
+    pub relaunch: Option<Relaunch>,
+    /// Written with this process's pid once it serves (`--pid-file`).
+    pub pid_file: Option<PathBuf>,
+    /// This process was started by an upgrade: tell the old one once
+    /// serving.
+    pub successor: Option<Successor>,
 }
 
 /// Run the router until `shutdown` completes, then drain and return.
@@ -61,7 +70,7 @@ pub async fn run_with(
     config: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-    options: Options,
+    mut options: Options,
 ) -> io::Result<()> {
     let metrics = metrics::install();
     let backends = Backends::new(BackendSet::from_config(&config));
@@ -88,15 +97,19 @@ pub async fn run_with(
         phases.watch(),
     );
     health::spawn_checks(&backends.load().backends, &config, &phases.watch());
+    let upgrader = Upgrader::new(options.relaunch.take());
+    let admin_fd = std::os::fd::AsFd::as_fd(&listeners.admin).try_clone_to_owned()?;
     let admin_state = AdminState {
         operator: operator.clone(),
         metrics,
         memory: memory.clone(),
         shutdown: phases.watch(),
+        upgrader: upgrader.clone(),
     };
     tokio::spawn(admin::serve(listeners.admin, admin_state));
-    if options.reload_on_sighup {
+    if options.handle_signals {
         spawn_sighup_reload(operator.clone(), phases.watch());
+        spawn_sigusr2_upgrade(upgrader.clone(), phases.watch());
     }
 
     tracing::info!(
@@ -124,20 +137,50 @@ pub async fn run_with(
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let mut threads = SessionThreads::start(listeners.public, count, &router, &phases.watch())?;
+    let mut threads = SessionThreads::start(
+        listeners.public,
+        listeners.more_public,
+        count,
+        &router,
+        &phases.watch(),
+    )?;
     tracing::info!(threads = count, "session threads started");
     drop(router);
-    shutdown.await;
+    upgrader.register_listeners(threads.take_public_fds(), admin_fd);
+    // Serving: this process holds the listeners from here on.
+    if let Some(path) = &options.pid_file {
+        upgrade::write_pid_file(path)
+            .map_err(|e| io::Error::new(e.kind(), format!("--pid-file {}: {e}", path.display())))?;
+    }
+    if let Some(successor) = options.successor.take() {
+        successor.ready();
+    }
+    upgrade::notify_systemd_ready();
+
+    tokio::pin!(shutdown);
+    let upgraded = tokio::select! {
+        _ = &mut shutdown => false,
+        _ = upgrader.handed_over() => true,
+    };
 
     // Every listener is closed before `/readyz` fails, so whoever sees it
-    // fail finds new connections refused.
+    // fail finds new connections refused (or, after an upgrade, accepted
+    // by the new process, which holds the same sockets).
     threads.close_listeners().await;
     phases.advance(Phase::Draining);
     let current = config.load_full();
-    tracing::info!(grace = ?current.shutdown_grace, "shutting down: no new sessions, waiting for live ones");
-    let ended_early = tokio::time::timeout(current.shutdown_grace, sessions_ended.wait())
-        .await
-        .is_ok();
+    let grace = if upgraded {
+        tracing::info!(grace = ?current.old_process_timeout, "upgraded: the new process accepts; this one's sessions relay until they end or the time is up");
+        current.old_process_timeout
+    } else {
+        tracing::info!(grace = ?current.shutdown_grace, "shutting down: no new sessions, waiting for live ones");
+        current.shutdown_grace
+    };
+    let ended_early = tokio::select! {
+        ended = tokio::time::timeout(grace, sessions_ended.wait()) => ended.is_ok(),
+        // A shutdown cuts an old process's wait short.
+        _ = &mut shutdown, if upgraded => false,
+    };
     phases.advance(Phase::Closing);
     if !ended_early {
         // Sessions close with 1001 now; wait for the closes (bounded).
@@ -151,6 +194,9 @@ pub async fn run_with(
     }
     phases.advance(Phase::Done);
     threads.join().await;
+    if let Some(path) = options.pid_file.as_deref().filter(|_| !upgraded) {
+        upgrade::remove_pid_file(path);
+    }
     tracing::info!("wsrouter stopped");
     Ok(())
 }
@@ -164,6 +210,32 @@ fn spawn_limit_upkeep(limits: Limits, mut shutdown: Shutdown) {
                 _ = tick.tick() => limits.forget_idle_addresses(),
                 _ = shutdown.closing() => return,
             }
+        }
+    });
+}
+
+/// SIGUSR2 starts an upgrade (NGINX's binary-upgrade signal); one already
+/// under way refuses it, with a log line.
+fn spawn_sigusr2_upgrade(upgrader: Upgrader, mut shutdown: Shutdown) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut user2 = match signal(SignalKind::user_defined2()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGUSR2; upgrade through the admin API");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = user2.recv() => {}
+                _ = shutdown.closing() => return,
+            }
+            tracing::info!("SIGUSR2: upgrading");
+            let upgrader = upgrader.clone();
+            // Its outcome is logged and counted; a second signal meanwhile
+            // is refused as busy.
+            tokio::spawn(async move { upgrader.upgrade().await });
         }
     });
 }

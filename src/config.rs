@@ -88,6 +88,9 @@ pub const DEFAULT_SOCKETIO_MAX_BODY_BYTES: usize = 1_000_000;
 /// its ping timeout (20 s): a backend that holds one longer is stuck.
 pub const DEFAULT_SOCKETIO_POLL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default `[upgrade] old_process_timeout`: sessions left in the old
+/// process after an upgrade relay this long.
+pub const DEFAULT_OLD_PROCESS_TIMEOUT: Duration = Duration::from_secs(300);
 /// The smallest `limits.max_buffered_bytes`: a few sessions' worth.
 pub const MIN_BUFFERED_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_ATTACK_CONNECTION_RATE: u32 = 2;
@@ -172,6 +175,10 @@ pub struct Config {
     /// After SIGTERM, sessions keep relaying this long before they are
     /// closed with 1001.
     pub shutdown_grace: Duration,
+    /// After an upgrade (SIGUSR2) handed the listeners to a new process,
+    /// the sessions that stay in the old one relay this long before they
+    /// are closed with 1001 (`[upgrade] old_process_timeout`).
+    pub old_process_timeout: Duration,
     /// Threads that run sessions, each with its own listener and event
     /// loop (`[runtime] session_threads`); 0 means one per CPU core.
     pub session_threads: usize,
@@ -462,6 +469,7 @@ fn build(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
     let session_threads = validate::runtime(&mut p, &file.runtime);
     let socketio = validate::socketio(&mut p, &file.socketio, &listener.paths);
     let shutdown_grace = validate::shutdown(&mut p, &file.shutdown);
+    let old_process_timeout = validate::upgrade(&mut p, &file.upgrade);
     let limits = validate::limits(&mut p, &file.limits, load::memory_budget);
     // Certificates and keys are read and checked here, so a bad one fails
     // --check-config and a reload.
@@ -487,6 +495,7 @@ fn build(file: FileConfig, base: &Path) -> Result<Config, Vec<ConfigProblem>> {
         migration,
         passive_health,
         shutdown_grace,
+        old_process_timeout,
         session_threads,
         socketio,
         limits,

@@ -33,6 +33,7 @@
 //! | `memory` | what sessions hold in bytes against the process budget: pause, then close the largest |
 //! | `operator` | operator actions (drain, undrain, reload) for the admin API and SIGHUP |
 //! | `admin` | the admin listener: metrics, health, readiness, backends and memory API |
+//! | `upgrade` | upgrading in place: start the successor, hand it the listening sockets over a Unix socket pair (`upgrade::channel`), the pid file, systemd's notification |
 //! | `metrics` | metric names, descriptions, label value enums and the Prometheus recorder |
 
 mod admin;
@@ -55,9 +56,11 @@ mod shutdown;
 mod socketio;
 pub mod steer;
 mod tls;
+mod upgrade;
 mod upstream;
 pub mod wire;
 
 pub use app::{Options, run, run_with};
 pub use config::Config;
 pub use listener::{Listeners, public_listener};
+pub use upgrade::{Inherited, Relaunch, Successor};

@@ -26,16 +26,46 @@ use crate::shutdown::{Phase, Shutdown};
 /// notices within a poll; this bounds a stuck one).
 const LISTENERS_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-/// The router's two listening sockets.
+/// The router's listening sockets.
 #[derive(Debug)]
 pub struct Listeners {
     /// The WebSocket front door.
     pub public: TcpListener,
+    /// More sockets on the public address: those of an old process's other
+    /// session threads, handed over at an upgrade. Accepted on too, so
+    /// nothing waiting in their queues is lost.
+    pub(crate) more_public: Vec<std::net::TcpListener>,
     /// Metrics, health and the admin API.
     pub admin: TcpListener,
 }
 
 impl Listeners {
+    /// Listeners bound already (tests bind port 0).
+    pub fn new(public: TcpListener, admin: TcpListener) -> Listeners {
+        Listeners {
+            public,
+            more_public: Vec::new(),
+            admin,
+        }
+    }
+
+    /// Listeners from sockets handed over (non-blocking already): the
+    /// public ones (at least one), and the admin one.
+    pub(crate) fn from_std(
+        public: Vec<std::net::TcpListener>,
+        admin: std::net::TcpListener,
+    ) -> io::Result<Listeners> {
+        let mut public = public.into_iter();
+        let first = public
+            .next()
+            .ok_or_else(|| io::Error::other("no public listener"))?;
+        Ok(Listeners {
+            public: TcpListener::from_std(first)?,
+            more_public: public.collect(),
+            admin: TcpListener::from_std(admin)?,
+        })
+    }
+
     /// Bind the addresses the configuration names.
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
         let public = public_listener(config.listener.public).map_err(|e| {
@@ -50,7 +80,7 @@ impl Listeners {
                 format!("bind admin.listen {}: {e}", config.admin.listen),
             )
         })?;
-        Ok(Listeners { public, admin })
+        Ok(Listeners::new(public, admin))
     }
 }
 
@@ -74,17 +104,23 @@ pub fn public_listener(addr: SocketAddr) -> io::Result<TcpListener> {
 pub(crate) struct SessionThreads {
     /// Turns false when the threads must stop accepting.
     accepting: watch::Sender<bool>,
-    /// Each thread holds a sender until it has closed its listener.
+    /// Each thread holds a sender until it has closed its listeners.
     listeners_closed: mpsc::Receiver<()>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Duplicates of every public listening socket, for an upgrade to
+    /// hand over.
+    public_fds: Vec<std::os::fd::OwnedFd>,
 }
 
 impl SessionThreads {
     /// Start `count` session threads, accepting on `public` (the first
-    /// thread) and on the address bound again for each other one (see
+    /// thread), on the sockets an old process handed over (`more`: one
+    /// each for the next threads, any left over shared out), and on the
+    /// address bound again for each thread still without one (see
     /// [`public_listener`]).
     pub fn start(
         public: TcpListener,
+        more: Vec<std::net::TcpListener>,
         count: usize,
         router: &Router,
         shutdown: &Shutdown,
@@ -92,9 +128,14 @@ impl SessionThreads {
         let (accepting, accepting_rx) = watch::channel(true);
         let (listener_open, listeners_closed) = mpsc::channel::<()>(1);
         let mut threads = Vec::with_capacity(count);
-        for (i, listener) in own_listeners(public, count)?.into_iter().enumerate() {
+        let mut public_fds = Vec::new();
+        let per_thread = own_listeners(public, more, count)?;
+        for listener in per_thread.iter().flatten() {
+            public_fds.push(std::os::fd::OwnedFd::from(listener.try_clone()?));
+        }
+        for (i, listeners) in per_thread.into_iter().enumerate() {
             let router = router.clone();
-            let mut accepting = accepting_rx.clone();
+            let accepting = accepting_rx.clone();
             let mut shutdown = shutdown.clone();
             let listener_open = listener_open.clone();
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -104,18 +145,25 @@ impl SessionThreads {
                 .name(format!("wsrouter-sessions-{i}"))
                 .spawn(move || {
                     runtime.block_on(async move {
-                        let listener = match TcpListener::from_std(listener) {
-                            Ok(listener) => listener,
-                            Err(error) => {
-                                tracing::error!(%error, thread = i, "session thread cannot watch its listener");
-                                return;
+                        let mut watched = Vec::with_capacity(listeners.len());
+                        for listener in listeners {
+                            match TcpListener::from_std(listener) {
+                                Ok(listener) => watched.push(listener),
+                                Err(error) => {
+                                    tracing::error!(%error, thread = i, "session thread cannot watch its listener");
+                                    return;
+                                }
                             }
-                        };
-                        let stop_accepting = async move {
-                            let _ = accepting.wait_for(|a| !*a).await;
-                        };
-                        accept_loop(&listener, &router, stop_accepting).await;
-                        drop(listener);
+                        }
+                        let loops = watched.iter().map(|listener| {
+                            let mut accepting = accepting.clone();
+                            let stop = async move {
+                                let _ = accepting.wait_for(|a| !*a).await;
+                            };
+                            accept_loop(listener, &router, stop)
+                        });
+                        futures_util::future::join_all(loops).await;
+                        drop(watched);
                         drop(listener_open);
                         drop(router);
                         // Sessions keep running on this thread until every
@@ -129,7 +177,14 @@ impl SessionThreads {
             accepting,
             listeners_closed,
             threads,
+            public_fds,
         })
+    }
+
+    /// Duplicates of every public listening socket (for an upgrade to hand
+    /// over; gone from here once taken).
+    pub fn take_public_fds(&mut self) -> Vec<std::os::fd::OwnedFd> {
+        std::mem::take(&mut self.public_fds)
     }
 
     /// Stop accepting, and return once every thread has closed its
@@ -152,25 +207,37 @@ impl SessionThreads {
     }
 }
 
-/// One listener per thread: `public` for the first, the address bound
-/// again for the others (or, where it was not bound with `SO_REUSEPORT`,
-/// the one socket shared).
-fn own_listeners(public: TcpListener, count: usize) -> io::Result<Vec<std::net::TcpListener>> {
+/// The listeners of each of `count` threads: `public` for the first, the
+/// handed-over ones for the next, the address bound again for any other
+/// (or, where it was not bound with `SO_REUSEPORT`, the one socket
+/// shared); handed-over sockets beyond `count` go one each to the threads
+/// in turn.
+fn own_listeners(
+    public: TcpListener,
+    more: Vec<std::net::TcpListener>,
+    count: usize,
+) -> io::Result<Vec<Vec<std::net::TcpListener>>> {
     let addr = public.local_addr()?;
     let public = public.into_std()?;
-    let mut listeners = Vec::with_capacity(count);
-    for _ in 1..count {
-        let own = match public_listener(addr) {
-            Ok(listener) => listener.into_std()?,
-            Err(e) => {
-                tracing::info!(error = %e, "session threads share the public listener");
-                public.try_clone()?
-            }
+    let mut received = std::iter::once(public.try_clone()?).chain(more);
+    let mut per_thread = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let own = match received.next() {
+            Some(listener) => listener,
+            None => match public_listener(addr) {
+                Ok(listener) => listener.into_std()?,
+                Err(e) => {
+                    tracing::info!(error = %e, "session threads share the public listener");
+                    public.try_clone()?
+                }
+            },
         };
-        listeners.push(own);
+        per_thread.push(vec![own]);
     }
-    listeners.insert(0, public);
-    Ok(listeners)
+    for (i, left_over) in received.enumerate() {
+        per_thread[i % count.max(1)].push(left_over);
+    }
+    Ok(per_thread)
 }
 
 /// Accept until `stop`; each connection gets its own task. Errors on one

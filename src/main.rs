@@ -1,12 +1,14 @@
 //! The `wsrouter` command: parse the command line, load and validate the
-//! configuration, then run the router until SIGINT or SIGTERM.
+//! configuration, then run the router until SIGINT or SIGTERM. Started by
+//! an upgrade (SIGUSR2 to a running router), it takes the old process's
+//! listeners instead of binding them, or tells it why it will not.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wsrouter::{Config, Listeners};
+use wsrouter::{Config, Inherited, Listeners, Relaunch};
 
 /// Exit code for a bad configuration or command line (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;
@@ -26,9 +28,15 @@ struct Cli {
     /// Validate this configuration file, report every problem, and exit.
     #[arg(long, value_name = "FILE")]
     check_config: Option<PathBuf>,
+    /// Write the pid of the process that holds the listeners here (an
+    /// upgrade's new process rewrites it).
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
+    // Before anything else: an upgrade starts whatever is at this path then.
+    let relaunch = Relaunch::this_process();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -58,11 +66,29 @@ fn main() -> ExitCode {
     let path = cli
         .config
         .expect("clap requires --config without --check-config");
+    // Started by an upgrade: the old process waits to hear from this one.
+    let inherited = match Inherited::from_env() {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            eprintln!("wsrouter: cannot reach the process being upgraded: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = match Config::from_file(&path) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("{e}");
+            if let Some(inherited) = inherited {
+                inherited.refuse(&format!("the configuration is invalid: {e}"));
+            }
             return ExitCode::from(EX_USAGE);
+        }
+    };
+    let relaunch = match relaunch {
+        Ok(relaunch) => Some(relaunch),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell this executable's path; upgrades are off");
+            None
         }
     };
     // Sessions get threads of their own (`[runtime] session_threads`); this
@@ -80,10 +106,22 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let listeners = Listeners::bind(&config).await?;
+        let (listeners, successor) = match inherited {
+            Some(inherited) => {
+                let (listeners, successor) = inherited
+                    .listeners(&config)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                (listeners, Some(successor))
+            }
+            None => (Listeners::bind(&config).await?, None),
+        };
         let options = wsrouter::Options {
             config_path: Some(path.clone()),
-            reload_on_sighup: true,
+            handle_signals: true,
+            relaunch,
+            pid_file: cli.pid_file,
+            successor,
         };
         wsrouter::run_with(config, listeners, shutdown_signal(), options).await
     });

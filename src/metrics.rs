@@ -29,6 +29,7 @@ pub const MIGRATIONS_STAYED_TOTAL: &str = "wsrouter_migrations_stayed_total";
 pub const POLLING_REQUESTS_TOTAL: &str = "wsrouter_polling_requests_total";
 pub const SOCKETIO_SESSIONS_TOTAL: &str = "wsrouter_socketio_sessions_total";
 pub const SOCKETIO_RESUMES_TOTAL: &str = "wsrouter_socketio_resumes_total";
+pub const PROCESS_UPGRADES_TOTAL: &str = "wsrouter_process_upgrades_total";
 pub const MIGRATION_DURATION_SECONDS: &str = "wsrouter_migration_duration_seconds";
 pub const REPLAYED_MESSAGES_TOTAL: &str = "wsrouter_replayed_messages_total";
 pub const BUFFERED_BYTES: &str = "wsrouter_buffered_bytes";
@@ -302,6 +303,10 @@ fn describe() {
     describe_counter!(
         POLLING_REQUESTS_TOTAL,
         "engine.io long-polling requests on Socket.IO paths, by result."
+    );
+    describe_counter!(
+        PROCESS_UPGRADES_TOTAL,
+        "Router upgrades (SIGUSR2, POST /api/upgrade) this process started, by result (ok, refused, exited, timeout, busy, ...)."
     );
     describe_counter!(
         MIGRATIONS_STAYED_TOTAL,

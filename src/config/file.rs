@@ -33,6 +33,8 @@ pub(super) struct FileConfig {
     #[serde(default)]
     pub(super) runtime: FileRuntime,
     #[serde(default)]
+    pub(super) upgrade: FileUpgrade,
+    #[serde(default)]
     pub(super) socketio: FileSocketIo,
     pub(super) tls: Option<FileTls>,
     pub(super) upstream_tls: Option<FileUpstreamTls>,
@@ -179,6 +181,12 @@ pub(super) struct FileSocketIo {
     pub(super) paths: Vec<String>,
     pub(super) max_body_bytes: Option<usize>,
     pub(super) poll_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileUpgrade {
+    pub(super) old_process_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -15,7 +15,8 @@ use rustls::pki_types::DnsName;
 use super::file::{
     FileAdmin, FileBackend, FileCertificate, FileClientAddress, FileGeoIp, FileHealthCheck,
     FileLimits, FileListener, FileMigration, FilePassiveHealth, FileRegion, FileRelay, FileRuntime,
-    FileSessionKey, FileShutdown, FileSocketIo, FileSteering, FileTls, FileUpstreamTls,
+    FileSessionKey, FileShutdown, FileSocketIo, FileSteering, FileTls, FileUpgrade,
+    FileUpstreamTls,
 };
 use super::{
     BackendConfig, BackendUrl, ConfigProblem, DEFAULT_ADMIN_LISTEN,
@@ -26,8 +27,8 @@ use super::{
     DEFAULT_MAX_DIAL_ATTEMPTS, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_MOVES,
     DEFAULT_MAX_REDELIVERIES, DEFAULT_MAX_REQUEST_HEADER_BYTES, DEFAULT_MAX_SESSIONS,
     DEFAULT_MIGRATION_RATE, DEFAULT_MIGRATION_TIMEOUT, DEFAULT_MOVES_WINDOW,
-    DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FAILURES, DEFAULT_PATHS, DEFAULT_PING_INTERVAL,
-    DEFAULT_PUBLIC_LISTEN, DEFAULT_QUEUE_MAX_BYTES, DEFAULT_REPLAY_MAX_AGE,
+    DEFAULT_OLD_PROCESS_TIMEOUT, DEFAULT_PASSIVE_COOLDOWN, DEFAULT_PASSIVE_FAILURES, DEFAULT_PATHS,
+    DEFAULT_PING_INTERVAL, DEFAULT_PUBLIC_LISTEN, DEFAULT_QUEUE_MAX_BYTES, DEFAULT_REPLAY_MAX_AGE,
     DEFAULT_REPLAY_MAX_BYTES, DEFAULT_REPLAY_MAX_MESSAGES, DEFAULT_SESSION_KEY_NAME,
     DEFAULT_SHUTDOWN_GRACE, DEFAULT_SOCKETIO_MAX_BODY_BYTES, DEFAULT_SOCKETIO_POLL_TIMEOUT,
     DEFAULT_STALL_TIMEOUT, DEFAULT_WATERMARK_INTERVAL, DEFAULT_WEIGHT, HealthCheckConfig,
@@ -698,6 +699,15 @@ pub(super) fn shutdown(p: &mut Problems, file: &FileShutdown) -> Duration {
             DEFAULT_SHUTDOWN_GRACE,
         ),
     }
+}
+
+/// `[upgrade]`: how long sessions left in the old process relay.
+pub(super) fn upgrade(p: &mut Problems, file: &FileUpgrade) -> Duration {
+    p.duration(
+        "upgrade.old_process_timeout",
+        file.old_process_timeout.as_ref(),
+        DEFAULT_OLD_PROCESS_TIMEOUT,
+    )
 }
 
 /// `[limits]`. `default_budget` gives `max_buffered_bytes` when the file

@@ -904,11 +904,11 @@ impl RouterBuilder {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let options = wsrouter::Options {
             config_path: path,
-            reload_on_sighup: false,
+            ..wsrouter::Options::default()
         };
         let task = tokio::spawn(wsrouter::run_with(
             config,
-            wsrouter::Listeners { public, admin },
+            wsrouter::Listeners::new(public, admin),
             async move {
                 let _ = stop_rx.await;
             },
@@ -1315,11 +1315,15 @@ pub fn log_of(path: &Path) -> String {
 }
 
 /// A router run as its own process (the `wsrouter` binary, as a user runs
-/// it), for what only a process shows: its resident memory.
+/// it, with `--pid-file`), for what only a process shows: its resident
+/// memory, signals, an upgrade to a new process.
 pub struct RouterProcess {
     pub public: SocketAddr,
     pub admin: SocketAddr,
+    /// Its stderr, and that of the processes an upgrade starts.
     pub log: PathBuf,
+    pub config: PathBuf,
+    pub pid_file: PathBuf,
     child: ChildGuard,
 }
 
@@ -1327,6 +1331,15 @@ impl RouterProcess {
     /// Start the binary on `builder`'s configuration, on free loopback
     /// ports, and wait until `/readyz` answers 200.
     pub async fn start(builder: &RouterBuilder, name: &str) -> RouterProcess {
+        RouterProcess::start_with_env(builder, name, &[]).await
+    }
+
+    /// [`RouterProcess::start`], with more environment variables.
+    pub async fn start_with_env(
+        builder: &RouterBuilder,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> RouterProcess {
         let (public, admin): (SocketAddr, SocketAddr) = (
             ([127, 0, 0, 1], free_port()).into(),
             ([127, 0, 0, 1], free_port()).into(),
@@ -1347,11 +1360,15 @@ impl RouterProcess {
             );
         std::fs::write(&config, toml).expect("write config");
         let log = temp_file(&format!("{name}.log"));
+        let pid_file = temp_file(&format!("{name}.pid"));
         let child = ChildGuard(
             std::process::Command::new(env!("CARGO_BIN_EXE_wsrouter"))
                 .arg("--config")
                 .arg(&config)
+                .arg("--pid-file")
+                .arg(&pid_file)
                 .env("RUST_LOG", "wsrouter=info")
+                .envs(env.iter().copied())
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(&log).expect("log file"))
@@ -1362,6 +1379,8 @@ impl RouterProcess {
             public,
             admin,
             log,
+            config,
+            pid_file,
             child,
         };
         let deadline = Instant::now() + WAIT;
@@ -1379,8 +1398,29 @@ impl RouterProcess {
         router
     }
 
+    /// The pid of the process this test started.
     pub fn pid(&self) -> u32 {
         self.child.0.id()
+    }
+
+    /// The pid the pid file names (the process that holds the listeners).
+    pub fn pid_in_file(&self) -> Option<u32> {
+        std::fs::read_to_string(&self.pid_file)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Send a signal (by name: `USR2`, `TERM`) to the process the pid file
+    /// names.
+    pub fn signal(&self, name: &str) {
+        signal(self.pid_in_file().expect("a pid file"), name);
+    }
+
+    /// How the process this test started exited, if it has.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.0.try_wait().expect("child status")
     }
 
     /// The client URL for a session key.
@@ -1398,6 +1438,20 @@ impl RouterProcess {
             .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
             .expect("VmRSS in /proc/PID/status");
         kib * 1024
+    }
+}
+
+impl Drop for RouterProcess {
+    /// A process an upgrade started is not this test's child: it goes too.
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid_in_file().filter(|pid| *pid != self.pid()) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        for file in [&self.config, &self.pid_file, &self.log] {
+            let _ = std::fs::remove_file(file);
+        }
     }
 }
 

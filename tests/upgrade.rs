@@ -1,0 +1,222 @@
+//! Upgrading the router in place, with the real binary: SIGUSR2 or
+//! `POST /api/upgrade` starts a new process that takes the listening
+//! sockets from the old one, so no connection is refused; a new process
+//! that cannot take over leaves the old one serving, and says why.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use support::{
+    RouterBuilder, RouterProcess, TestBackend, WAIT, echo, eventually, expect_close, http_post,
+    log_of, read_welcome, router, try_connect,
+};
+
+/// A router whose old process keeps its sessions `old_process_timeout`.
+fn upgradable(backend: &TestBackend, old_process_timeout: &str) -> RouterBuilder {
+    router().backend(backend, "eu").extra(&format!(
+        "[upgrade]\nold_process_timeout = \"{old_process_timeout}\"\n"
+    ))
+}
+
+/// Connect, read the welcome and echo one message: what a client needs
+/// from a router to call it working. The error says which step failed.
+async fn full_session(url: &str) -> Result<(), String> {
+    let (mut client, _) = try_connect(url, &[])
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    tokio::time::timeout(WAIT, async {
+        read_welcome(&mut client).await;
+        echo(&mut client, "hello").await;
+    })
+    .await
+    .map_err(|_| "no welcome and echo in time".to_string())
+}
+
+/// Wait until the pid file names a process other than `old`; returns it.
+async fn new_holder(router: &RouterProcess, old: u32) -> u32 {
+    eventually("the pid file to name a new process", WAIT, async || {
+        router.pid_in_file().is_some_and(|pid| pid != old)
+    })
+    .await;
+    router.pid_in_file().expect("a pid")
+}
+
+/// The inodes of the listening TCP sockets on `port` (from
+/// /proc/net/tcp): the same inodes before and after an upgrade mean the
+/// new process accepts on the very sockets the old one had.
+fn listening_sockets(port: u16) -> std::collections::BTreeSet<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit(':').next()?;
+            let listening = fields.get(3) == Some(&"0A");
+            let ours = u16::from_str_radix(local_port, 16).ok()? == port;
+            (listening && ours).then(|| fields.get(9)?.parse().ok())?
+        })
+        .collect()
+}
+
+fn is_running(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test]
+async fn sigusr2_hands_the_listeners_to_a_new_process_and_no_connection_is_refused() {
+    let backend = TestBackend::start("upgrade-eu").await;
+    let mut router = RouterProcess::start(&upgradable(&backend, "2s"), "upgrade-sigusr2").await;
+    let old = router.pid();
+    assert_eq!(router.pid_in_file(), Some(old));
+    let (mut early, _) = try_connect(&router.url("early"), &[])
+        .await
+        .expect("connect");
+    read_welcome(&mut early).await;
+    echo(&mut early, "before the upgrade").await;
+
+    let sockets = listening_sockets(router.public.port());
+    assert!(!sockets.is_empty());
+
+    // A client connects every 10 ms, through the whole upgrade, without
+    // waiting for the one before.
+    let stop = Arc::new(AtomicBool::new(false));
+    let connector = tokio::spawn({
+        let (stop, url) = (Arc::clone(&stop), router.url("steady"));
+        async move {
+            let mut attempts = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let url = url.clone();
+                attempts.push(tokio::spawn(async move { full_session(&url).await }));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let mut failures = Vec::new();
+            for attempt in &mut attempts {
+                if let Err(error) = attempt.await.expect("attempt") {
+                    failures.push(error);
+                }
+            }
+            (attempts.len(), failures)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    router.signal("USR2");
+    let new = new_holder(&router, old).await;
+    assert!(is_running(new), "{}", log_of(&router.log));
+    // The old process stops accepting; the new one takes every connection.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::SeqCst);
+    let (attempts, failures) = connector.await.expect("connector");
+    assert!(
+        failures.is_empty(),
+        "{} of {attempts} connections failed: {failures:?}\n{}",
+        failures.len(),
+        log_of(&router.log)
+    );
+    assert!(attempts >= 20, "only {attempts} connections were tried");
+    // No socket was bound afresh: the new process accepts on the old
+    // one's, queues and all.
+    assert_eq!(listening_sockets(router.public.port()), sockets);
+
+    // The session that was open stays with the old process, which relays
+    // it until `old_process_timeout`, then closes it with 1001 and exits.
+    echo(&mut early, "after the upgrade").await;
+    let (code, _) = expect_close(&mut early).await;
+    assert_eq!(code, 1001);
+    eventually("the old process to exit", WAIT, async || {
+        router.exited().is_some()
+    })
+    .await;
+    assert!(router.exited().is_some_and(|s| s.success()));
+    // The new one serves on the same ports.
+    full_session(&router.url("after"))
+        .await
+        .expect("a session on the new process");
+    assert_eq!(router.pid_in_file(), Some(new));
+}
+
+#[tokio::test]
+async fn the_admin_api_upgrades_twice_in_a_row_and_answers_with_the_new_pid() {
+    let backend = TestBackend::start("upgrade-api-eu").await;
+    let router = RouterProcess::start(&upgradable(&backend, "1s"), "upgrade-api").await;
+    let mut holder = router.pid();
+    for round in 0..2 {
+        let (status, body) = http_post(router.admin, "/api/upgrade", None).await;
+        assert_eq!(
+            status,
+            200,
+            "round {round}: {body}\n{}",
+            log_of(&router.log)
+        );
+        let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let pid = answer["pid"].as_u64().expect("a pid") as u32;
+        assert_ne!(pid, holder);
+        assert_eq!(new_holder(&router, holder).await, pid);
+        full_session(&router.url(&format!("round-{round}")))
+            .await
+            .expect("a session after the upgrade");
+        holder = pid;
+    }
+}
+
+#[tokio::test]
+async fn a_new_process_with_a_bad_configuration_leaves_the_old_one_serving() {
+    let backend = TestBackend::start("upgrade-bad-eu").await;
+    let router = RouterProcess::start(&upgradable(&backend, "1s"), "upgrade-bad").await;
+    let (mut session, _) = try_connect(&router.url("kept"), &[])
+        .await
+        .expect("connect");
+    read_welcome(&mut session).await;
+    let good = std::fs::read_to_string(&router.config).expect("config");
+    let bad = good.replace(
+        "old_process_timeout = \"1s\"",
+        "old_process_timeout = \"soon\"",
+    );
+    assert_ne!(bad, good);
+    std::fs::write(&router.config, bad).expect("write config");
+
+    let (status, body) = http_post(router.admin, "/api/upgrade", None).await;
+    assert_eq!(status, 500, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(answer["result"], "refused", "{answer}");
+    let error = answer["error"].as_str().expect("an error");
+    assert!(
+        error.contains("upgrade.old_process_timeout"),
+        "the reason names the field: {error}"
+    );
+    // Nothing changed: the same process holds the listeners and serves.
+    assert_eq!(router.pid_in_file(), Some(router.pid()));
+    echo(&mut session, "still here").await;
+    full_session(&router.url("new"))
+        .await
+        .expect("a new session");
+    assert!(
+        log_of(&router.log).contains("upgrade failed; this process keeps serving"),
+        "{}",
+        log_of(&router.log)
+    );
+}
+
+#[tokio::test]
+async fn a_hand_over_version_the_new_process_does_not_speak_is_refused() {
+    let backend = TestBackend::start("upgrade-version-eu").await;
+    let builder = upgradable(&backend, "1s");
+    let env = [("WSROUTER_TEST_HANDOVER_VERSION", "999")];
+    let router = RouterProcess::start_with_env(&builder, "upgrade-version", &env).await;
+    let (mut session, _) = try_connect(&router.url("kept"), &[])
+        .await
+        .expect("connect");
+    read_welcome(&mut session).await;
+
+    let (status, body) = http_post(router.admin, "/api/upgrade", None).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("hand-over version 999"), "{body}");
+    assert_eq!(router.pid_in_file(), Some(router.pid()));
+    echo(&mut session, "still here").await;
+    full_session(&router.url("new"))
+        .await
+        .expect("a new session");
+}
