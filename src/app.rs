@@ -31,6 +31,7 @@ use crate::memory::MemoryBudget;
 use crate::metrics;
 use crate::operator::Operator;
 use crate::session::Router;
+use crate::session::handover::Outbox;
 use crate::session::relay::TrafficCounters;
 use crate::shutdown::{Phase, Phases, Shutdown, track_sessions};
 use crate::socketio::SidTable;
@@ -121,7 +122,7 @@ pub async fn run_with(
     );
     let router = Router {
         config: Arc::clone(&config),
-        backends,
+        backends: backends.clone(),
         shutdown: phases.watch(),
         sessions,
         counters: TrafficCounters::new(),
@@ -130,6 +131,7 @@ pub async fn run_with(
         tls,
         memory: memory.clone(),
         sids: SidTable::default(),
+        handover: Outbox::default(),
     };
     // Sessions run on threads of their own (see `crate::listener`); this
     // runtime keeps the admin API, health checks, reloads and signals.
@@ -145,7 +147,6 @@ pub async fn run_with(
         &phases.watch(),
     )?;
     tracing::info!(threads = count, "session threads started");
-    drop(router);
     upgrader.register_listeners(threads.take_public_fds(), admin_fd);
     // Serving: this process holds the listeners from here on.
     if let Some(path) = &options.pid_file {
@@ -153,9 +154,11 @@ pub async fn run_with(
             .map_err(|e| io::Error::new(e.kind(), format!("--pid-file {}: {e}", path.display())))?;
     }
     if let Some(successor) = options.successor.take() {
-        successor.ready();
+        successor.ready(router.clone(), threads.handles());
     }
     upgrade::notify_systemd_ready();
+    let outbox = router.handover.clone();
+    drop(router);
 
     tokio::pin!(shutdown);
     let upgraded = tokio::select! {
@@ -166,9 +169,18 @@ pub async fn run_with(
     // Every listener is closed before `/readyz` fails, so whoever sees it
     // fail finds new connections refused (or, after an upgrade, accepted
     // by the new process, which holds the same sockets).
+    upgrader.release_listeners();
     threads.close_listeners().await;
     phases.advance(Phase::Draining);
     let current = config.load_full();
+    if upgraded {
+        upgrader.ship_sessions(outbox.open());
+        tokio::spawn(hand_over_sessions(
+            backends.clone(),
+            outbox,
+            current.old_process_timeout,
+        ));
+    }
     let grace = if upgraded {
         tracing::info!(grace = ?current.old_process_timeout, "upgraded: the new process accepts; this one's sessions relay until they end or the time is up");
         current.old_process_timeout
@@ -199,6 +211,22 @@ pub async fn run_with(
     }
     tracing::info!("wsrouter stopped");
     Ok(())
+}
+
+/// Ask every session that may move to go to the new process, and again
+/// every 100 ms (a session in its handshake or in a move hears it once back
+/// in its relay; one accepted just before the listeners closed, once it
+/// has a backend), until `within` passes; then take no more offers. The
+/// process exits sooner when its last session is gone.
+async fn hand_over_sessions(backends: Backends, outbox: Outbox, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        for backend in backends.load().backends.iter() {
+            backend.ask_to_hand_over();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    outbox.close();
 }
 
 /// Drop rate-limiter state of addresses not seen lately, now and then.

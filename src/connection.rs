@@ -153,7 +153,16 @@ async fn establish(
     if engineio.is_some() {
         metrics::counter!(m::SOCKETIO_SESSIONS_TOTAL).increment(1);
     }
-    let session = Session::start(router, client, slot, dialer, admission, engineio);
+    let acknowledges = upstream.acknowledges;
+    let session = Session::start(
+        router,
+        client,
+        slot,
+        dialer,
+        admission,
+        engineio,
+        acknowledges,
+    );
     Some((session, upstream))
 }
 

@@ -110,6 +110,9 @@ pub(crate) struct SessionThreads {
     /// Duplicates of every public listening socket, for an upgrade to
     /// hand over.
     public_fds: Vec<std::os::fd::OwnedFd>,
+    /// Each thread's runtime (sessions handed over by an upgrade start
+    /// there).
+    handles: Vec<tokio::runtime::Handle>,
 }
 
 impl SessionThreads {
@@ -129,6 +132,7 @@ impl SessionThreads {
         let (listener_open, listeners_closed) = mpsc::channel::<()>(1);
         let mut threads = Vec::with_capacity(count);
         let mut public_fds = Vec::new();
+        let mut handles = Vec::with_capacity(count);
         let per_thread = own_listeners(public, more, count)?;
         for listener in per_thread.iter().flatten() {
             public_fds.push(std::os::fd::OwnedFd::from(listener.try_clone()?));
@@ -141,6 +145,7 @@ impl SessionThreads {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
+            handles.push(runtime.handle().clone());
             let thread = std::thread::Builder::new()
                 .name(format!("wsrouter-sessions-{i}"))
                 .spawn(move || {
@@ -178,7 +183,13 @@ impl SessionThreads {
             listeners_closed,
             threads,
             public_fds,
+            handles,
         })
+    }
+
+    /// Each session thread's runtime.
+    pub fn handles(&self) -> Vec<tokio::runtime::Handle> {
+        self.handles.clone()
     }
 
     /// Duplicates of every public listening socket (for an upgrade to hand

@@ -30,6 +30,8 @@ pub const POLLING_REQUESTS_TOTAL: &str = "wsrouter_polling_requests_total";
 pub const SOCKETIO_SESSIONS_TOTAL: &str = "wsrouter_socketio_sessions_total";
 pub const SOCKETIO_RESUMES_TOTAL: &str = "wsrouter_socketio_resumes_total";
 pub const PROCESS_UPGRADES_TOTAL: &str = "wsrouter_process_upgrades_total";
+pub const HANDOVER_SESSIONS_TOTAL: &str = "wsrouter_handover_sessions_total";
+pub const HANDOVER_PAUSE_SECONDS: &str = "wsrouter_handover_pause_seconds";
 pub const MIGRATION_DURATION_SECONDS: &str = "wsrouter_migration_duration_seconds";
 pub const REPLAYED_MESSAGES_TOTAL: &str = "wsrouter_replayed_messages_total";
 pub const BUFFERED_BYTES: &str = "wsrouter_buffered_bytes";
@@ -307,6 +309,14 @@ fn describe() {
     describe_counter!(
         PROCESS_UPGRADES_TOTAL,
         "Router upgrades (SIGUSR2, POST /api/upgrade) this process started, by result (ok, refused, exited, timeout, busy, ...)."
+    );
+    describe_counter!(
+        HANDOVER_SESSIONS_TOTAL,
+        "Sessions an old router process offered this one at an upgrade, by result (received, or why refused)."
+    );
+    describe_histogram!(
+        HANDOVER_PAUSE_SECONDS,
+        "How long a session handed over at an upgrade was paused: from the old process stopping it to this one resuming it."
     );
     describe_counter!(
         MIGRATIONS_STAYED_TOTAL,

@@ -10,6 +10,7 @@
 //! [`SessionSlot`] keeps the backend's session count exact whichever way the
 //! task ends.
 
+pub mod handover;
 pub mod relay;
 pub mod replay;
 
@@ -58,7 +59,6 @@ pub struct Router {
     pub shutdown: Shutdown,
     /// Every connection holds a clone (inside its `Router`); the router
     /// knows all sessions ended when every clone is dropped.
-    #[expect(dead_code, reason = "held, never read: its drop is the signal")]
     pub sessions: SessionTracker,
     pub counters: TrafficCounters,
     /// Source of session ids (registry keys, never exported).
@@ -72,6 +72,8 @@ pub struct Router {
     pub sids: SidTable,
     /// What sessions hold in memory, against `limits.max_buffered_bytes`.
     pub memory: MemoryBudget,
+    /// Where sessions go at an upgrade (open only then).
+    pub handover: handover::Outbox,
 }
 
 impl Router {
@@ -112,6 +114,7 @@ impl Session {
         dialer: Dialer,
         admission: Admission,
         engineio: Option<EngineIo>,
+        acknowledges: bool,
     ) -> Box<Session> {
         let config = router.config();
         let migration = &config.migration;
@@ -121,6 +124,7 @@ impl Session {
             migration.replay_max_age,
         );
         window.set_ping_interval(migration.watermark_interval);
+        window.start_connection(acknowledges);
         Box::new(Session {
             budget: router.limits.message_budget(),
             memory: router.memory.open(dialer.session_id()),
@@ -138,7 +142,6 @@ impl Session {
     /// Relay, moving to another backend whenever the current one fails or
     /// is drained, until the session ends.
     pub(crate) async fn run(mut self: Box<Self>, mut upstream: Upstream) {
-        self.window.start_connection(upstream.acknowledges);
         let mut shutdown = self.router.shutdown.clone();
         loop {
             let config = self.router.config();
@@ -159,6 +162,14 @@ impl Session {
             )
             .await;
             let reason = match end {
+                RelayEnd::MigrateRequested(MigrationReason::HandOver) => {
+                    // An upgrade: the new process takes the session, or it
+                    // relays on here.
+                    if self.hand_over(&upstream).await {
+                        return;
+                    }
+                    continue;
+                }
                 RelayEnd::BackendLost => MigrationReason::UpstreamLost,
                 RelayEnd::BackendClosed(Some(ref frame)) if code::is_migrating(frame.code) => {
                     MigrationReason::UpstreamClosed

@@ -177,6 +177,20 @@ impl Connects {
         self.0.is_empty()
     }
 
+    /// The packets kept, in order (a router upgrade hands them over).
+    pub fn packets(&self) -> Vec<Vec<u8>> {
+        self.0.iter().map(|(_, packet)| packet.to_vec()).collect()
+    }
+
+    /// Connects kept as [`Connects::packets`] gave them.
+    pub fn from_packets(packets: &[Vec<u8>]) -> Connects {
+        let mut connects = Connects::default();
+        for packet in packets {
+            connects.note(packet);
+        }
+        connects
+    }
+
     /// Add `earlier`'s packets for namespaces not kept here, before these.
     fn merge_earlier(&mut self, earlier: Connects) {
         let mut merged: Vec<_> = earlier

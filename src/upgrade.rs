@@ -20,6 +20,7 @@
 
 pub mod channel;
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::net::SocketAddr;
@@ -32,11 +33,14 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, watch};
 
 use self::channel::{Channel, Rendezvous};
 use crate::config::Config;
 use crate::listener::{Listeners, public_listener};
+use crate::session::Router;
+use crate::session::handover::{self, Offer, SessionState};
 
 /// The hand-over format this build speaks. A new process refuses any other.
 pub const HANDOVER_VERSION: u32 = 1;
@@ -64,7 +68,10 @@ enum Role {
 enum ToNew {
     /// The descriptors attached are these listeners, in order.
     Hello { version: u32, listeners: Vec<Role> },
-    /// The old process has stopped accepting; nothing more follows.
+    /// A session: its state, its buffers as the raw bytes, its client's and
+    /// backend's sockets as the descriptors.
+    Session { id: u64, state: Box<SessionState> },
+    /// Every session that could move was offered; nothing more follows.
     Done,
 }
 
@@ -75,6 +82,8 @@ enum ToOld {
     Ready { pid: u32 },
     /// Not taking over; the old process keeps serving.
     Refused { reason: String },
+    /// Session `id` runs here now, or was refused (and stays there).
+    SessionAnswer { id: u64, refused: Option<String> },
 }
 
 /// Why an upgrade did not happen. The old process keeps serving.
@@ -143,6 +152,9 @@ struct UpgraderInner {
     listeners: Mutex<Vec<(Role, OwnedFd)>>,
     /// Becomes true when a new process took over.
     handed_over: watch::Sender<bool>,
+    /// The channel to the new process, once it took over, until the
+    /// sessions are shipped.
+    successor: Mutex<Option<Channel>>,
 }
 
 impl Upgrader {
@@ -154,6 +166,7 @@ impl Upgrader {
             busy: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
             handed_over: watch::Sender::new(false),
+            successor: Mutex::new(None),
         }))
     }
 
@@ -163,6 +176,12 @@ impl Upgrader {
         let mut held: Vec<_> = public.into_iter().map(|fd| (Role::Public, fd)).collect();
         held.push((Role::Admin, admin));
         *self.0.listeners.lock() = held;
+    }
+
+    /// Close the duplicates kept to hand over (at a shutdown: a listening
+    /// socket left open would take connections nobody accepts).
+    pub fn release_listeners(&self) {
+        self.0.listeners.lock().clear();
     }
 
     /// Resolves once a new process has taken over the listeners.
@@ -213,11 +232,7 @@ impl Upgrader {
                 // The new process owns the sockets now; this one stops
                 // accepting (app) and closes its duplicates.
                 self.0.listeners.lock().clear();
-                tokio::task::spawn_blocking(move || {
-                    if let Err(error) = channel.send(&ToNew::Done, &[]) {
-                        tracing::warn!(%error, "upgrade: could not tell the new process the hand-over is done");
-                    }
-                });
+                *self.0.successor.lock() = Some(channel);
                 Ok(pid)
             }
             Err(error) => {
@@ -225,6 +240,81 @@ impl Upgrader {
                 Err(error)
             }
         }
+    }
+}
+
+impl Upgrader {
+    /// Send the new process each session offered on `offers`, and hand
+    /// each its answer; `Done` once `offers` ends (blocking threads).
+    pub fn ship_sessions(&self, mut offers: mpsc::UnboundedReceiver<Offer>) {
+        let Some(channel) = self.0.successor.lock().take() else {
+            return;
+        };
+        let pending: Arc<Mutex<HashMap<u64, AnswerSender>>> = Arc::default();
+        match channel.try_clone() {
+            Ok(reader) => {
+                let pending = Arc::clone(&pending);
+                std::thread::spawn(move || hear_answers(reader, &pending));
+            }
+            Err(error) => {
+                tracing::error!(%error, "upgrade: cannot read the new process's answers; sessions stay here");
+                return;
+            }
+        }
+        std::thread::spawn(move || {
+            let (mut offered, mut next_id) = (0u64, 0u64);
+            while let Some(offer) = offers.blocking_recv() {
+                next_id += 1;
+                let Offer {
+                    state,
+                    raw,
+                    fds,
+                    answer,
+                } = offer;
+                pending.lock().insert(next_id, answer);
+                let session = ToNew::Session { id: next_id, state };
+                let borrowed = [fds[0].as_fd(), fds[1].as_fd()];
+                if let Err(error) = channel.send_with_bytes(&session, &raw, &borrowed) {
+                    tracing::warn!(%error, "upgrade: a session could not be sent; it stays here");
+                    if let Some(answer) = pending.lock().remove(&next_id) {
+                        let _ = answer.send(Err(error.to_string()));
+                    }
+                }
+                // In flight, the descriptors are the new process's too.
+                drop(fds);
+                offered += 1;
+            }
+            if let Err(error) = channel.send(&ToNew::Done, &[]) {
+                tracing::warn!(%error, "upgrade: could not tell the new process the hand-over is done");
+            }
+            tracing::info!(
+                sessions = offered,
+                "upgrade: the sessions were offered to the new process"
+            );
+        });
+    }
+}
+
+type AnswerSender = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// Hand each session the new process's answer; when the channel ends,
+/// the sessions still waiting stay here.
+fn hear_answers(mut reader: Channel, pending: &Mutex<HashMap<u64, AnswerSender>>) {
+    loop {
+        match reader.receive::<ToOld>() {
+            Ok((ToOld::SessionAnswer { id, refused }, _)) => {
+                if let Some(answer) = pending.lock().remove(&id) {
+                    let _ = answer.send(refused.map_or(Ok(()), Err));
+                }
+            }
+            Ok((other, _)) => {
+                tracing::warn!(?other, "upgrade: unexpected message from the new process")
+            }
+            Err(_) => break,
+        }
+    }
+    for (_, answer) in pending.lock().drain() {
+        let _ = answer.send(Err("the new process went away".into()));
     }
 }
 
@@ -282,10 +372,23 @@ fn start_successor(
         .and_then(|()| channel.set_read_timeout(Some(START_TIMEOUT)))
         .and_then(|()| channel.receive::<ToOld>());
     match answer {
-        Ok((ToOld::Ready { pid }, _)) => Ok((pid, channel)),
+        Ok((ToOld::Ready { pid }, _)) => {
+            // From here on answers come when sessions are offered.
+            channel
+                .set_read_timeout(None)
+                .map_err(UpgradeError::Channel)?;
+            Ok((pid, channel))
+        }
         Ok((ToOld::Refused { reason }, _)) => {
             let _ = child.wait();
             Err(UpgradeError::Refused(reason))
+        }
+        Ok((ToOld::SessionAnswer { .. }, _)) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(UpgradeError::Refused(
+                "the new process answered a session before it was ready".into(),
+            ))
         }
         Err(error) => {
             let timed_out = matches!(
@@ -420,9 +523,10 @@ pub struct Successor {
 }
 
 impl Successor {
-    /// Tell the old process this one serves; then hear the rest of the
-    /// hand-over (blocking thread).
-    pub fn ready(self) {
+    /// Tell the old process this one serves; then take the sessions it
+    /// hands over, each resumed on one of `threads` (the session threads'
+    /// runtimes, in turn), until it is done (blocking thread).
+    pub fn ready(self, router: Router, threads: Vec<Handle>) {
         let mut channel = self.inherited.channel;
         let ready = ToOld::Ready {
             pid: std::process::id(),
@@ -432,16 +536,68 @@ impl Successor {
                 tracing::error!(%error, "could not tell the old process this one is ready");
                 return;
             }
-            match channel.receive::<ToNew>() {
-                Ok((ToNew::Done, _)) => {
-                    tracing::info!("upgrade: the old process handed everything over")
-                }
-                Ok((other, _)) => tracing::warn!(?other, "upgrade: unexpected hand-over message"),
+            let writer = match channel.try_clone() {
+                Ok(writer) => Arc::new(Mutex::new(writer)),
                 Err(error) => {
-                    tracing::warn!(%error, "upgrade: the old process left before the hand-over ended")
+                    tracing::error!(%error, "upgrade: cannot answer the old process");
+                    return;
+                }
+            };
+            let mut received = 0usize;
+            loop {
+                match channel.receive_with_bytes::<ToNew>() {
+                    Ok((ToNew::Session { id, state }, raw, fds)) => {
+                        let thread = &threads[received % threads.len().max(1)];
+                        received += 1;
+                        let writer = Arc::clone(&writer);
+                        thread.spawn(take_session(router.clone(), writer, id, state, raw, fds));
+                    }
+                    Ok((ToNew::Done, _, _)) => {
+                        tracing::info!(
+                            sessions = received,
+                            "upgrade: the old process handed everything over"
+                        );
+                        break;
+                    }
+                    Ok((ToNew::Hello { .. }, _, _)) => {
+                        tracing::warn!("upgrade: a second Hello, ignored")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "upgrade: the old process left before the hand-over ended");
+                        break;
+                    }
                 }
             }
         });
+    }
+}
+
+/// Resume one session handed over, answer the old process, and run it.
+async fn take_session(
+    router: Router,
+    writer: Arc<Mutex<Channel>>,
+    id: u64,
+    state: Box<SessionState>,
+    raw: Vec<u8>,
+    fds: Vec<OwnedFd>,
+) {
+    let resumed = handover::resume(&router, state, &raw, fds);
+    let refused = resumed.as_ref().err().cloned();
+    let label = if refused.is_some() {
+        "refused"
+    } else {
+        "received"
+    };
+    metrics::counter!(crate::metrics::HANDOVER_SESSIONS_TOTAL, "result" => label).increment(1);
+    if let Some(reason) = &refused {
+        tracing::warn!(%reason, "upgrade: a session handed over was refused; it stays in the old process");
+    }
+    let answer = ToOld::SessionAnswer { id, refused };
+    if let Err(error) = writer.lock().send(&answer, &[]) {
+        tracing::warn!(%error, "upgrade: could not answer the old process");
+    }
+    if let Ok((session, upstream)) = resumed {
+        session.run(upstream).await;
     }
 }
 

@@ -9,9 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
 use support::{
-    RouterBuilder, RouterProcess, TestBackend, WAIT, echo, eventually, expect_close, http_post,
-    log_of, read_welcome, router, try_connect,
+    RouterBuilder, RouterProcess, TestBackend, WAIT, echo, eventually, http_post, log_of,
+    read_welcome, router, try_connect,
 };
 
 /// A router whose old process keeps its sessions `old_process_timeout`.
@@ -66,24 +69,69 @@ fn is_running(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// A client that sends numbered messages every 50 ms and reads their
+/// echoes as they come, until told to stop; returns what it sent and every
+/// data message or close it received.
+fn stream_numbers(
+    client: support::Client,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<Message>)> {
+    tokio::spawn(async move {
+        let (mut sink, mut stream) = client.split();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(Ok(message)) = stream.next().await {
+                match message {
+                    Message::Ping(_) | Message::Pong(_) => {}
+                    other => got.push(other),
+                }
+            }
+            got
+        });
+        let mut sent = 0;
+        while !stop.load(Ordering::SeqCst) {
+            if sink.send(Message::text(sent.to_string())).await.is_err() {
+                break;
+            }
+            sent += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Every echo has time to come back, then the client leaves.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = sink.send(Message::Close(None)).await;
+        let got = tokio::time::timeout(WAIT, reader)
+            .await
+            .expect("the session ends")
+            .expect("reader");
+        (sent, got)
+    })
+}
+
 #[tokio::test]
-async fn sigusr2_hands_the_listeners_to_a_new_process_and_no_connection_is_refused() {
+async fn sigusr2_hands_listeners_and_live_sessions_to_a_new_process_without_a_close() {
+    support::raise_fd_limit();
     let backend = TestBackend::start("upgrade-eu").await;
-    let mut router = RouterProcess::start(&upgradable(&backend, "2s"), "upgrade-sigusr2").await;
+    let mut router = RouterProcess::start(&upgradable(&backend, "30s"), "upgrade-sigusr2").await;
     let old = router.pid();
     assert_eq!(router.pid_in_file(), Some(old));
-    let (mut early, _) = try_connect(&router.url("early"), &[])
-        .await
-        .expect("connect");
-    read_welcome(&mut early).await;
-    echo(&mut early, "before the upgrade").await;
-
     let sockets = listening_sockets(router.public.port());
     assert!(!sockets.is_empty());
 
-    // A client connects every 10 ms, through the whole upgrade, without
-    // waiting for the one before.
+    // 200 sessions stream numbered messages both ways (the backend echoes).
+    const SESSIONS: usize = 200;
     let stop = Arc::new(AtomicBool::new(false));
+    let mut streams = Vec::new();
+    for i in 0..SESSIONS {
+        let (mut client, _) = try_connect(&router.url(&format!("stream-{i}")), &[])
+            .await
+            .expect("connect");
+        read_welcome(&mut client).await;
+        streams.push(stream_numbers(client, Arc::clone(&stop)));
+    }
+    assert_eq!(backend.sessions(), SESSIONS);
+
+    // And a client connects every 10 ms, through the whole upgrade,
+    // without waiting for the one before.
     let connector = tokio::spawn({
         let (stop, url) = (Arc::clone(&stop), router.url("steady"));
         async move {
@@ -102,13 +150,20 @@ async fn sigusr2_hands_the_listeners_to_a_new_process_and_no_connection_is_refus
             (attempts.len(), failures)
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     router.signal("USR2");
     let new = new_holder(&router, old).await;
     assert!(is_running(new), "{}", log_of(&router.log));
-    // The old process stops accepting; the new one takes every connection.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Every session went over: the old process has nothing left and exits,
+    // long before its 30 s.
+    eventually("the old process to exit", WAIT, async || {
+        router.exited().is_some()
+    })
+    .await;
+    assert!(router.exited().is_some_and(|s| s.success()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
+
     let (attempts, failures) = connector.await.expect("connector");
     assert!(
         failures.is_empty(),
@@ -117,25 +172,29 @@ async fn sigusr2_hands_the_listeners_to_a_new_process_and_no_connection_is_refus
         log_of(&router.log)
     );
     assert!(attempts >= 20, "only {attempts} connections were tried");
+    for (i, stream) in streams.into_iter().enumerate() {
+        let (sent, got) = stream.await.expect("stream");
+        // Every echo exactly once and in order; a close only at the end,
+        // in answer to the client's own.
+        let echoes: Vec<Message> = (0..sent).map(|n| Message::text(n.to_string())).collect();
+        let data_end = got.len() - usize::from(got.last().is_some_and(Message::is_close));
+        assert_eq!(got[..data_end], echoes[..], "session {i}: sent 0..{sent}");
+    }
+    // The backend saw no new connection: the 200, the steady client's.
+    assert_eq!(
+        backend.sessions(),
+        SESSIONS + attempts,
+        "a session was dialed again"
+    );
     // No socket was bound afresh: the new process accepts on the old
     // one's, queues and all.
     assert_eq!(listening_sockets(router.public.port()), sockets);
-
-    // The session that was open stays with the old process, which relays
-    // it until `old_process_timeout`, then closes it with 1001 and exits.
-    echo(&mut early, "after the upgrade").await;
-    let (code, _) = expect_close(&mut early).await;
-    assert_eq!(code, 1001);
-    eventually("the old process to exit", WAIT, async || {
-        router.exited().is_some()
-    })
+    let received = support::metric(
+        router.admin,
+        "wsrouter_handover_sessions_total{result=\"received\"}",
+    )
     .await;
-    assert!(router.exited().is_some_and(|s| s.success()));
-    // The new one serves on the same ports.
-    full_session(&router.url("after"))
-        .await
-        .expect("a session on the new process");
-    assert_eq!(router.pid_in_file(), Some(new));
+    assert!(received >= SESSIONS as f64, "received {received}");
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 //! check through the backend's registry), and why a session leaves its
 //! backend. A leaf: the backend registry and the session both use it.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
@@ -25,6 +25,9 @@ pub enum MigrationReason {
     /// Client messages waited for the backend and its watermark did not
     /// move for `migration.stall_timeout`: it is hung.
     Stalled = 6,
+    /// Not a move: the router is being upgraded, and the session goes to
+    /// the new process, on the same backend connection.
+    HandOver = 7,
 }
 
 impl MigrationReason {
@@ -36,6 +39,7 @@ impl MigrationReason {
             4 => MigrationReason::Drain,
             5 => MigrationReason::Removed,
             6 => MigrationReason::Stalled,
+            7 => MigrationReason::HandOver,
             _ => return None,
         })
     }
@@ -48,6 +52,7 @@ impl MigrationReason {
             MigrationReason::Drain => "drain",
             MigrationReason::Removed => "removed",
             MigrationReason::Stalled => "stalled",
+            MigrationReason::HandOver => "hand_over",
         }
     }
 
@@ -64,7 +69,10 @@ impl MigrationReason {
     /// Whether the last forwarded messages may have died with the backend:
     /// after a failure, or when health checks say it is broken.
     pub fn replays(self) -> bool {
-        !matches!(self, MigrationReason::Drain | MigrationReason::Removed)
+        !matches!(
+            self,
+            MigrationReason::Drain | MigrationReason::Removed | MigrationReason::HandOver
+        )
     }
 }
 
@@ -77,6 +85,9 @@ pub struct Control {
     /// 0 when nothing waits, else a [`MigrationReason`].
     request: AtomicU8,
     waker: AtomicWaker,
+    /// The session stays in this process at an upgrade (its TLS state
+    /// cannot move, or the new process refused it): not asked again.
+    stays: AtomicBool,
 }
 
 impl Control {
@@ -97,6 +108,16 @@ impl Control {
     /// already registered).
     pub fn has_request(&self) -> bool {
         self.request.load(Ordering::Acquire) != 0
+    }
+
+    /// At an upgrade, this session stays in this process.
+    pub fn stay(&self) {
+        self.stays.store(true, Ordering::Release);
+    }
+
+    /// Whether this session stays in this process at an upgrade.
+    pub fn stays(&self) -> bool {
+        self.stays.load(Ordering::Acquire)
     }
 
     /// Take the waiting request, or be woken when one comes.
@@ -126,7 +147,7 @@ mod tests {
             Poll::Ready(MigrationReason::Drain)
         );
         assert_eq!(control.poll_move(&mut cx), Poll::Pending);
-        for code in 1..=6 {
+        for code in 1..=7 {
             let reason = MigrationReason::from_code(code).unwrap();
             assert_eq!(reason as u8, code);
         }

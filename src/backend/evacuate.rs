@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::backend::Backend;
-use crate::backend::control::Control;
+use crate::backend::control::{Control, MigrationReason};
 
 impl Backend {
     /// Ask every session on this backend to move, at most `rate` per second
@@ -35,6 +35,18 @@ impl Backend {
                 }
             }
         });
+    }
+
+    /// Ask each of this backend's sessions that may move to the new
+    /// process of an upgrade to hand itself over (one with another request
+    /// waiting hears it the next time).
+    pub fn ask_to_hand_over(&self) {
+        for entry in self.registry.iter() {
+            let control = entry.value();
+            if !control.stays() {
+                control.request_move(MigrationReason::HandOver);
+            }
+        }
     }
 
     async fn evacuation_pass(&self, interval: Duration) {

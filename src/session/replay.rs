@@ -87,6 +87,26 @@ pub struct ReplayWindow {
     max_age: Duration,
 }
 
+/// A [`ReplayWindow`] as data (for a router upgrade).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WindowState {
+    pub recorded: u64,
+    pub watermark: u64,
+    pub pinged: u64,
+    pub base: u64,
+    pub acknowledges: bool,
+    pub batches: Vec<BatchState>,
+}
+
+/// One batch of a [`WindowState`]; its frames are the next `bytes` bytes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BatchState {
+    pub bytes: usize,
+    pub messages: usize,
+    pub end: u64,
+    pub strikes: u32,
+}
+
 /// Frames forwarded together.
 #[derive(Debug)]
 struct Batch {
@@ -457,6 +477,79 @@ impl ReplayWindow {
         }
     }
 
+    /// The window as data, for a router upgrade: its counts, and each batch
+    /// with its frames appended to `frames`. Ages are not kept (a clock
+    /// does not cross processes): the new process counts them from when it
+    /// takes the session.
+    pub fn export(&self, frames: &mut Vec<u8>) -> WindowState {
+        let mut at = 0;
+        let batches = self
+            .batches
+            .iter()
+            .map(|batch| {
+                let start = frames.len();
+                frames.extend(self.data.range(at..at + batch.len));
+                at += batch.len;
+                if let Some(shared) = &batch.shared {
+                    frames.extend_from_slice(shared);
+                }
+                BatchState {
+                    bytes: frames.len() - start,
+                    messages: batch.messages,
+                    end: batch.end,
+                    strikes: batch.strikes,
+                }
+            })
+            .collect();
+        WindowState {
+            recorded: self.recorded,
+            watermark: self.watermark,
+            pinged: self.pinged,
+            base: self.base,
+            acknowledges: self.acknowledges,
+            batches,
+        }
+    }
+
+    /// A window as [`ReplayWindow::export`] described it (`frames`: the
+    /// batches' frames, in order), under this process's bounds.
+    pub fn import(
+        state: &WindowState,
+        mut frames: &[u8],
+        bounds: (usize, usize, Duration),
+        now: Instant,
+    ) -> Result<ReplayWindow, String> {
+        let (max_messages, max_bytes, max_age) = bounds;
+        let mut window = ReplayWindow::new(max_messages, max_bytes, max_age);
+        window.acknowledges = state.acknowledges;
+        let first = state
+            .batches
+            .first()
+            .map_or(state.recorded, |b| b.end - b.messages as u64);
+        window.recorded = first;
+        window.watermark = first.min(state.watermark);
+        window.pinged = window.watermark;
+        for batch in &state.batches {
+            if batch.bytes > frames.len() || window.recorded + batch.messages as u64 != batch.end {
+                return Err("the replay window's batches do not add up".into());
+            }
+            let (these, rest) = frames.split_at(batch.bytes);
+            frames = rest;
+            window.push_batch(these, None, batch.messages, now);
+            if let Some(last) = window.batches.back_mut() {
+                last.strikes = batch.strikes;
+            }
+        }
+        if window.recorded != state.recorded || state.watermark > state.recorded {
+            return Err("the replay window's counts do not add up".into());
+        }
+        window.advance_to(state.watermark, now);
+        window.base = state.base;
+        window.pinged = state.pinged.min(window.recorded);
+        window.dirty = true;
+        Ok(window)
+    }
+
     /// Bytes of memory the window holds: its ring's allocation and the
     /// frames it keeps by reference.
     pub fn held_bytes(&self) -> usize {
@@ -667,6 +760,36 @@ mod tests {
         // A failure a moment later than the bound strikes nothing.
         let later = replayed_at + within + Duration::from_millis(1);
         assert_eq!(w.strike_recent(later, within).0, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exported_window_imports_with_its_counts_strikes_and_frames() {
+        let bounds = (2, usize::MAX, Duration::from_secs(10));
+        let mut w = ReplayWindow::new(bounds.0, bounds.1, bounds.2);
+        w.start_connection(true);
+        let now = Instant::now();
+        for i in 0..3u8 {
+            w.push(&frame(OP_BINARY, &[i]), 1, now);
+        }
+        let big = frame(OP_BINARY, &[9; 300]);
+        w.push_shared(big.clone(), 1, now);
+        w.acknowledge(2, now).expect("acknowledged");
+        w.strike_recent(now, Duration::from_secs(1));
+        let mut frames = Vec::new();
+        let state = w.export(&mut frames);
+        let mut imported = ReplayWindow::import(&state, &frames, bounds, now).expect("import");
+        let mut again = Vec::new();
+        assert_eq!(imported.export(&mut again), state);
+        assert_eq!(again, frames);
+        // Acknowledgements go on counting from the same connection start.
+        assert_eq!(imported.acknowledge(3, now), Ok(1));
+        assert_eq!(
+            imported.take_fresh_struck(now),
+            vec![(big, 1)],
+            "the unacknowledged message, with its strike"
+        );
+        // Frames that do not add up are refused.
+        assert!(ReplayWindow::import(&state, &frames[1..], bounds, now).is_err());
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! an unguessable name ([`Rendezvous`]), names it to the new process in
 //! its environment, and takes one connection, from that process only (the
 //! kernel's peer credentials say who connected). Each message is a 4-byte
-//! big-endian length and that many bytes of JSON, sent in one `sendmsg`
-//! with the file descriptors that go with it attached (`SCM_RIGHTS`).
+//! big-endian length and that many bytes of JSON, then a 4-byte length and
+//! that many raw bytes (what the JSON describes: a session's buffers),
+//! sent with the file descriptors that go with it attached (`SCM_RIGHTS`)
+//! to its first bytes.
 //! Blocking: both sides use it from a blocking thread.
 
 use std::io::{self, IoSlice, IoSliceMut, Read};
@@ -26,9 +28,11 @@ use serde::de::DeserializeOwned;
 /// Most descriptors one message carries.
 pub const MAX_FDS: usize = 64;
 
-/// Largest message body read (a message is JSON describing what its
-/// descriptors are).
+/// Largest JSON part read (it describes the descriptors and the bytes).
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Largest raw part read (a session's buffers and replay window).
+const MAX_BLOB_BYTES: usize = 1 << 30;
 
 /// Where the old process waits for the new one to connect.
 #[derive(Debug)]
@@ -115,6 +119,16 @@ impl Channel {
 
     /// Send `message` with `fds` attached.
     pub fn send<T: Serialize>(&self, message: &T, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        self.send_with_bytes(message, &[], fds)
+    }
+
+    /// Send `message`, the raw `bytes` it describes, and `fds`.
+    pub fn send_with_bytes<T: Serialize>(
+        &self,
+        message: &T,
+        raw: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<()> {
         if fds.len() > MAX_FDS {
             return Err(io::Error::other(format!(
                 "{} descriptors in one hand-over message (at most {MAX_FDS})",
@@ -122,8 +136,11 @@ impl Channel {
             )));
         }
         let body = serde_json::to_vec(message).map_err(io::Error::other)?;
-        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        let mut bytes = Vec::with_capacity(8 + body.len() + raw.len());
+        bytes.extend_from_slice(&(body.len() as u32).to_be_bytes());
         bytes.extend_from_slice(&body);
+        bytes.extend_from_slice(&(raw.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(raw);
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         if !fds.is_empty() {
@@ -149,6 +166,14 @@ impl Channel {
 
     /// Receive one message and the descriptors that came with it.
     pub fn receive<T: DeserializeOwned>(&mut self) -> io::Result<(T, Vec<OwnedFd>)> {
+        let (message, _, fds) = self.receive_with_bytes()?;
+        Ok((message, fds))
+    }
+
+    /// Receive one message, its raw bytes and its descriptors.
+    pub fn receive_with_bytes<T: DeserializeOwned>(
+        &mut self,
+    ) -> io::Result<(T, Vec<u8>, Vec<OwnedFd>)> {
         let mut len = [0u8; 4];
         let mut fds = Vec::new();
         let mut got = 0;
@@ -190,7 +215,24 @@ impl Channel {
         self.0.read_exact(&mut body)?;
         let message = serde_json::from_slice(&body)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-        Ok((message, fds))
+        let mut raw_len = [0u8; 4];
+        self.0.read_exact(&mut raw_len)?;
+        let raw_len = u32::from_be_bytes(raw_len) as usize;
+        if raw_len > MAX_BLOB_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a hand-over message with {raw_len} raw bytes"),
+            ));
+        }
+        let mut raw = vec![0; raw_len];
+        self.0.read_exact(&mut raw)?;
+        Ok((message, raw, fds))
+    }
+
+    /// Another handle on the same socket (one thread reads while another
+    /// writes).
+    pub fn try_clone(&self) -> io::Result<Channel> {
+        Ok(Channel(self.0.try_clone()?))
     }
 }
 
@@ -209,12 +251,16 @@ mod tests {
             .expect("accept");
         let (mut a, b) = UnixStream::pair().expect("pair");
         old.send(&"one socket", &[b.as_fd()]).expect("send");
-        old.send(&vec![1, 2, 3], &[]).expect("send");
+        old.send_with_bytes(&vec![1, 2, 3], b"raw", &[])
+            .expect("send");
         drop(b);
         let (first, fds): (String, _) = new.receive().expect("receive");
         assert_eq!((first.as_str(), fds.len()), ("one socket", 1));
-        let (second, none): (Vec<u32>, _) = new.receive().expect("receive");
-        assert_eq!((second, none.len()), (vec![1, 2, 3], 0));
+        let (second, raw, none): (Vec<u32>, _, _) = new.receive_with_bytes().expect("receive");
+        assert_eq!(
+            (second, &raw[..], none.len()),
+            (vec![1, 2, 3], &b"raw"[..], 0)
+        );
         // The descriptor received is the same socket.
         let mut b = UnixStream::from(fds.into_iter().next().expect("b"));
         a.write_all(b"hi").expect("write");

@@ -521,6 +521,12 @@ impl FrameReader {
         }
     }
 
+    /// The bytes read and not yet taken (between relay rounds: the start
+    /// of a unit not yet whole).
+    pub fn unread(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// The bytes read and not yet taken.
     pub fn buffer_mut(&mut self) -> &mut BytesMut {
         &mut self.buf

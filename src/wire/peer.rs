@@ -157,6 +157,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Peer<S> {
         self.reader.capacity() + self.out.len()
     }
 
+    /// The bytes waiting to be written to this side.
+    pub fn unwritten(&self) -> &[u8] {
+        &self.out
+    }
+
     /// Whether bytes wait to be written to this side (it is behind).
     pub fn has_output(&self) -> bool {
         !self.out.is_empty()
