@@ -145,24 +145,38 @@ impl Connects {
     }
 
     /// Note the CONNECT and DISCONNECT packets among `frames`, whole
-    /// client frames as the relay forwards them. Only a one-frame text
-    /// message is looked into (clients send their CONNECTs whole), and only
-    /// past its first two bytes when they say `40` or `41`.
+    /// client frames as the relay forwards them (checked already: this
+    /// walks their headers without checking them again). Only a one-frame
+    /// text message is looked into (clients send their CONNECTs whole),
+    /// and only past its first two bytes when they say `40` or `41`: a few
+    /// instructions a frame.
     pub fn note_in_frames(&mut self, frames: &[u8]) {
         let mut at = 0;
-        while let Ok(Some(header)) = frame::parse_header(&frames[at..], true, usize::MAX) {
-            let start = at + header.header_len;
-            let Some(end) = start
-                .checked_add(header.payload_len)
-                .filter(|&end| end <= frames.len())
-            else {
+        while let Some(&[b0, b1]) = frames.get(at..at + 2) {
+            let (len, header) = match b1 & 0x7F {
+                126 => match frames.get(at + 2..at + 4) {
+                    Some(len) => (u16::from_be_bytes([len[0], len[1]]) as usize, 4),
+                    None => return,
+                },
+                127 => match frames.get(at + 2..at + 10).map(|len| len.try_into()) {
+                    Some(Ok(len)) => (u64::from_be_bytes(len) as usize, 10),
+                    _ => return,
+                },
+                short => (short as usize, 2),
+            };
+            let start = at + header + 4;
+            let Some(end) = start.checked_add(len).filter(|&end| end <= frames.len()) else {
                 return;
             };
-            if let (OP_TEXT, true, Some(key), 2..=MAX_CONNECT_BYTES) =
-                (header.opcode, header.fin, header.mask, header.payload_len)
-            {
-                let mut kind = [frames[start], frames[start + 1]];
-                frame::apply_mask(&mut kind, key, 0);
+            // FIN and text, masked (a client's), and CONNECT-sized.
+            if b0 == 0x80 | OP_TEXT && (2..=MAX_CONNECT_BYTES).contains(&len) {
+                let key = [
+                    frames[start - 4],
+                    frames[start - 3],
+                    frames[start - 2],
+                    frames[start - 1],
+                ];
+                let kind = [frames[start] ^ key[0], frames[start + 1] ^ key[1]];
                 if kind == *b"40" || kind == *b"41" {
                     let mut payload = frames[start..end].to_vec();
                     frame::apply_mask(&mut payload, key, 0);
