@@ -98,7 +98,10 @@ pub async fn run_with(
         phases.watch(),
     );
     health::spawn_checks(&backends.load().backends, &config, &phases.watch());
-    let upgrader = Upgrader::new(options.relaunch.take());
+    let upgrader = Upgrader::new(options.relaunch.take(), operator.clone());
+    if let Some(successor) = &options.successor {
+        successor.keep_operator_state(&operator);
+    }
     let admin_fd = std::os::fd::AsFd::as_fd(&listeners.admin).try_clone_to_owned()?;
     let admin_state = AdminState {
         operator: operator.clone(),

@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, watch};
 use self::channel::{Channel, Rendezvous};
 use crate::config::Config;
 use crate::listener::{Listeners, public_listener};
+use crate::operator::Operator;
 use crate::session::Router;
 use crate::session::handover::{self, Offer, SessionState};
 
@@ -66,13 +67,43 @@ enum Role {
 /// Old process to new.
 #[derive(Debug, Serialize, Deserialize)]
 enum ToNew {
-    /// The descriptors attached are these listeners, in order.
-    Hello { version: u32, listeners: Vec<Role> },
+    /// The descriptors attached are these listeners, in order; `state` is
+    /// what operators set at run time, which the new process keeps.
+    Hello {
+        version: u32,
+        listeners: Vec<Role>,
+        state: OperatorState,
+    },
     /// A session: its state, its buffers as the raw bytes, its client's and
     /// backend's sockets as the descriptors.
     Session { id: u64, state: Box<SessionState> },
     /// Every session that could move was offered; nothing more follows.
     Done,
+}
+
+/// What operators set at run time (admin API), carried to the new process.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OperatorState {
+    /// Backends drained (their sessions keep moving away there).
+    drained: Vec<String>,
+    /// The "under attack" switch.
+    under_attack: bool,
+}
+
+impl OperatorState {
+    fn of(operator: &Operator) -> OperatorState {
+        OperatorState {
+            drained: operator
+                .backends()
+                .load()
+                .backends
+                .iter()
+                .filter(|backend| backend.is_draining())
+                .map(|backend| backend.id.clone())
+                .collect(),
+            under_attack: operator.limits().is_under_attack(),
+        }
+    }
 }
 
 /// New process to old.
@@ -146,6 +177,8 @@ pub struct Upgrader(Arc<UpgraderInner>);
 
 struct UpgraderInner {
     relaunch: Option<Relaunch>,
+    /// Whose run-time state (drains, attack mode) the new process keeps.
+    operator: Operator,
     /// True while an upgrade runs, and for good once one succeeded.
     busy: AtomicBool,
     /// Duplicates of every listening socket, registered once serving.
@@ -160,9 +193,10 @@ struct UpgraderInner {
 impl Upgrader {
     /// `relaunch`: how to start the successor; `None` refuses upgrades
     /// (a router run inside another program).
-    pub fn new(relaunch: Option<Relaunch>) -> Upgrader {
+    pub fn new(relaunch: Option<Relaunch>, operator: Operator) -> Upgrader {
         Upgrader(Arc::new(UpgraderInner {
             relaunch,
+            operator,
             busy: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
             handed_over: watch::Sender::new(false),
@@ -223,9 +257,11 @@ impl Upgrader {
             .map(|(role, fd)| Ok((*role, fd.try_clone()?)))
             .collect::<io::Result<Vec<_>>>()
             .map_err(UpgradeError::Channel);
-        let started = tokio::task::spawn_blocking(move || start_successor(&relaunch, &listeners?))
-            .await
-            .unwrap_or_else(|e| Err(UpgradeError::Channel(io::Error::other(e))));
+        let state = OperatorState::of(&self.0.operator);
+        let started =
+            tokio::task::spawn_blocking(move || start_successor(&relaunch, &listeners?, state))
+                .await
+                .unwrap_or_else(|e| Err(UpgradeError::Channel(io::Error::other(e))));
         match started {
             Ok((pid, channel)) => {
                 self.0.handed_over.send_replace(true);
@@ -323,6 +359,7 @@ fn hear_answers(mut reader: Channel, pending: &Mutex<HashMap<u64, AnswerSender>>
 fn start_successor(
     relaunch: &Relaunch,
     listeners: &[(Role, OwnedFd)],
+    state: OperatorState,
 ) -> Result<(u32, Channel), UpgradeError> {
     let rendezvous = Rendezvous::open().map_err(UpgradeError::Channel)?;
     let mut child = Command::new(&relaunch.exe)
@@ -365,6 +402,7 @@ fn start_successor(
     let hello = ToNew::Hello {
         version,
         listeners: listeners.iter().map(|(role, _)| *role).collect(),
+        state,
     };
     let fds: Vec<_> = listeners.iter().map(|(_, fd)| fd.as_fd()).collect();
     let answer = channel
@@ -453,7 +491,12 @@ impl Inherited {
             .channel
             .receive::<ToNew>()
             .map_err(|e| format!("reading the hand-over: {e}"))?;
-        let ToNew::Hello { version, listeners } = hello else {
+        let ToNew::Hello {
+            version,
+            listeners,
+            state,
+        } = hello
+        else {
             return Err("the hand-over did not start with Hello".into());
         };
         if version != HANDOVER_VERSION {
@@ -505,7 +548,13 @@ impl Inherited {
             Listeners::from_std(public, admin)
         };
         match bound.await {
-            Ok(listeners) => Ok((listeners, Successor { inherited: self })),
+            Ok(listeners) => Ok((
+                listeners,
+                Successor {
+                    inherited: self,
+                    state,
+                },
+            )),
             Err(error) => {
                 let reason = format!("cannot serve the listeners: {error}");
                 self.refuse_after_hello(&reason);
@@ -520,9 +569,20 @@ impl Inherited {
 #[derive(Debug)]
 pub struct Successor {
     inherited: Inherited,
+    state: OperatorState,
 }
 
 impl Successor {
+    /// Set what the old process's operators had set: drains, attack mode.
+    pub fn keep_operator_state(&self, operator: &Operator) {
+        for id in &self.state.drained {
+            if operator.drain(id).is_none() {
+                tracing::info!(backend = %id, "upgrade: a drained backend is not in this configuration");
+            }
+        }
+        operator.limits().set_under_attack(self.state.under_attack);
+    }
+
     /// Tell the old process this one serves; then take the sessions it
     /// hands over, each resumed on one of `threads` (the session threads'
     /// runtimes, in turn), until it is done (blocking thread).
@@ -582,12 +642,10 @@ async fn take_session(
     fds: Vec<OwnedFd>,
 ) {
     let resumed = handover::resume(&router, state, &raw, fds);
-    let refused = resumed.as_ref().err().cloned();
-    let label = if refused.is_some() {
-        "refused"
-    } else {
-        "received"
-    };
+    let label = resumed
+        .as_ref()
+        .map_or_else(|e| e.as_label(), |_| "received");
+    let refused = resumed.as_ref().err().map(|e| e.to_string());
     metrics::counter!(crate::metrics::HANDOVER_SESSIONS_TOTAL, "result" => label).increment(1);
     if let Some(reason) = &refused {
         tracing::warn!(%reason, "upgrade: a session handed over was refused; it stays in the old process");

@@ -245,6 +245,47 @@ async fn a_wss_client_chats_through_the_router_and_the_backend_sees_https() {
 }
 
 #[tokio::test]
+async fn at_an_upgrade_a_tls_session_stays_in_the_old_process_until_its_timeout() {
+    let pki = Pki::new();
+    let leaf = pki.leaf(&["chat.test"]);
+    let backend = TestBackend::start("eu-1").await;
+    let builder = tls_router(&backend, &tls_section(&[(&leaf, &["chat.test"])]))
+        .extra("[upgrade]\nold_process_timeout = \"2s\"\n");
+    let mut router = support::RouterProcess::start(&builder, "tls-upgrade").await;
+    let stream = tls_connect(router.public, "chat.test", pki.roots(), BOTH)
+        .await
+        .expect("TLS handshake");
+    let (mut client, _) = wss_session(stream, "chat.test", "tls-upgrade").await;
+    echo(&mut client, "before the upgrade").await;
+
+    let old = router.pid();
+    router.signal("USR2");
+    support::eventually(
+        "the pid file to name a new process",
+        support::WAIT,
+        async || router.pid_in_file().is_some_and(|pid| pid != old),
+    )
+    .await;
+    // Its TLS state cannot move: the old process relays it on...
+    echo(&mut client, "after the upgrade").await;
+    // ...until `upgrade.old_process_timeout`, then closes it with 1001.
+    match next_data(&mut client).await {
+        Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
+        other => panic!("expected a 1001 close, got {other:?}"),
+    }
+    support::eventually("the old process to exit", support::WAIT, async || {
+        router.exited().is_some()
+    })
+    .await;
+    // New TLS sessions are the new process's.
+    let stream = tls_connect(router.public, "chat.test", pki.roots(), BOTH)
+        .await
+        .expect("TLS handshake with the new process");
+    let (mut client, _) = wss_session(stream, "chat.test", "tls-after").await;
+    echo(&mut client, "on the new process").await;
+}
+
+#[tokio::test]
 async fn tls_1_2_only_and_tls_1_3_only_clients_both_connect() {
     // rustls implements nothing below TLS 1.2, so no rustls client can
     // offer 1.1; the refusal of 1.1 is tested with a hand-made ClientHello.

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
 use support::{
     RouterBuilder, RouterProcess, TestBackend, WAIT, echo, eventually, http_post, log_of,
@@ -201,6 +203,10 @@ async fn sigusr2_hands_listeners_and_live_sessions_to_a_new_process_without_a_cl
 async fn the_admin_api_upgrades_twice_in_a_row_and_answers_with_the_new_pid() {
     let backend = TestBackend::start("upgrade-api-eu").await;
     let router = RouterProcess::start(&upgradable(&backend, "1s"), "upgrade-api").await;
+    let (mut through_both, _) = try_connect(&router.url("through-both"), &[])
+        .await
+        .expect("connect");
+    read_welcome(&mut through_both).await;
     let mut holder = router.pid();
     for round in 0..2 {
         let (status, body) = http_post(router.admin, "/api/upgrade", None).await;
@@ -217,8 +223,10 @@ async fn the_admin_api_upgrades_twice_in_a_row_and_answers_with_the_new_pid() {
         full_session(&router.url(&format!("round-{round}")))
             .await
             .expect("a session after the upgrade");
+        echo(&mut through_both, &format!("after upgrade {round}")).await;
         holder = pid;
     }
+    assert_eq!(backend.sessions(), 3, "a session was dialed again");
 }
 
 #[tokio::test]
@@ -278,4 +286,107 @@ async fn a_hand_over_version_the_new_process_does_not_speak_is_refused() {
     full_session(&router.url("new"))
         .await
         .expect("a new session");
+}
+
+#[tokio::test]
+async fn an_idle_session_and_one_in_the_middle_of_a_fragmented_message_go_over_intact() {
+    let backend = TestBackend::start("upgrade-frag-eu").await;
+    let mut router = RouterProcess::start(&upgradable(&backend, "30s"), "upgrade-frag").await;
+    let (mut idle, _) = try_connect(&router.url("idle"), &[])
+        .await
+        .expect("connect");
+    read_welcome(&mut idle).await;
+    let (mut fragmented, _) = try_connect(&router.url("fragmented"), &[])
+        .await
+        .expect("connect");
+    read_welcome(&mut fragmented).await;
+
+    // A 150 kB text message in three fragments: two go before the upgrade
+    // (the old process holds them, unforwarded), the last one after.
+    let parts: Vec<String> = (0..3).map(|i| format!("{i}").repeat(50_000)).collect();
+    let fragment = |i: usize, last: bool| {
+        let opcode = if i == 0 { Data::Text } else { Data::Continue };
+        Message::Frame(Frame::message(parts[i].clone(), OpCode::Data(opcode), last))
+    };
+    fragmented.send(fragment(0, false)).await.expect("send");
+    fragmented.send(fragment(1, false)).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let old = router.pid();
+    router.signal("USR2");
+    new_holder(&router, old).await;
+    eventually("the old process to exit", WAIT, async || {
+        router.exited().is_some()
+    })
+    .await;
+
+    fragmented.send(fragment(2, true)).await.expect("send");
+    let whole = parts.concat();
+    match support::recv_data(&mut fragmented).await {
+        Message::Text(text) => assert!(text.as_str() == whole, "the message came back changed"),
+        other => panic!("expected the whole message back, got {other:?}"),
+    }
+    echo(&mut idle, "awake after the upgrade").await;
+    echo(&mut fragmented, "and this one too").await;
+    assert_eq!(backend.sessions(), 2, "a session was dialed again");
+}
+
+#[tokio::test]
+async fn an_upgrade_in_the_middle_of_a_drain_goes_on_draining_and_closes_nothing() {
+    let (a, b) = (
+        TestBackend::start("drain-a").await,
+        TestBackend::start("drain-b").await,
+    );
+    let builder = router()
+        .backend(&a, "eu")
+        .backend(&b, "eu")
+        .extra("[upgrade]\nold_process_timeout = \"30s\"\n")
+        .extra("[migration]\nmax_rate_per_backend = 4\n");
+    let mut router = RouterProcess::start(&builder, "upgrade-drain").await;
+    let mut on_a = Vec::new();
+    for i in 0..40 {
+        let (mut client, _) = try_connect(&router.url(&format!("drain-{i}")), &[])
+            .await
+            .expect("connect");
+        if read_welcome(&mut client).await.backend == a.id {
+            on_a.push(client);
+        }
+    }
+    assert!(on_a.len() >= 5, "only {} sessions on drain-a", on_a.len());
+
+    // The drain moves 4 sessions a second; the upgrade comes in the middle.
+    let (status, body) = http_post(router.admin, "/api/backends/drain-a/drain", None).await;
+    assert_eq!(status, 200, "{body}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let old = router.pid();
+    router.signal("USR2");
+    new_holder(&router, old).await;
+    eventually("the old process to exit", WAIT, async || {
+        router.exited().is_some()
+    })
+    .await;
+
+    // The new process goes on draining: every session of drain-a ends up
+    // on drain-b, and none was closed.
+    let (_, body) = support::http_get(router.admin, "/api/backends").await;
+    let backends: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
+    let drain_a = backends
+        .iter()
+        .find(|b| b["id"] == "drain-a")
+        .expect("drain-a");
+    assert_eq!(drain_a["state"], "draining", "{body}");
+    for client in &mut on_a {
+        let mut seen_b = false;
+        while !seen_b {
+            match support::recv_data(client).await {
+                Message::Text(text) => {
+                    let welcome: support::Welcome =
+                        serde_json::from_str(text.as_str()).expect("a welcome");
+                    seen_b = welcome.backend == b.id;
+                }
+                other => panic!("expected drain-b's welcome, got {other:?}"),
+            }
+        }
+        echo(client, "moved and upgraded").await;
+    }
 }

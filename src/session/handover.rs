@@ -186,6 +186,34 @@ impl Session {
     }
 }
 
+/// Why the new process did not take a session (the old one keeps it).
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("backend {0} is not in this process's configuration")]
+    UnknownBackend(String),
+    #[error("backend {0} is at its session cap")]
+    BackendFull(String),
+    #[error("the client's limits refuse it: {0}")]
+    Limits(crate::limits::Refused),
+    #[error("the session's state does not add up: {0}")]
+    BadState(String),
+    #[error("its sockets cannot be used here: {0}")]
+    Socket(std::io::Error),
+}
+
+impl ResumeError {
+    /// The `result` label of `wsrouter_handover_sessions_total`.
+    pub fn as_label(&self) -> &'static str {
+        match self {
+            ResumeError::UnknownBackend(_) => "unknown_backend",
+            ResumeError::BackendFull(_) => "backend_full",
+            ResumeError::Limits(_) => "limits",
+            ResumeError::BadState(_) => "bad_state",
+            ResumeError::Socket(_) => "socket",
+        }
+    }
+}
+
 /// Resume a session the old process handed over, on this thread's
 /// runtime: the session and its backend connection, ready to run. An
 /// error says why not (the old process then keeps it).
@@ -194,15 +222,15 @@ pub fn resume(
     state: Box<SessionState>,
     raw: &[u8],
     fds: Vec<OwnedFd>,
-) -> Result<(Box<Session>, Upstream), String> {
+) -> Result<(Box<Session>, Upstream), ResumeError> {
     let config = router.config();
-    let [client_fd, backend_fd]: [OwnedFd; 2] = fds
-        .try_into()
-        .map_err(|fds: Vec<_>| format!("{} descriptors for a session, not 2", fds.len()))?;
+    let [client_fd, backend_fd]: [OwnedFd; 2] = fds.try_into().map_err(|fds: Vec<_>| {
+        ResumeError::BadState(format!("{} descriptors for a session, not 2", fds.len()))
+    })?;
     let mut parts = raw;
-    let mut take = |len: usize| -> Result<&[u8], String> {
+    let mut take = |len: usize| -> Result<&[u8], ResumeError> {
         if len > parts.len() {
-            return Err("the session's bytes are cut short".to_string());
+            return Err(ResumeError::BadState("its bytes are cut short".into()));
         }
         let (part, rest) = parts.split_at(len);
         parts = rest;
@@ -218,7 +246,8 @@ pub fn resume(
         migration.replay_max_bytes,
         migration.replay_max_age,
     );
-    let mut window = ReplayWindow::import(&state.window, parts, bounds, Instant::now())?;
+    let mut window = ReplayWindow::import(&state.window, parts, bounds, Instant::now())
+        .map_err(ResumeError::BadState)?;
     window.set_ping_interval(migration.watermark_interval);
 
     let backend = router
@@ -226,16 +255,11 @@ pub fn resume(
         .load()
         .get(&state.backend)
         .cloned()
-        .ok_or_else(|| {
-            format!(
-                "backend {} is not in this process's configuration",
-                state.backend
-            )
-        })?;
+        .ok_or_else(|| ResumeError::UnknownBackend(state.backend.clone()))?;
     let admission = router
         .limits
         .admit(state.client_ip)
-        .map_err(|refused| format!("the client's limits refuse it: {refused}"))?;
+        .map_err(ResumeError::Limits)?;
     let location = Location {
         coordinates: state.coordinates,
         country: state.country.as_deref().and_then(Code::new),
@@ -264,15 +288,19 @@ pub fn resume(
     );
     let slot = backend
         .try_acquire(id, dialer.control())
-        .ok_or_else(|| format!("backend {} is at its session cap", state.backend))?;
+        .ok_or_else(|| ResumeError::BackendFull(state.backend.clone()))?;
+    if backend.leaving_reason().is_some() {
+        // Drained in the old process (and so here): it keeps moving away.
+        backend.evacuate(migration.max_rate_per_backend);
+    }
 
     let stream = |fd: OwnedFd| {
         let stream = std::net::TcpStream::from(fd);
         stream.set_nonblocking(true)?;
         tokio::net::TcpStream::from_std(stream)
     };
-    let client = stream(client_fd).map_err(|e| format!("the client's socket: {e}"))?;
-    let backend = stream(backend_fd).map_err(|e| format!("the backend's socket: {e}"))?;
+    let client = stream(client_fd).map_err(ResumeError::Socket)?;
+    let backend = stream(backend_fd).map_err(ResumeError::Socket)?;
     let max_message = config.relay.max_message_bytes;
     let mut client = Peer::client(ClientStream::Plain(client), max_message, client_read);
     client.queue(client_write);
