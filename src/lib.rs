@@ -29,7 +29,7 @@
 //! | `health` | active health checks and their thresholds |
 //! | `upstream` | dial one backend: the forwarded headers, the HTTP/1.1 upgrade, the 101 checks; `upstream::dialer` is the dial policy (first dial and the rounds of a move) |
 //! | `wire` | the WebSocket wire: `wire::frame` (RFC 6455 at the byte level), `wire::peer` (one side's socket, reader and write queue), `wire::close` (named close codes, client faults) |
-//! | `session` | one session from 101 to close: the relay and the move; `session::relay` forwards frames both ways, `session::replay` holds the replay window, the queue and the move chain |
+//! | `session` | one session from 101 to close: the relay and the move; `session::relay` forwards frames both ways, `session::replay` holds the replay window, the queue and the move chain, `session::handover` is a session as data for an upgrade's new process |
 //! | `memory` | what sessions hold in bytes against the process budget: pause, then close the largest |
 //! | `operator` | operator actions (drain, undrain, reload) for the admin API and SIGHUP |
 //! | `admin` | the admin listener: metrics, health, readiness, backends and memory API |
