@@ -522,3 +522,51 @@ async fn binary_events_are_replayed_whole_across_a_crash() {
     assert_ne!(replies.last().expect("acks")["backend"], first.as_str());
     assert!(!client.saw_disconnect(), "{:?}", client.events);
 }
+
+#[tokio::test]
+async fn a_socketio_session_goes_to_a_new_router_process_at_an_upgrade_unnoticed() {
+    let mut servers = three_servers().await;
+    let builder = socketio_router(&servers).extra("[upgrade]\nold_process_timeout = \"30s\"\n");
+    let mut router = support::RouterProcess::start(&builder, "socketio-upgrade").await;
+    let url = format!("http://{}", router.public);
+    let mut client = SioClient::connect(
+        &url,
+        json!({"query": {"session": "upgraded"}, "auth": {"room": "lobby"}}),
+    );
+    let backend = connects_and_upgrades_on_one_backend(&mut client).await;
+
+    let old = router.pid();
+    router.signal("USR2");
+    support::eventually("the new process to take over", support::WAIT, async || {
+        router.pid_in_file().is_some_and(|pid| pid != old)
+    })
+    .await;
+    support::eventually("the old process to exit", support::WAIT, async || {
+        router.exited().is_some()
+    })
+    .await;
+
+    // The same Socket.IO session, on the same backend connection.
+    let reply = client.emit_acked("echo", json!("after the upgrade")).await;
+    assert_eq!(
+        reply,
+        json!({"backend": backend, "data": "after the upgrade"})
+    );
+    assert!(!client.saw_disconnect(), "{:?}", client.events);
+    let server = servers.iter_mut().find(|s| s.id == backend).expect("known");
+    server
+        .wait_for("the echo after the upgrade", |e| {
+            e["event"] == "echo" && e["data"] == "after the upgrade"
+        })
+        .await;
+    let connections: Vec<_> = server
+        .events
+        .iter()
+        .filter(|e| e["event"] == "connection")
+        .collect();
+    assert_eq!(
+        connections.len(),
+        1,
+        "the server saw the client connect again"
+    );
+}

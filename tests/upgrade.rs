@@ -390,3 +390,37 @@ async fn an_upgrade_in_the_middle_of_a_drain_goes_on_draining_and_closes_nothing
         echo(client, "moved and upgraded").await;
     }
 }
+
+#[tokio::test]
+async fn systemd_hears_each_new_main_pid_and_a_second_signal_meanwhile_is_refused() {
+    let backend = TestBackend::start("upgrade-notify-eu").await;
+    let socket_path = support::temp_file("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    notify.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let path = socket_path.display().to_string();
+    let env = [("NOTIFY_SOCKET", path.as_str())];
+    let router =
+        RouterProcess::start_with_env(&upgradable(&backend, "1s"), "upgrade-notify", &env).await;
+    let heard = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(heard(), format!("MAINPID={}\nREADY=1\n", router.pid()));
+
+    // Two signals back to back to the same process: one upgrade; the
+    // second is refused.
+    support::signal(router.pid(), "USR2");
+    support::signal(router.pid(), "USR2");
+    let new = new_holder(&router, router.pid()).await;
+    assert_eq!(heard(), format!("MAINPID={new}\nREADY=1\n"));
+    eventually(
+        "the refusal of the second signal in the log",
+        WAIT,
+        async || log_of(&router.log).contains("an upgrade is already under way"),
+    )
+    .await;
+    full_session(&router.url("after")).await.expect("a session");
+    assert_eq!(router.pid_in_file(), Some(new), "one upgrade, not two");
+    let _ = std::fs::remove_file(&socket_path);
+}

@@ -1558,7 +1558,7 @@ impl BackendProcess {
 }
 
 /// Send a signal (by name) to a process.
-fn signal(pid: u32, name: &str) {
+pub fn signal(pid: u32, name: &str) {
     let sent = std::process::Command::new("kill")
         .args([&format!("-{name}"), &pid.to_string()])
         .status()

@@ -81,7 +81,7 @@ pub struct SioServer {
     pub port: u16,
     node: Node,
     /// Every event it reported so far, in order.
-    events: Vec<Value>,
+    pub events: Vec<Value>,
 }
 
 impl SioServer {
