@@ -106,6 +106,7 @@ async fn establish(
                 sids: &router.sids,
                 peer,
                 tls: stream.is_tls(),
+                shutdown: router.shutdown.clone(),
             };
             polling.serve(&mut stream, (method, request)).await;
             return None;

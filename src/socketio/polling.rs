@@ -24,6 +24,7 @@ use crate::config::{Config, SessionKeySource};
 use crate::handshake::{self, HandshakeError, Request, UpgradeRequest};
 use crate::limits::Limits;
 use crate::metrics::PollResult;
+use crate::shutdown::{Phase, Shutdown};
 use crate::socketio::{SidTable, open_packet_sid};
 
 /// Request headers never passed on: hop-by-hop ones, the ones the router
@@ -68,6 +69,10 @@ pub(crate) struct Polling<'a> {
     pub peer: SocketAddr,
     /// The client came over TLS.
     pub tls: bool,
+    /// The router's phase: once it drains (a shutdown, or an upgrade whose
+    /// new process accepts now), a kept-alive connection is closed when
+    /// idle, or after the answer in flight (`Connection: close`).
+    pub shutdown: Shutdown,
 }
 
 /// The backend connection this client connection uses, kept alive.
@@ -105,7 +110,8 @@ impl Polling<'_> {
             let keep_alive = !request
                 .header_values("connection")
                 .flat_map(|v| v.split(','))
-                .any(|t| t.trim().eq_ignore_ascii_case("close"));
+                .any(|t| t.trim().eq_ignore_ascii_case("close"))
+                && self.shutdown.phase() == Phase::Running;
             let reply = match self
                 .proxy(stream, &method, &mut request, &mut backend)
                 .await
@@ -133,12 +139,16 @@ impl Polling<'_> {
         stream: &mut S,
     ) -> Option<(String, UpgradeRequest)> {
         let listener = &self.config.listener;
-        let read = tokio::time::timeout(
-            self.config.socketio.poll_timeout,
-            handshake::read_request(stream, listener.max_request_header_bytes),
-        )
-        .await
-        .ok()?;
+        let mut draining = self.shutdown.clone();
+        let read = tokio::select! {
+            read = tokio::time::timeout(
+                self.config.socketio.poll_timeout,
+                handshake::read_request(stream, listener.max_request_header_bytes),
+            ) => read.ok()?,
+            // An idle kept-alive connection closes; the client's next
+            // request opens one (to the new process, after an upgrade).
+            _ = draining.reached(Phase::Draining) => return None,
+        };
         let classified = read.and_then(|(head, leftover)| {
             handshake::classify(head, leftover, &listener.paths, &self.config.socketio)
         });
