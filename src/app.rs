@@ -98,9 +98,10 @@ pub async fn run_with(
         phases.watch(),
     );
     health::spawn_checks(&backends.load().backends, &config, &phases.watch());
-    let upgrader = Upgrader::new(options.relaunch.take(), operator.clone());
+    let sids = SidTable::default();
+    let upgrader = Upgrader::new(options.relaunch.take(), operator.clone(), sids.clone());
     if let Some(successor) = &options.successor {
-        successor.keep_operator_state(&operator);
+        successor.keep_state(&operator, &sids);
     }
     let admin_fd = std::os::fd::AsFd::as_fd(&listeners.admin).try_clone_to_owned()?;
     let admin_state = AdminState {
@@ -133,7 +134,7 @@ pub async fn run_with(
         limits,
         tls,
         memory: memory.clone(),
-        sids: SidTable::default(),
+        sids,
         handover: Outbox::default(),
     };
     // Sessions run on threads of their own (see `crate::listener`); this

@@ -101,6 +101,34 @@ impl SidTable {
         }
     }
 
+    /// Every engine.io session known, for a router upgrade's new process:
+    /// (sid, backend, CONNECT packets).
+    pub fn export(&self) -> Vec<(String, String, Vec<Vec<u8>>)> {
+        self.entries
+            .lock()
+            .iter()
+            .map(|(sid, entry)| (sid.clone(), entry.backend.clone(), entry.connects.packets()))
+            .collect()
+    }
+
+    /// Take over the sessions an old process knew (as used just now).
+    pub fn import(&self, sessions: Vec<(String, String, Vec<Vec<u8>>)>) {
+        let now = Instant::now();
+        let mut entries = self.entries.lock();
+        for (sid, backend, connects) in sessions {
+            if entries.len() >= SID_TABLE_CAPACITY || !is_sid(&sid) {
+                continue;
+            }
+            let connects = Connects::from_packets(&connects);
+            let entry = SidEntry {
+                backend,
+                used: now,
+                connects,
+            };
+            entries.insert(sid, entry);
+        }
+    }
+
     /// The CONNECT packets the client sent for `sid` while polling.
     pub fn connects_of(&self, sid: &str) -> Connects {
         self.entries

@@ -42,6 +42,7 @@ use crate::listener::{Listeners, public_listener};
 use crate::operator::Operator;
 use crate::session::Router;
 use crate::session::handover::{self, Offer, SessionState};
+use crate::socketio::SidTable;
 
 /// The hand-over format this build speaks. A new process refuses any other.
 pub const HANDOVER_VERSION: u32 = 1;
@@ -72,7 +73,7 @@ enum ToNew {
     Hello {
         version: u32,
         listeners: Vec<Role>,
-        state: OperatorState,
+        state: CarriedState,
     },
     /// A session: its state, its buffers as the raw bytes, its client's and
     /// backend's sockets as the descriptors.
@@ -81,18 +82,23 @@ enum ToNew {
     Done,
 }
 
-/// What operators set at run time (admin API), carried to the new process.
+/// What operators set at run time (admin API) and what the router learned
+/// (engine.io sids), carried to the new process.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct OperatorState {
+pub struct CarriedState {
     /// Backends drained (their sessions keep moving away there).
     drained: Vec<String>,
     /// The "under attack" switch.
     under_attack: bool,
+    /// engine.io sessions and their backends (for Socket.IO clients
+    /// without a session key).
+    sids: Vec<(String, String, Vec<Vec<u8>>)>,
 }
 
-impl OperatorState {
-    fn of(operator: &Operator) -> OperatorState {
-        OperatorState {
+impl CarriedState {
+    fn of(operator: &Operator, sids: &SidTable) -> CarriedState {
+        CarriedState {
+            sids: sids.export(),
             drained: operator
                 .backends()
                 .load()
@@ -179,6 +185,7 @@ struct UpgraderInner {
     relaunch: Option<Relaunch>,
     /// Whose run-time state (drains, attack mode) the new process keeps.
     operator: Operator,
+    sids: SidTable,
     /// True while an upgrade runs, and for good once one succeeded.
     busy: AtomicBool,
     /// Duplicates of every listening socket, registered once serving.
@@ -193,10 +200,11 @@ struct UpgraderInner {
 impl Upgrader {
     /// `relaunch`: how to start the successor; `None` refuses upgrades
     /// (a router run inside another program).
-    pub fn new(relaunch: Option<Relaunch>, operator: Operator) -> Upgrader {
+    pub fn new(relaunch: Option<Relaunch>, operator: Operator, sids: SidTable) -> Upgrader {
         Upgrader(Arc::new(UpgraderInner {
             relaunch,
             operator,
+            sids,
             busy: AtomicBool::new(false),
             listeners: Mutex::new(Vec::new()),
             handed_over: watch::Sender::new(false),
@@ -257,7 +265,7 @@ impl Upgrader {
             .map(|(role, fd)| Ok((*role, fd.try_clone()?)))
             .collect::<io::Result<Vec<_>>>()
             .map_err(UpgradeError::Channel);
-        let state = OperatorState::of(&self.0.operator);
+        let state = CarriedState::of(&self.0.operator, &self.0.sids);
         let started =
             tokio::task::spawn_blocking(move || start_successor(&relaunch, &listeners?, state))
                 .await
@@ -359,7 +367,7 @@ fn hear_answers(mut reader: Channel, pending: &Mutex<HashMap<u64, AnswerSender>>
 fn start_successor(
     relaunch: &Relaunch,
     listeners: &[(Role, OwnedFd)],
-    state: OperatorState,
+    state: CarriedState,
 ) -> Result<(u32, Channel), UpgradeError> {
     let rendezvous = Rendezvous::open().map_err(UpgradeError::Channel)?;
     let mut child = Command::new(&relaunch.exe)
@@ -569,12 +577,14 @@ impl Inherited {
 #[derive(Debug)]
 pub struct Successor {
     inherited: Inherited,
-    state: OperatorState,
+    state: CarriedState,
 }
 
 impl Successor {
-    /// Set what the old process's operators had set: drains, attack mode.
-    pub fn keep_operator_state(&self, operator: &Operator) {
+    /// Set what the old process's operators had set (drains, attack mode)
+    /// and the engine.io sessions it knew.
+    pub fn keep_state(&self, operator: &Operator, sids: &SidTable) {
+        sids.import(self.state.sids.clone());
         for id in &self.state.drained {
             if operator.drain(id).is_none() {
                 tracing::info!(backend = %id, "upgrade: a drained backend is not in this configuration");

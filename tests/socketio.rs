@@ -570,3 +570,30 @@ async fn a_socketio_session_goes_to_a_new_router_process_at_an_upgrade_unnoticed
         "the server saw the client connect again"
     );
 }
+
+#[tokio::test]
+async fn a_long_polling_session_without_a_key_keeps_its_backend_across_an_upgrade() {
+    let servers = three_servers().await;
+    let builder = socketio_router(&servers).extra("[upgrade]\nold_process_timeout = \"30s\"\n");
+    let mut router = support::RouterProcess::start(&builder, "socketio-upgrade-sid").await;
+    let url = format!("http://{}", router.public);
+    // No key: only the router's sid table keeps the polls on one backend.
+    let mut client = SioClient::connect(&url, json!({"transports": ["polling"]}));
+    let backend = welcomed_by(&mut client).await;
+    let reply = client.emit_acked("echo", json!("before")).await;
+    assert_eq!(reply["backend"], backend.as_str());
+
+    let old = router.pid();
+    router.signal("USR2");
+    support::eventually("the old process to exit", support::WAIT, async || {
+        router.exited().is_some()
+    })
+    .await;
+    assert_ne!(router.pid_in_file(), Some(old));
+    // The next polls reach the new process, which knows the sid.
+    for i in 0..3 {
+        let reply = client.emit_acked("echo", json!(format!("after-{i}"))).await;
+        assert_eq!(reply["backend"], backend.as_str(), "{reply}");
+    }
+    assert!(!client.saw_disconnect(), "{:?}", client.events);
+}
