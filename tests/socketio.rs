@@ -535,16 +535,8 @@ async fn a_socketio_session_goes_to_a_new_router_process_at_an_upgrade_unnoticed
     );
     let backend = connects_and_upgrades_on_one_backend(&mut client).await;
 
-    let old = router.pid();
-    router.signal("USR2");
-    support::eventually("the new process to take over", support::WAIT, async || {
-        router.pid_in_file().is_some_and(|pid| pid != old)
-    })
-    .await;
-    support::eventually("the old process to exit", support::WAIT, async || {
-        router.exited().is_some()
-    })
-    .await;
+    router.upgrade().await;
+    router.wait_for_exit().await;
 
     // The same Socket.IO session, on the same backend connection.
     let reply = client.emit_acked("echo", json!("after the upgrade")).await;
@@ -583,13 +575,8 @@ async fn a_long_polling_session_without_a_key_keeps_its_backend_across_an_upgrad
     let reply = client.emit_acked("echo", json!("before")).await;
     assert_eq!(reply["backend"], backend.as_str());
 
-    let old = router.pid();
-    router.signal("USR2");
-    support::eventually("the old process to exit", support::WAIT, async || {
-        router.exited().is_some()
-    })
-    .await;
-    assert_ne!(router.pid_in_file(), Some(old));
+    router.upgrade().await;
+    router.wait_for_exit().await;
     // The next polls reach the new process, which knows the sid.
     for i in 0..3 {
         let reply = client.emit_acked("echo", json!(format!("after-{i}"))).await;

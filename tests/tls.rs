@@ -258,14 +258,7 @@ async fn at_an_upgrade_a_tls_session_stays_in_the_old_process_until_its_timeout(
     let (mut client, _) = wss_session(stream, "chat.test", "tls-upgrade").await;
     echo(&mut client, "before the upgrade").await;
 
-    let old = router.pid();
-    router.signal("USR2");
-    support::eventually(
-        "the pid file to name a new process",
-        support::WAIT,
-        async || router.pid_in_file().is_some_and(|pid| pid != old),
-    )
-    .await;
+    router.upgrade().await;
     // Its TLS state cannot move: the old process relays it on...
     echo(&mut client, "after the upgrade").await;
     // ...until `upgrade.old_process_timeout`, then closes it with 1001.
@@ -273,10 +266,7 @@ async fn at_an_upgrade_a_tls_session_stays_in_the_old_process_until_its_timeout(
         Message::Close(Some(frame)) => assert_eq!(u16::from(frame.code), 1001),
         other => panic!("expected a 1001 close, got {other:?}"),
     }
-    support::eventually("the old process to exit", support::WAIT, async || {
-        router.exited().is_some()
-    })
-    .await;
+    router.wait_for_exit().await;
     // New TLS sessions are the new process's.
     let stream = tls_connect(router.public, "chat.test", pki.roots(), BOTH)
         .await

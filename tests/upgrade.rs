@@ -40,15 +40,6 @@ async fn full_session(url: &str) -> Result<(), String> {
     .map_err(|_| "no welcome and echo in time".to_string())
 }
 
-/// Wait until the pid file names a process other than `old`; returns it.
-async fn new_holder(router: &RouterProcess, old: u32) -> u32 {
-    eventually("the pid file to name a new process", WAIT, async || {
-        router.pid_in_file().is_some_and(|pid| pid != old)
-    })
-    .await;
-    router.pid_in_file().expect("a pid")
-}
-
 /// The inodes of the listening TCP sockets on `port` (from
 /// /proc/net/tcp): the same inodes before and after an upgrade mean the
 /// new process accepts on the very sockets the old one had.
@@ -153,16 +144,11 @@ async fn sigusr2_hands_listeners_and_live_sessions_to_a_new_process_without_a_cl
         }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    router.signal("USR2");
-    let new = new_holder(&router, old).await;
+    let new = router.upgrade().await;
     assert!(is_running(new), "{}", log_of(&router.log));
     // Every session went over: the old process has nothing left and exits,
     // long before its 30 s.
-    eventually("the old process to exit", WAIT, async || {
-        router.exited().is_some()
-    })
-    .await;
-    assert!(router.exited().is_some_and(|s| s.success()));
+    router.wait_for_exit().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::SeqCst);
 
@@ -219,7 +205,7 @@ async fn the_admin_api_upgrades_twice_in_a_row_and_answers_with_the_new_pid() {
         let answer: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         let pid = answer["pid"].as_u64().expect("a pid") as u32;
         assert_ne!(pid, holder);
-        assert_eq!(new_holder(&router, holder).await, pid);
+        assert_eq!(router.new_holder(holder).await, pid);
         full_session(&router.url(&format!("round-{round}")))
             .await
             .expect("a session after the upgrade");
@@ -312,13 +298,8 @@ async fn an_idle_session_and_one_in_the_middle_of_a_fragmented_message_go_over_i
     fragmented.send(fragment(1, false)).await.expect("send");
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let old = router.pid();
-    router.signal("USR2");
-    new_holder(&router, old).await;
-    eventually("the old process to exit", WAIT, async || {
-        router.exited().is_some()
-    })
-    .await;
+    router.upgrade().await;
+    router.wait_for_exit().await;
 
     fragmented.send(fragment(2, true)).await.expect("send");
     let whole = parts.concat();
@@ -358,13 +339,8 @@ async fn an_upgrade_in_the_middle_of_a_drain_goes_on_draining_and_closes_nothing
     let (status, body) = http_post(router.admin, "/api/backends/drain-a/drain", None).await;
     assert_eq!(status, 200, "{body}");
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let old = router.pid();
-    router.signal("USR2");
-    new_holder(&router, old).await;
-    eventually("the old process to exit", WAIT, async || {
-        router.exited().is_some()
-    })
-    .await;
+    router.upgrade().await;
+    router.wait_for_exit().await;
 
     // The new process goes on draining: every session of drain-a ends up
     // on drain-b, and none was closed.
@@ -412,7 +388,7 @@ async fn systemd_hears_each_new_main_pid_and_a_second_signal_meanwhile_is_refuse
     // second is refused.
     support::signal(router.pid(), "USR2");
     support::signal(router.pid(), "USR2");
-    let new = new_holder(&router, router.pid()).await;
+    let new = router.new_holder(router.pid()).await;
     assert_eq!(heard(), format!("MAINPID={new}\nREADY=1\n"));
     eventually(
         "the refusal of the second signal in the log",

@@ -1423,6 +1423,34 @@ impl RouterProcess {
         self.child.0.try_wait().expect("child status")
     }
 
+    /// Wait until the pid file names a process other than `old`; returns
+    /// it.
+    pub async fn new_holder(&self, old: u32) -> u32 {
+        eventually("the pid file to name a new process", WAIT, async || {
+            self.pid_in_file().is_some_and(|pid| pid != old)
+        })
+        .await;
+        self.pid_in_file().expect("a pid")
+    }
+
+    /// Upgrade with SIGUSR2; returns the new process's pid once it holds
+    /// the listeners.
+    pub async fn upgrade(&self) -> u32 {
+        let old = self.pid_in_file().expect("a pid file");
+        signal(old, "USR2");
+        self.new_holder(old).await
+    }
+
+    /// Wait until the process this test started has exited, successfully.
+    pub async fn wait_for_exit(&mut self) {
+        eventually("the old process to exit", WAIT, async || {
+            self.exited().is_some()
+        })
+        .await;
+        let status = self.exited().expect("exited");
+        assert!(status.success(), "{status}:\n{}", log_of(&self.log));
+    }
+
     /// The client URL for a session key.
     pub fn url(&self, key: &str) -> String {
         format!("ws://{}/chat?session={key}", self.public)
