@@ -236,6 +236,19 @@ impl MessageBudget {
         let now = Instant::now();
         self.messages.take(1.0, now) & self.bytes.take(len as f64, now)
     }
+
+    /// The tokens left (messages, bytes), for a router upgrade's new
+    /// process.
+    pub fn tokens(&self) -> (f64, f64) {
+        (self.messages.tokens, self.bytes.tokens)
+    }
+
+    /// Start from the tokens an old process left (within this process's
+    /// bursts): an upgrade gives no client a fresh allowance.
+    pub fn set_tokens(&mut self, (messages, bytes): (f64, f64)) {
+        self.messages.tokens = messages.clamp(0.0, self.messages.burst);
+        self.bytes.tokens = bytes.clamp(0.0, self.bytes.burst);
+    }
 }
 
 /// A token bucket: `rate` per second, holding at most `burst`; rate 0 is off.

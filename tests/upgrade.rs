@@ -400,3 +400,43 @@ async fn systemd_hears_each_new_main_pid_and_a_second_signal_meanwhile_is_refuse
     assert_eq!(router.pid_in_file(), Some(new), "one upgrade, not two");
     let _ = std::fs::remove_file(&socket_path);
 }
+
+#[tokio::test]
+async fn a_client_s_rate_limit_goes_over_with_its_session() {
+    let backend = TestBackend::start("upgrade-budget-eu").await;
+    let builder = upgradable(&backend, "30s")
+        .extra("[limits]\nsession_message_rate = 2\nsession_message_burst = 10\n");
+    let mut router = RouterProcess::start(&builder, "upgrade-budget").await;
+    let (mut client, _) = try_connect(&router.url("budget"), &[])
+        .await
+        .expect("connect");
+    read_welcome(&mut client).await;
+    // The burst spent in the old process...
+    for i in 0..10 {
+        echo(&mut client, &format!("burst {i}")).await;
+    }
+    router.upgrade().await;
+    router.wait_for_exit().await;
+    // ...is not given back by the new one: a few more messages at once
+    // exceed the rate (a fresh bucket would take ten).
+    let mut closed = None;
+    for i in 0..6 {
+        client
+            .send(Message::text(format!("after {i}")))
+            .await
+            .expect("send");
+        match support::recv_data(&mut client).await {
+            Message::Text(_) => {}
+            Message::Close(frame) => {
+                closed = frame.map(|f| u16::from(f.code));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        closed,
+        Some(1008),
+        "the rate limit did not hold across the upgrade"
+    );
+}

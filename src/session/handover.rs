@@ -26,6 +26,7 @@ use super::replay::{MoveChain, ReplayWindow, WindowState};
 use super::{Router, Session};
 use crate::geo::{Code, Location};
 use crate::handshake::UpgradeRequest;
+use crate::limits::MessageBudget;
 use crate::metrics as m;
 use crate::socketio::{Connects, EngineIo};
 use crate::tls::{BackendStream, ClientStream};
@@ -56,6 +57,8 @@ pub struct SessionState {
     pub backend_read_bytes: usize,
     pub backend_write_bytes: usize,
     pub window: WindowState,
+    /// The client's rate-limit tokens left (messages, bytes), when limited.
+    pub budget_tokens: Option<(f64, f64)>,
     /// A Socket.IO session's namespace CONNECTs.
     pub connects: Option<Vec<Vec<u8>>>,
     /// When the session stopped relaying (microseconds since the Unix
@@ -104,6 +107,10 @@ impl Session {
     /// false when the session stays here and relays on.
     pub(super) async fn hand_over(&mut self, upstream: &Upstream) -> bool {
         let control = Arc::clone(self.dialer.control());
+        if control.stays() {
+            // Refused once already (a request may have been left meanwhile).
+            return false;
+        }
         let (ClientStream::Plain(client), BackendStream::Plain(backend)) =
             (&self.client.io, &upstream.peer.io)
         else {
@@ -176,6 +183,7 @@ impl Session {
             backend_read_bytes,
             backend_write_bytes,
             window,
+            budget_tokens: self.budget.as_ref().map(MessageBudget::tokens),
             connects: self
                 .engineio
                 .as_ref()
@@ -316,8 +324,12 @@ pub fn resume(
         connects: Connects::from_packets(&packets),
         polled_as: None,
     });
+    let mut budget = router.limits.message_budget();
+    if let (Some(budget), Some(tokens)) = (budget.as_mut(), state.budget_tokens) {
+        budget.set_tokens(tokens);
+    }
     let session = Box::new(Session {
-        budget: router.limits.message_budget(),
+        budget,
         memory: router.memory.open(id),
         _admission: admission,
         engineio: engineio.map(Box::new),
