@@ -272,11 +272,13 @@ impl Upgrader {
                 .unwrap_or_else(|e| Err(UpgradeError::Channel(io::Error::other(e))));
         match started {
             Ok((pid, channel)) => {
-                self.0.handed_over.send_replace(true);
+                // The channel is in place before anyone hears of the
+                // hand-over (app ships the sessions over it at once).
+                *self.0.successor.lock() = Some(channel);
                 // The new process owns the sockets now; this one stops
                 // accepting (app) and closes its duplicates.
                 self.0.listeners.lock().clear();
-                *self.0.successor.lock() = Some(channel);
+                self.0.handed_over.send_replace(true);
                 Ok(pid)
             }
             Err(error) => {

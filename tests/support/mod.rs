@@ -1395,6 +1395,13 @@ impl RouterProcess {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Ready answers as soon as the admin listener serves; the pid file
+        // is written once the session threads accept too.
+        let pid = router.pid();
+        eventually("the pid file", WAIT, async || {
+            router.pid_in_file() == Some(pid)
+        })
+        .await;
         router
     }
 
@@ -1443,11 +1450,18 @@ impl RouterProcess {
 
     /// Wait until the process this test started has exited, successfully.
     pub async fn wait_for_exit(&mut self) {
-        eventually("the old process to exit", WAIT, async || {
-            self.exited().is_some()
-        })
-        .await;
-        let status = self.exited().expect("exited");
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = self.exited() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the old process did not exit in {WAIT:?}:\n{}",
+                log_of(&self.log)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         assert!(status.success(), "{status}:\n{}", log_of(&self.log));
     }
 
