@@ -217,18 +217,20 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Ask every session that may move to go to the new process, and again
-/// every 100 ms (a session in its handshake or in a move hears it once back
-/// in its relay; one accepted just before the listeners closed, once it
-/// has a backend), until `within` passes; then take no more offers. The
-/// process exits sooner when its last session is gone.
+/// Ask the sessions that may move to go to the new process, as many at a
+/// time as the outbox has room for, every 10 ms (a session in its
+/// handshake or in a move hears it once back in its relay; one accepted
+/// just before the listeners closed, once it has a backend), until
+/// `within` passes; then take no more offers. The process exits sooner,
+/// when its last session is gone.
 async fn hand_over_sessions(backends: Backends, outbox: Outbox, within: Duration) {
     let deadline = tokio::time::Instant::now() + within;
     while tokio::time::Instant::now() < deadline {
+        let mut room = outbox.room();
         for backend in backends.load().backends.iter() {
-            backend.ask_to_hand_over();
+            room -= backend.ask_to_hand_over(room);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     outbox.close();
 }

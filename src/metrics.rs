@@ -231,6 +231,11 @@ pub fn install() -> PrometheusHandle {
                     CONNECT_BUCKETS,
                 )
                 .expect("buckets are not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full(HANDOVER_PAUSE_SECONDS.to_string()),
+                    CONNECT_BUCKETS,
+                )
+                .expect("buckets are not empty")
                 .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (an embedding

@@ -103,6 +103,8 @@ pub(crate) struct Session {
     /// A Socket.IO session: its client's namespace CONNECT packets, sent
     /// again to each new backend.
     engineio: Option<Box<EngineIo>>,
+    /// Handed over by an upgrade, not yet relaying here.
+    handed_over: bool,
 }
 
 impl Session {
@@ -132,6 +134,7 @@ impl Session {
             engineio: engineio.map(Box::new),
             window,
             moves: MoveChain::default(),
+            handed_over: false,
             router,
             client,
             slot,
@@ -158,6 +161,15 @@ impl Session {
                     budget: self.budget.as_mut(),
                     memory: &mut self.memory,
                     connects: self.engineio.as_deref_mut().map(|e| &mut e.connects),
+                    first_tick: match std::mem::take(&mut self.handed_over) {
+                        // Spread out: every session an upgrade handed over
+                        // starts its relay at the same moment.
+                        true => config
+                            .relay
+                            .ping_interval
+                            .mul_f64(rand::random_range(0.05..1.0)),
+                        false => config.relay.ping_interval,
+                    },
                 },
             )
             .await;

@@ -3,7 +3,7 @@
 //! check through the backend's registry), and why a session leaves its
 //! backend. A leaf: the backend registry and the session both use it.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
@@ -85,10 +85,14 @@ pub struct Control {
     /// 0 when nothing waits, else a [`MigrationReason`].
     request: AtomicU8,
     waker: AtomicWaker,
-    /// The session stays in this process at an upgrade (its TLS state
-    /// cannot move, or the new process refused it): not asked again.
-    stays: AtomicBool,
+    /// At an upgrade: 0 not asked yet, [`OFFERING`] while the session
+    /// offers itself to the new process, [`STAYS`] when it stays in this
+    /// one (its TLS state cannot move, or the new process refused it).
+    upgrade: AtomicU8,
 }
+
+const OFFERING: u8 = 1;
+const STAYS: u8 = 2;
 
 impl Control {
     /// Ask the session to leave its backend; false when a request was
@@ -112,12 +116,31 @@ impl Control {
 
     /// At an upgrade, this session stays in this process.
     pub fn stay(&self) {
-        self.stays.store(true, Ordering::Release);
+        self.upgrade.store(STAYS, Ordering::Release);
     }
 
     /// Whether this session stays in this process at an upgrade.
     pub fn stays(&self) -> bool {
-        self.stays.load(Ordering::Acquire)
+        self.upgrade.load(Ordering::Acquire) == STAYS
+    }
+
+    /// The session offers itself to an upgrade's new process (`true`), or
+    /// may be asked again (`false`).
+    pub fn set_offering(&self, offering: bool) {
+        let (from, to) = if offering {
+            (0, OFFERING)
+        } else {
+            (OFFERING, 0)
+        };
+        let _ = self
+            .upgrade
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Whether an upgrade should ask this session (neither offering itself
+    /// nor staying).
+    pub fn may_be_asked(&self) -> bool {
+        self.upgrade.load(Ordering::Acquire) == 0
     }
 
     /// Take the waiting request, or be woken when one comes.

@@ -37,16 +37,22 @@ impl Backend {
         });
     }
 
-    /// Ask each of this backend's sessions that may move to the new
-    /// process of an upgrade to hand itself over (one with another request
-    /// waiting hears it the next time).
-    pub fn ask_to_hand_over(&self) {
+    /// Ask up to `most` of this backend's sessions that may move to an
+    /// upgrade's new process, and are not offering themselves already, to
+    /// hand themselves over; returns how many were asked (one with another
+    /// request waiting hears it the next time).
+    pub fn ask_to_hand_over(&self, most: usize) -> usize {
+        let mut asked = 0;
         for entry in self.registry.iter() {
+            if asked >= most {
+                break;
+            }
             let control = entry.value();
-            if !control.stays() {
-                control.request_move(MigrationReason::HandOver);
+            if control.may_be_asked() && control.request_move(MigrationReason::HandOver) {
+                asked += 1;
             }
         }
+        asked
     }
 
     async fn evacuation_pass(&self, interval: Duration) {

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::replay::{MoveChain, ReplayWindow, WindowState};
@@ -75,26 +75,58 @@ pub struct Offer {
     pub answer: oneshot::Sender<Result<(), String>>,
 }
 
-/// Where sessions offer themselves during an upgrade; closed otherwise.
-#[derive(Clone, Default)]
-pub struct Outbox(Arc<Mutex<Option<mpsc::UnboundedSender<Offer>>>>);
+/// Most sessions offering themselves at once. Each holds a duplicate of
+/// its two sockets until the new process answers: a process near its
+/// open-files limit (two per session) must not duplicate them all at once.
+/// It also keeps each session's pause to its own turn.
+const MAX_IN_FLIGHT: usize = 128;
+
+/// Where sessions offer themselves during an upgrade (closed otherwise),
+/// [`MAX_IN_FLIGHT`] at a time.
+#[derive(Clone)]
+pub struct Outbox(Arc<OutboxInner>);
+
+struct OutboxInner {
+    sender: Mutex<Option<mpsc::UnboundedSender<Offer>>>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Default for Outbox {
+    fn default() -> Outbox {
+        Outbox(Arc::new(OutboxInner {
+            sender: Mutex::new(None),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        }))
+    }
+}
 
 impl Outbox {
     /// Take offers from now on.
     pub fn open(&self) -> mpsc::UnboundedReceiver<Offer> {
         let (sender, offers) = mpsc::unbounded_channel();
-        *self.0.lock() = Some(sender);
+        *self.0.sender.lock() = Some(sender);
         offers
     }
 
     /// Take no more (the receiver ends once the offers made are taken).
     pub fn close(&self) {
-        self.0.lock().take();
+        self.0.sender.lock().take();
+    }
+
+    /// How many more sessions may offer themselves now.
+    pub fn room(&self) -> usize {
+        self.0.in_flight.available_permits()
+    }
+
+    /// A turn to offer, if one is free.
+    fn turn(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.0.in_flight).try_acquire_owned().ok()
     }
 
     /// False when no upgrade takes offers (the offer is dropped).
     fn send(&self, offer: Offer) -> bool {
         self.0
+            .sender
             .lock()
             .as_ref()
             .is_some_and(|sender| sender.send(offer).is_ok())
@@ -118,14 +150,19 @@ impl Session {
             control.stay();
             return false;
         };
+        // Not this session's turn yet: it relays on and is asked again.
+        let Some(_turn) = self.router.handover.turn() else {
+            return false;
+        };
+        control.set_offering(true);
         let fds = match (
             client.as_fd().try_clone_to_owned(),
             backend.as_fd().try_clone_to_owned(),
         ) {
             (Ok(client), Ok(backend)) => [client, backend],
             (Err(error), _) | (_, Err(error)) => {
-                tracing::warn!(%error, "cannot hand the session over; it stays");
-                control.stay();
+                tracing::debug!(%error, "cannot hand the session over yet; it is asked again");
+                control.set_offering(false);
                 return false;
             }
         };
@@ -138,6 +175,7 @@ impl Session {
             answer,
         };
         if !self.router.handover.send(offer) {
+            control.set_offering(false);
             return false;
         }
         match answered.await {
@@ -147,7 +185,10 @@ impl Session {
                 control.stay();
                 false
             }
-            Err(_) => false,
+            Err(_) => {
+                control.set_offering(false);
+                false
+            }
         }
     }
 
@@ -335,6 +376,7 @@ pub fn resume(
         engineio: engineio.map(Box::new),
         window,
         moves: MoveChain::default(),
+        handed_over: true,
         router: router.clone(),
         client,
         slot,

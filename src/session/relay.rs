@@ -29,6 +29,7 @@
 use std::future::poll_fn;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use metrics::{Counter, Histogram};
@@ -434,6 +435,10 @@ pub struct RelayContext<'a> {
     pub memory: &'a mut SessionMemory,
     /// A Socket.IO session's namespace CONNECTs, kept up to date.
     pub connects: Option<&'a mut Connects>,
+    /// The first keepalive tick comes this long after the relay starts
+    /// (the ping interval, or less for sessions an upgrade handed over,
+    /// whose timers would otherwise all restart together).
+    pub first_tick: Duration,
 }
 
 /// Why the relay loop stopped, before the ends are tidied up.
@@ -468,6 +473,7 @@ where
         budget,
         memory,
         connects,
+        first_tick,
     } = cx;
     let mut up = Pump {
         messages: &counters.messages_up,
@@ -507,7 +513,7 @@ where
     let stall_timeout = migration.stall_timeout;
     let started = Instant::now();
     let (mut client_heard_at, mut upstream_heard_at) = (started, started);
-    let mut next_ping = started + config.ping_interval;
+    let mut next_ping = started + first_tick;
     let mut tick = pin!(tokio::time::sleep_until(next_ping));
     let stop_probe = shutdown.clone();
     let mut stop = pin!(shutdown.closing());
@@ -839,6 +845,7 @@ mod tests {
                 budget: None,
                 memory: &mut memory,
                 connects: None,
+                first_tick: config.ping_interval,
             };
             relay(&mut client, &mut upstream, context).await
         });
