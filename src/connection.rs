@@ -21,7 +21,7 @@ use crate::handshake::{self, HandshakeError, Request, UpgradeRequest};
 use crate::limits::Admission;
 use crate::metrics::{self as m, PollResult, UpgradeResult};
 use crate::proxy_protocol;
-use crate::session::{Router, Session};
+use crate::session::{Arrival, Router, Session};
 use crate::socketio::polling::Polling;
 use crate::socketio::{self, Connects, EngineIo};
 use crate::tls::ClientStream;
@@ -41,7 +41,7 @@ pub async fn serve_connection(router: Router, stream: TcpStream, peer: SocketAdd
         // session is boxed too: a value moved out of a local still takes
         // its room in the task, and a box is 8 bytes.
         if let Some((session, upstream)) = Box::pin(establish(router, stream, peer)).await {
-            session.run(upstream).await;
+            session.run(upstream, Arrival::Accepted).await;
         }
     }
     .instrument(span)

@@ -103,8 +103,15 @@ pub(crate) struct Session {
     /// A Socket.IO session: its client's namespace CONNECT packets, sent
     /// again to each new backend.
     engineio: Option<Box<EngineIo>>,
-    /// Handed over by an upgrade, not yet relaying here.
-    handed_over: bool,
+}
+
+/// How a session came to this process, for its first relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Arrival {
+    /// Its client's upgrade was accepted here.
+    Accepted,
+    /// An upgrade's old process handed it over.
+    HandedOver,
 }
 
 impl Session {
@@ -134,7 +141,6 @@ impl Session {
             engineio: engineio.map(Box::new),
             window,
             moves: MoveChain::default(),
-            handed_over: false,
             router,
             client,
             slot,
@@ -144,7 +150,8 @@ impl Session {
 
     /// Relay, moving to another backend whenever the current one fails or
     /// is drained, until the session ends.
-    pub(crate) async fn run(mut self: Box<Self>, mut upstream: Upstream) {
+    pub(crate) async fn run(mut self: Box<Self>, mut upstream: Upstream, arrival: Arrival) {
+        let mut arrival = Some(arrival);
         let mut shutdown = self.router.shutdown.clone();
         loop {
             let config = self.router.config();
@@ -161,14 +168,14 @@ impl Session {
                     budget: self.budget.as_mut(),
                     memory: &mut self.memory,
                     connects: self.engineio.as_deref_mut().map(|e| &mut e.connects),
-                    first_tick: match std::mem::take(&mut self.handed_over) {
+                    first_tick: match arrival.take() {
                         // Spread out: every session an upgrade handed over
                         // starts its relay at the same moment.
-                        true => config
+                        Some(Arrival::HandedOver) => config
                             .relay
                             .ping_interval
                             .mul_f64(rand::random_range(0.05..1.0)),
-                        false => config.relay.ping_interval,
+                        _ => config.relay.ping_interval,
                     },
                 },
             )

@@ -40,8 +40,8 @@ use self::channel::{Channel, Rendezvous};
 use crate::config::Config;
 use crate::listener::{Listeners, public_listener};
 use crate::operator::Operator;
-use crate::session::Router;
 use crate::session::handover::{self, Offer, SessionState};
+use crate::session::{Arrival, Router};
 use crate::socketio::SidTable;
 
 /// The hand-over format this build speaks. A new process refuses any other.
@@ -667,7 +667,7 @@ async fn take_session(
         tracing::warn!(%error, "upgrade: could not answer the old process");
     }
     if let Ok((session, upstream)) = resumed {
-        session.run(upstream).await;
+        session.run(upstream, Arrival::HandedOver).await;
     }
 }
 

@@ -376,7 +376,6 @@ pub fn resume(
         engineio: engineio.map(Box::new),
         window,
         moves: MoveChain::default(),
-        handed_over: true,
         router: router.clone(),
         client,
         slot,
