@@ -33,7 +33,7 @@
 //! | `memory` | what sessions hold in bytes against the process budget: pause, then close the largest |
 //! | `operator` | operator actions (drain, undrain, reload) for the admin API and SIGHUP |
 //! | `admin` | the admin listener: metrics, health, readiness, backends and memory API |
-//! | `upgrade` | upgrading in place: start the successor, hand it the listening sockets over a Unix socket pair (`upgrade::channel`), the pid file, systemd's notification |
+//! | `upgrade` | upgrading in place: the messages both processes speak, the pid file, systemd's notification; `upgrade::upgrader` is the old process's side (start the successor, ship it the listeners and sessions), `upgrade::successor` the new one's, `upgrade::channel` the Unix socket with `SCM_RIGHTS` between them |
 //! | `metrics` | metric names, descriptions, label value enums and the Prometheus recorder |
 
 mod admin;
