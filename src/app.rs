@@ -177,14 +177,15 @@ pub async fn run_with(
     threads.close_listeners().await;
     phases.advance(Phase::Draining);
     let current = config.load_full();
-    if upgraded {
-        upgrader.ship_sessions(outbox.open());
+    let shipped = upgraded.then(|| {
+        let shipped = upgrader.ship_sessions(outbox.open());
         tokio::spawn(hand_over_sessions(
             backends.clone(),
-            outbox,
+            outbox.clone(),
             current.old_process_timeout,
         ));
-    }
+        shipped
+    });
     let grace = if upgraded {
         tracing::info!(grace = ?current.old_process_timeout, "upgraded: the new process accepts; this one's sessions relay until they end or the time is up");
         current.old_process_timeout
@@ -197,6 +198,11 @@ pub async fn run_with(
         // A shutdown cuts an old process's wait short.
         _ = &mut shutdown, if upgraded => false,
     };
+    if let Some(shipped) = shipped {
+        // The new process hears `Done` before this one goes.
+        outbox.close();
+        let _ = tokio::time::timeout(Duration::from_secs(1), shipped).await;
+    }
     phases.advance(Phase::Closing);
     if !ended_early {
         // Sessions close with 1001 now; wait for the closes (bounded).

@@ -183,6 +183,13 @@ async fn sigusr2_hands_listeners_and_live_sessions_to_a_new_process_without_a_cl
     )
     .await;
     assert!(received >= SESSIONS as f64, "received {received}");
+    // Both processes' logs: nothing went wrong on either side.
+    let log = log_of(&router.log);
+    assert!(!log.contains(" WARN ") && !log.contains(" ERROR "), "{log}");
+    assert!(
+        log.contains("the old process handed everything over"),
+        "{log}"
+    );
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::channel::{Channel, Rendezvous};
 use super::{
@@ -192,10 +192,15 @@ impl Upgrader {
 
 impl Upgrader {
     /// Send the new process each session offered on `offers`, and hand
-    /// each its answer; `Done` once `offers` ends (blocking threads).
-    pub fn ship_sessions(&self, mut offers: mpsc::UnboundedReceiver<Offer>) {
+    /// each its answer; `Done` once `offers` ends (blocking threads). The
+    /// receiver resolves once `Done` is sent.
+    pub fn ship_sessions(
+        &self,
+        mut offers: mpsc::UnboundedReceiver<Offer>,
+    ) -> oneshot::Receiver<()> {
+        let (shipped, done) = oneshot::channel();
         let Some(channel) = self.0.successor.lock().take() else {
-            return;
+            return done;
         };
         let pending: Arc<Mutex<HashMap<u64, AnswerSender>>> = Arc::default();
         match channel.try_clone() {
@@ -205,7 +210,7 @@ impl Upgrader {
             }
             Err(error) => {
                 tracing::error!(%error, "upgrade: cannot read the new process's answers; sessions stay here");
-                return;
+                return done;
             }
         }
         std::thread::spawn(move || {
@@ -238,11 +243,13 @@ impl Upgrader {
                 sessions = offered,
                 "upgrade: the sessions were offered to the new process"
             );
+            let _ = shipped.send(());
         });
+        done
     }
 }
 
-type AnswerSender = tokio::sync::oneshot::Sender<Result<(), String>>;
+type AnswerSender = oneshot::Sender<Result<(), String>>;
 
 /// Hand each session the new process's answer; when the channel ends,
 /// the sessions still waiting stay here.
