@@ -254,52 +254,66 @@ fn spawn_limit_upkeep(limits: Limits, mut shutdown: Shutdown) {
     });
 }
 
-/// SIGUSR2 starts an upgrade (NGINX's binary-upgrade signal); one already
-/// under way refuses it, with a log line.
-fn spawn_sigusr2_upgrade(upgrader: Upgrader, mut shutdown: Shutdown) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut user2 = match signal(SignalKind::user_defined2()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGUSR2; upgrade through the admin API");
+/// Run `action` on each `signal` (named `name` in the log) until the
+/// router is closing; `instead` says what to use when the signal cannot be
+/// listened for.
+fn on_signal(
+    signal: tokio::signal::unix::SignalKind,
+    name: &'static str,
+    instead: &'static str,
+    mut shutdown: Shutdown,
+    action: impl Fn() + Send + 'static,
+) {
+    let mut signals = match tokio::signal::unix::signal(signal) {
+        Ok(signals) => signals,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for {name}; {instead}");
             return;
         }
     };
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                _ = user2.recv() => {}
+                _ = signals.recv() => action(),
                 _ = shutdown.closing() => return,
             }
-            tracing::info!("SIGUSR2: upgrading");
-            let upgrader = upgrader.clone();
-            // Its outcome is logged and counted; a second signal meanwhile
-            // is refused as busy.
-            tokio::spawn(async move { upgrader.upgrade().await });
         }
     });
 }
 
-fn spawn_sighup_reload(operator: Operator, mut shutdown: Shutdown) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hangup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGHUP; reload through the admin API");
-            return;
-        }
-    };
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = hangup.recv() => {}
-                _ = shutdown.closing() => return,
-            }
+/// SIGUSR2 starts an upgrade (NGINX's binary-upgrade signal); one already
+/// under way refuses it, with a log line.
+fn spawn_sigusr2_upgrade(upgrader: Upgrader, shutdown: Shutdown) {
+    let kind = tokio::signal::unix::SignalKind::user_defined2();
+    on_signal(
+        kind,
+        "SIGUSR2",
+        "upgrade through the admin API",
+        shutdown,
+        move || {
+            tracing::info!("SIGUSR2: upgrading");
+            let upgrader = upgrader.clone();
+            // Its outcome is logged and counted; a second signal meanwhile is
+            // refused as busy.
+            tokio::spawn(async move { upgrader.upgrade().await });
+        },
+    );
+}
+
+/// SIGHUP re-reads the configuration file.
+fn spawn_sighup_reload(operator: Operator, shutdown: Shutdown) {
+    let kind = tokio::signal::unix::SignalKind::hangup();
+    on_signal(
+        kind,
+        "SIGHUP",
+        "reload through the admin API",
+        shutdown,
+        move || {
             tracing::info!("SIGHUP: reloading the configuration");
             match operator.reload() {
                 Ok(summary) => tracing::info!(?summary, "configuration reloaded"),
                 Err(e) => tracing::error!("reload refused, the running configuration stays: {e}"),
             }
-        }
-    });
+        },
+    );
 }

@@ -375,7 +375,7 @@ async fn an_upgrade_in_the_middle_of_a_drain_goes_on_draining_and_closes_nothing
 }
 
 #[tokio::test]
-async fn systemd_hears_each_new_main_pid_and_a_second_signal_meanwhile_is_refused() {
+async fn systemd_hears_the_new_main_pid_and_a_second_signal_to_the_old_process_is_refused() {
     let backend = TestBackend::start("upgrade-notify-eu").await;
     let socket_path = support::temp_file("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
@@ -391,12 +391,21 @@ async fn systemd_hears_each_new_main_pid_and_a_second_signal_meanwhile_is_refuse
     };
     assert_eq!(heard(), format!("MAINPID={}\nREADY=1\n", router.pid()));
 
-    // Two signals back to back to the same process: one upgrade; the
-    // second is refused.
-    support::signal(router.pid(), "USR2");
-    support::signal(router.pid(), "USR2");
-    let new = router.new_holder(router.pid()).await;
+    // A connection still in its handshake keeps the old process alive
+    // after the upgrade (until its handshake deadline)...
+    let mut half_open = tokio::net::TcpStream::connect(router.public)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut half_open, b"GET /chat HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let old = router.pid();
+    support::signal(old, "USR2");
+    let new = router.new_holder(old).await;
     assert_eq!(heard(), format!("MAINPID={new}\nREADY=1\n"));
+    // ...so a second signal reaches it: refused, not a second upgrade.
+    support::signal(old, "USR2");
     eventually(
         "the refusal of the second signal in the log",
         WAIT,
