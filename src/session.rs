@@ -37,6 +37,7 @@ use crate::upstream::dialer::{Connected, Dialer, FIRST_REDIAL_PAUSE, LAST_REDIAL
 use crate::wire::close::{self as code, Fault};
 use crate::wire::frame::{self, Unit};
 use crate::wire::peer::{Peer, ReadEnd, close};
+use handover::HandOver;
 use relay::{RelayContext, RelayEnd, TrafficCounters};
 use replay::{MoveChain, PendingQueue, ReplayWindow};
 
@@ -183,11 +184,13 @@ impl Session {
             let reason = match end {
                 RelayEnd::MigrateRequested(MigrationReason::HandOver) => {
                     // An upgrade: the new process takes the session, or it
-                    // relays on here.
-                    if self.hand_over(&upstream).await {
-                        return;
+                    // relays on here, or it first leaves a backend the new
+                    // configuration removed.
+                    match self.hand_over(&upstream).await {
+                        HandOver::Taken => return,
+                        HandOver::Stays => continue,
+                        HandOver::MoveFirst => MigrationReason::Removed,
                     }
-                    continue;
                 }
                 RelayEnd::BackendLost => MigrationReason::UpstreamLost,
                 RelayEnd::BackendClosed(Some(ref frame)) if code::is_migrating(frame.code) => {

@@ -33,7 +33,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::operator::Operator;
-use crate::session::handover::SessionState;
+use crate::session::handover::{Refusal, SessionState};
 use crate::socketio::SidTable;
 
 pub use successor::{Inherited, Successor};
@@ -114,8 +114,9 @@ enum ToOld {
     Ready { pid: u32 },
     /// Not taking over; the old process keeps serving.
     Refused { reason: String },
-    /// Session `id` runs here now, or was refused (and stays there).
-    SessionAnswer { id: u64, refused: Option<String> },
+    /// Session `id` runs here now, or was refused (and stays there, or
+    /// moves first).
+    SessionAnswer { id: u64, refused: Option<Refusal> },
 }
 
 /// Write this process's pid to `path` (the process that holds the

@@ -462,3 +462,55 @@ async fn a_client_s_rate_limit_goes_over_with_its_session() {
         "the rate limit did not hold across the upgrade"
     );
 }
+
+#[tokio::test]
+async fn a_session_on_a_backend_the_new_configuration_removes_moves_then_goes_over() {
+    let (a, b) = (
+        TestBackend::start("removed-a").await,
+        TestBackend::start("kept-b").await,
+    );
+    let builder = router()
+        .backend(&a, "eu")
+        .backend(&b, "eu")
+        .extra("[upgrade]\nold_process_timeout = \"30s\"\n");
+    let mut router = RouterProcess::start(&builder, "upgrade-removed").await;
+    let mut on_a = None;
+    for i in 0..20 {
+        let (mut client, _) = try_connect(&router.url(&format!("removed-{i}")), &[])
+            .await
+            .expect("connect");
+        if read_welcome(&mut client).await.backend == a.id {
+            on_a = Some(client);
+            break;
+        }
+    }
+    let mut client = on_a.expect("a session on removed-a");
+
+    // The new configuration has no removed-a.
+    let config = std::fs::read_to_string(&router.config).expect("config");
+    let block = format!(
+        "[[backends]]\nid = \"removed-a\"\nurl = \"{}\"\nregion = \"eu\"\n",
+        a.url()
+    );
+    assert!(config.contains(&block), "{config}");
+    std::fs::write(&router.config, config.replace(&block, "")).expect("write config");
+    router.upgrade().await;
+    router.wait_for_exit().await;
+
+    // The session moved to kept-b (a planned move, as for a removed
+    // backend), then went over: no close, and it still echoes.
+    match support::recv_data(&mut client).await {
+        Message::Text(text) => {
+            let welcome: support::Welcome = serde_json::from_str(text.as_str()).expect("welcome");
+            assert_eq!(welcome.backend, b.id);
+        }
+        other => panic!("expected kept-b's welcome, got {other:?}"),
+    }
+    echo(&mut client, "on kept-b, in the new process").await;
+    let received = support::metric(
+        router.admin,
+        "wsrouter_handover_sessions_total{result=\"received\"}",
+    )
+    .await;
+    assert!(received >= 1.0, "received {received}");
+}

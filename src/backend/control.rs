@@ -91,8 +91,10 @@ pub struct Control {
     upgrade: AtomicU8,
 }
 
+/// Bits of `Control::upgrade`.
 const OFFERING: u8 = 1;
 const STAYS: u8 = 2;
+const MOVED: u8 = 4;
 
 impl Control {
     /// Ask the session to leave its backend; false when a request was
@@ -116,31 +118,36 @@ impl Control {
 
     /// At an upgrade, this session stays in this process.
     pub fn stay(&self) {
-        self.upgrade.store(STAYS, Ordering::Release);
+        self.upgrade.fetch_or(STAYS, Ordering::AcqRel);
     }
 
     /// Whether this session stays in this process at an upgrade.
     pub fn stays(&self) -> bool {
-        self.upgrade.load(Ordering::Acquire) == STAYS
+        self.upgrade.load(Ordering::Acquire) & STAYS != 0
     }
 
     /// The session offers itself to an upgrade's new process (`true`), or
     /// may be asked again (`false`).
     pub fn set_offering(&self, offering: bool) {
-        let (from, to) = if offering {
-            (0, OFFERING)
+        if offering {
+            self.upgrade.fetch_or(OFFERING, Ordering::AcqRel);
         } else {
-            (OFFERING, 0)
-        };
-        let _ = self
-            .upgrade
-            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire);
+            self.upgrade.fetch_and(!OFFERING, Ordering::AcqRel);
+        }
     }
 
     /// Whether an upgrade should ask this session (neither offering itself
     /// nor staying).
     pub fn may_be_asked(&self) -> bool {
-        self.upgrade.load(Ordering::Acquire) == 0
+        self.upgrade.load(Ordering::Acquire) & (OFFERING | STAYS) == 0
+    }
+
+    /// The new process does not know this session's backend: true the
+    /// first time (the session moves to another backend, then is asked
+    /// again), false after (it stays).
+    pub fn move_before_hand_over(&self) -> bool {
+        let before = self.upgrade.fetch_or(MOVED, Ordering::AcqRel);
+        before & MOVED == 0
     }
 
     /// Take the waiting request, or be woken when one comes.
@@ -170,6 +177,16 @@ mod tests {
             Poll::Ready(MigrationReason::Drain)
         );
         assert_eq!(control.poll_move(&mut cx), Poll::Pending);
+        // At an upgrade: asked until it offers itself; moved once for a
+        // backend the new process lacks, then it stays.
+        assert!(control.may_be_asked());
+        control.set_offering(true);
+        assert!(!control.may_be_asked());
+        control.set_offering(false);
+        assert!(control.move_before_hand_over());
+        assert!(control.may_be_asked() && !control.move_before_hand_over());
+        control.stay();
+        assert!(control.stays() && !control.may_be_asked());
         for code in 1..=7 {
             let reason = MigrationReason::from_code(code).unwrap();
             assert_eq!(reason as u8, code);

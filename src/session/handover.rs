@@ -66,13 +66,35 @@ pub struct SessionState {
     pub paused_at_micros: u64,
 }
 
+/// Why the new process did not take a session, as the old one hears it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refusal {
+    pub reason: String,
+    /// The new process does not know the session's backend (the operator
+    /// removed it from the configuration): move to another, then offer
+    /// again.
+    pub unknown_backend: bool,
+}
+
+/// What became of a session asked to hand itself over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum HandOver {
+    /// The new process runs it now: this task ends without a word.
+    Taken,
+    /// It relays on here (for now, or for good).
+    Stays,
+    /// It moves to another backend first (planned, as for a removed
+    /// backend); it is asked again after.
+    MoveFirst,
+}
+
 /// A session offered to the successor; `answer` says whether it took it.
 pub struct Offer {
     pub state: Box<SessionState>,
     pub raw: Vec<u8>,
     /// The client's socket, then the backend's.
     pub fds: [OwnedFd; 2],
-    pub answer: oneshot::Sender<Result<(), String>>,
+    pub answer: oneshot::Sender<Result<(), Refusal>>,
 }
 
 /// Most sessions offering themselves at once. Each holds a duplicate of
@@ -137,22 +159,22 @@ impl Session {
     /// Offer this session to the new process and wait for its answer: true
     /// when it took it (this task then ends without closing anything);
     /// false when the session stays here and relays on.
-    pub(super) async fn hand_over(&mut self, upstream: &Upstream) -> bool {
+    pub(super) async fn hand_over(&mut self, upstream: &Upstream) -> HandOver {
         let control = Arc::clone(self.dialer.control());
         if control.stays() {
             // Refused once already (a request may have been left meanwhile).
-            return false;
+            return HandOver::Stays;
         }
         let (ClientStream::Plain(client), BackendStream::Plain(backend)) =
             (&self.client.io, &upstream.peer.io)
         else {
             // TLS state cannot move: this session stays (README, "Upgrades").
             control.stay();
-            return false;
+            return HandOver::Stays;
         };
         // Not this session's turn yet: it relays on and is asked again.
         let Some(_turn) = self.router.handover.turn() else {
-            return false;
+            return HandOver::Stays;
         };
         control.set_offering(true);
         let fds = match (
@@ -163,7 +185,7 @@ impl Session {
             (Err(error), _) | (_, Err(error)) => {
                 tracing::debug!(%error, "cannot hand the session over yet; it is asked again");
                 control.set_offering(false);
-                return false;
+                return HandOver::Stays;
             }
         };
         let (state, raw) = self.to_state(upstream);
@@ -176,18 +198,23 @@ impl Session {
         };
         if !self.router.handover.send(offer) {
             control.set_offering(false);
-            return false;
+            return HandOver::Stays;
         }
         match answered.await {
-            Ok(Ok(())) => true,
-            Ok(Err(reason)) => {
-                tracing::warn!(%reason, "the new process refused the session; it stays here");
+            Ok(Ok(())) => HandOver::Taken,
+            Ok(Err(refusal)) => {
+                control.set_offering(false);
+                if refusal.unknown_backend && control.move_before_hand_over() {
+                    tracing::info!(reason = %refusal.reason, "the new process does not know this backend; the session moves first");
+                    return HandOver::MoveFirst;
+                }
+                tracing::warn!(reason = %refusal.reason, "the new process refused the session; it stays here");
                 control.stay();
-                false
+                HandOver::Stays
             }
             Err(_) => {
                 control.set_offering(false);
-                false
+                HandOver::Stays
             }
         }
     }
@@ -251,6 +278,14 @@ pub enum ResumeError {
 }
 
 impl ResumeError {
+    /// The answer the old process hears.
+    pub fn refusal(&self) -> Refusal {
+        Refusal {
+            reason: self.to_string(),
+            unknown_backend: matches!(self, ResumeError::UnknownBackend(_)),
+        }
+    }
+
     /// The `result` label of `wsrouter_handover_sessions_total`.
     pub fn as_label(&self) -> &'static str {
         match self {

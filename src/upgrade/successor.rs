@@ -222,10 +222,10 @@ async fn take_session(
     let label = resumed
         .as_ref()
         .map_or_else(|e| e.as_label(), |_| "received");
-    let refused = resumed.as_ref().err().map(|e| e.to_string());
+    let refused = resumed.as_ref().err().map(|e| e.refusal());
     metrics::counter!(crate::metrics::HANDOVER_SESSIONS_TOTAL, "result" => label).increment(1);
-    if let Some(reason) = &refused {
-        tracing::warn!(%reason, "upgrade: a session handed over was refused; it stays in the old process");
+    if let Some(refused) = &refused {
+        tracing::warn!(reason = %refused.reason, "upgrade: a session handed over was refused; the old process keeps it");
     }
     let answer = ToOld::SessionAnswer { id, refused };
     if let Err(error) = writer.lock().send(&answer, &[]) {

@@ -21,7 +21,7 @@ use super::{
     UPGRADE_SOCKET_ENV,
 };
 use crate::operator::Operator;
-use crate::session::handover::Offer;
+use crate::session::handover::{Offer, Refusal};
 use crate::socketio::SidTable;
 
 /// Why an upgrade did not happen. The old process keeps serving.
@@ -229,7 +229,10 @@ impl Upgrader {
                 if let Err(error) = channel.send_with_bytes(&session, &raw, &borrowed) {
                     tracing::warn!(%error, "upgrade: a session could not be sent; it stays here");
                     if let Some(answer) = pending.lock().remove(&next_id) {
-                        let _ = answer.send(Err(error.to_string()));
+                        let _ = answer.send(Err(Refusal {
+                            reason: error.to_string(),
+                            unknown_backend: false,
+                        }));
                     }
                 }
                 // In flight, the descriptors are the new process's too.
@@ -249,7 +252,7 @@ impl Upgrader {
     }
 }
 
-type AnswerSender = oneshot::Sender<Result<(), String>>;
+type AnswerSender = oneshot::Sender<Result<(), Refusal>>;
 
 /// Hand each session the new process's answer; when the channel ends,
 /// the sessions still waiting stay here.
@@ -268,7 +271,10 @@ fn hear_answers(mut reader: Channel, pending: &Mutex<HashMap<u64, AnswerSender>>
         }
     }
     for (_, answer) in pending.lock().drain() {
-        let _ = answer.send(Err("the new process went away".into()));
+        let _ = answer.send(Err(Refusal {
+            reason: "the new process went away".into(),
+            unknown_backend: false,
+        }));
     }
 }
 
