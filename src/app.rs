@@ -97,12 +97,14 @@ pub async fn run_with(
         options.config_path.clone(),
         phases.watch(),
     );
-    health::spawn_checks(&backends.load().backends, &config, &phases.watch());
     let sids = SidTable::default();
-    let upgrader = Upgrader::new(options.relaunch.take(), operator.clone(), sids.clone());
     if let Some(successor) = &options.successor {
+        // Before the health checkers start: they start from the old
+        // process's verdicts.
         successor.keep_state(&operator, &sids);
     }
+    health::spawn_checks(&backends.load().backends, &config, &phases.watch());
+    let upgrader = Upgrader::new(options.relaunch.take(), operator.clone(), sids.clone());
     let admin_fd = std::os::fd::AsFd::as_fd(&listeners.admin).try_clone_to_owned()?;
     let admin_state = AdminState {
         operator: operator.clone(),

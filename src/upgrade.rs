@@ -78,13 +78,17 @@ enum ToNew {
 }
 
 /// What operators set at run time (admin API) and what the router learned
-/// (engine.io sids), carried to the new process.
+/// (health verdicts, engine.io sids), carried to the new process.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct CarriedState {
     /// Backends drained (their sessions keep moving away there).
     drained: Vec<String>,
     /// The "under attack" switch.
     under_attack: bool,
+    /// Backends the old process's health checks had marked down: the new
+    /// process starts them down (they come back after `rise` passing
+    /// checks), so no session is placed on a dead backend meanwhile.
+    unhealthy: Vec<String>,
     /// engine.io sessions and their backends (for Socket.IO clients
     /// without a session key).
     sids: Vec<(String, String, Vec<Vec<u8>>)>,
@@ -103,6 +107,14 @@ impl CarriedState {
                 .map(|backend| backend.id.clone())
                 .collect(),
             under_attack: operator.limits().is_under_attack(),
+            unhealthy: operator
+                .backends()
+                .load()
+                .backends
+                .iter()
+                .filter(|backend| !backend.is_healthy())
+                .map(|backend| backend.id.clone())
+                .collect(),
         }
     }
 }

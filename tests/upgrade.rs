@@ -514,3 +514,38 @@ async fn a_session_on_a_backend_the_new_configuration_removes_moves_then_goes_ov
     .await;
     assert!(received >= 1.0, "received {received}");
 }
+
+#[tokio::test]
+async fn a_backend_the_old_process_found_down_starts_down_in_the_new_one() {
+    let (up, down) = (
+        TestBackend::start("health-up").await,
+        TestBackend::start("health-down").await,
+    );
+    let builder = router()
+        .backend(&up, "eu")
+        .backend(&down, "eu")
+        .fast_health_checks()
+        .rise_fall(2, 3)
+        .extra("[upgrade]\nold_process_timeout = \"30s\"\n");
+    let mut router = RouterProcess::start(&builder, "upgrade-health").await;
+    down.set_health(503);
+    let admin = router.admin;
+    let state_of = async |id: &str| -> String {
+        let (_, body) = support::http_get(admin, "/api/backends").await;
+        let backends: Vec<serde_json::Value> = serde_json::from_str(&body).expect("JSON");
+        let backend = backends.iter().find(|b| b["id"] == id).expect("listed");
+        backend["state"].as_str().expect("a state").to_string()
+    };
+    eventually(
+        "the old process to find health-down down",
+        WAIT,
+        async || state_of("health-down").await == "unhealthy",
+    )
+    .await;
+
+    router.upgrade().await;
+    router.wait_for_exit().await;
+    // Its first checks alone would take three failures (1.5 s) to say so.
+    assert_eq!(state_of("health-down").await, "unhealthy");
+    assert_eq!(state_of("health-up").await, "healthy");
+}

@@ -148,10 +148,17 @@ pub struct Successor {
 }
 
 impl Successor {
-    /// Set what the old process's operators had set (drains, attack mode)
-    /// and the engine.io sessions it knew.
+    /// Set what the old process's operators had set (drains, attack mode),
+    /// its health verdicts and the engine.io sessions it knew. Before the
+    /// health checkers start.
     pub fn keep_state(&self, operator: &Operator, sids: &SidTable) {
         sids.import(self.state.sids.clone());
+        let backends = operator.backends().load();
+        for id in &self.state.unhealthy {
+            if let Some(backend) = backends.get(id) {
+                backend.set_healthy(false);
+            }
+        }
         for id in &self.state.drained {
             if operator.drain(id).is_none() {
                 tracing::info!(backend = %id, "upgrade: a drained backend is not in this configuration");
