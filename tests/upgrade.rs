@@ -549,3 +549,39 @@ async fn a_backend_the_old_process_found_down_starts_down_in_the_new_one() {
     assert_eq!(state_of("health-down").await, "unhealthy");
     assert_eq!(state_of("health-up").await, "healthy");
 }
+
+#[tokio::test]
+async fn an_upgrade_starts_what_the_path_the_router_was_started_by_names_now() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let backend = TestBackend::start("upgrade-path-eu").await;
+    let dir = support::temp_file("release");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_wsrouter"));
+    // Deployed as a symbolic link to "version 1" (the binary itself)...
+    let current = dir.join("wsrouter");
+    symlink(binary, &current).expect("symlink");
+    let mut router =
+        RouterProcess::start_at(&current, &upgradable(&backend, "1s"), "upgrade-path", &[]).await;
+    // ...then switched to "version 2": a wrapper that leaves a mark and
+    // runs the binary.
+    let marker = dir.join("version-2-ran");
+    let version_2 = dir.join("wsrouter-2");
+    let script = format!(
+        "#!/bin/sh\ntouch {}\nexec {} \"$@\"\n",
+        marker.display(),
+        binary.display()
+    );
+    std::fs::write(&version_2, script).expect("write");
+    std::fs::set_permissions(&version_2, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::remove_file(&current).expect("unlink");
+    symlink(&version_2, &current).expect("switch the symlink");
+
+    router.upgrade().await;
+    router.wait_for_exit().await;
+    assert!(
+        marker.exists(),
+        "the upgrade did not start what the path names now"
+    );
+    full_session(&router.url("after")).await.expect("a session");
+    let _ = std::fs::remove_dir_all(&dir);
+}

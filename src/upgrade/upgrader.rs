@@ -3,10 +3,10 @@
 //! sessions that offer themselves and hand each its answer.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,13 +68,41 @@ pub struct Relaunch {
 }
 
 impl Relaunch {
-    /// This process's executable and arguments.
+    /// This process's executable and arguments. The executable is the path
+    /// it was started by (`argv[0]`, made absolute against the working
+    /// directory, or found on `PATH`), not where that path pointed then:
+    /// deployments that switch a symlink to a new version upgrade to the
+    /// new version, as NGINX's binary upgrade does.
     pub fn this_process() -> io::Result<Relaunch> {
+        let mut args = std::env::args_os();
+        let started_as = args.next().map(PathBuf::from);
+        let search_path = std::env::var_os("PATH");
+        let exe = started_as
+            .and_then(|argv0| {
+                let cwd = std::env::current_dir().ok()?;
+                started_from(&argv0, &cwd, search_path.as_deref())
+            })
+            .map_or_else(std::env::current_exe, Ok)?;
         Ok(Relaunch {
-            exe: std::env::current_exe()?,
-            args: std::env::args_os().skip(1).collect(),
+            exe,
+            args: args.collect(),
         })
     }
+}
+
+/// The executable `argv0` names: a path with a slash, against `cwd`; a bare
+/// name, the first match on `search_path`. Symbolic links are left as they
+/// are.
+fn started_from(argv0: &Path, cwd: &Path, search_path: Option<&OsStr>) -> Option<PathBuf> {
+    if argv0.as_os_str().is_empty() {
+        return None;
+    }
+    if argv0.components().count() > 1 || argv0.is_absolute() {
+        return Some(cwd.join(argv0));
+    }
+    std::env::split_paths(search_path?)
+        .map(|dir| cwd.join(dir).join(argv0))
+        .find(|candidate| candidate.is_file())
 }
 
 /// The old process's side: starts a successor and hands it the listeners.
@@ -367,5 +395,35 @@ fn start_successor(
                 Err(_) => Err(UpgradeError::Channel(error)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_executable_is_the_path_it_was_started_by_symlinks_kept() {
+        let cwd = Path::new("/srv");
+        let at = |argv0: &str, path: Option<&str>| {
+            started_from(Path::new(argv0), cwd, path.map(OsStr::new))
+        };
+        assert_eq!(
+            at("/usr/local/bin/wsrouter", None),
+            Some(PathBuf::from("/usr/local/bin/wsrouter"))
+        );
+        assert_eq!(
+            at("./bin/wsrouter", None),
+            Some(PathBuf::from("/srv/./bin/wsrouter"))
+        );
+        assert_eq!(at("", Some("/bin")), None);
+        // A bare name is looked up on PATH, as the shell did.
+        let dir = std::env::temp_dir().join(format!("wsrouter-path-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("wsrouter"), b"").expect("file");
+        let path = format!("/nonexistent:{}", dir.display());
+        assert_eq!(at("wsrouter", Some(&path)), Some(dir.join("wsrouter")));
+        assert_eq!(at("wsrouter", Some("/nonexistent")), None);
+        std::fs::remove_dir_all(&dir).expect("clean up");
     }
 }

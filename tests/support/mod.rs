@@ -1340,6 +1340,18 @@ impl RouterProcess {
         name: &str,
         env: &[(&str, &str)],
     ) -> RouterProcess {
+        let exe = Path::new(env!("CARGO_BIN_EXE_wsrouter"));
+        RouterProcess::start_at(exe, builder, name, env).await
+    }
+
+    /// [`RouterProcess::start_with_env`], with the binary started by the
+    /// path `exe` (a symbolic link, say).
+    pub async fn start_at(
+        exe: &Path,
+        builder: &RouterBuilder,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> RouterProcess {
         let (public, admin): (SocketAddr, SocketAddr) = (
             ([127, 0, 0, 1], free_port()).into(),
             ([127, 0, 0, 1], free_port()).into(),
@@ -1362,7 +1374,7 @@ impl RouterProcess {
         let log = temp_file(&format!("{name}.log"));
         let pid_file = temp_file(&format!("{name}.pid"));
         let child = ChildGuard(
-            std::process::Command::new(env!("CARGO_BIN_EXE_wsrouter"))
+            std::process::Command::new(exe)
                 .arg("--config")
                 .arg(&config)
                 .arg("--pid-file")
