@@ -39,7 +39,9 @@ use crate::socketio::SidTable;
 pub use successor::{Inherited, Successor};
 pub use upgrader::{Relaunch, UpgradeError, Upgrader};
 
-/// The hand-over format this build speaks. A new process refuses any other.
+/// The hand-over format this build speaks. A new process refuses any other
+/// (the old process then keeps serving). Raise it with any change to the
+/// messages below, `CarriedState` or `session::handover::SessionState`.
 pub const HANDOVER_VERSION: u32 = 1;
 
 /// The environment variable that names the old process's socket to a new
