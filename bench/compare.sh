@@ -185,27 +185,6 @@ workload_args() {
 backend_pid=""
 proxy_pid=""
 
-# A process and all its descendants (nginx workers).
-tree() {
-    local pid=$1 child
-    [ -d "/proc/$pid" ] || return 0
-    echo "$pid"
-    for child in $(ps -o pid= --ppid "$pid" 2>/dev/null); do
-        tree "$child"
-    done
-}
-
-# utime+stime in clock ticks, summed over a process tree.
-cpu_ticks() {
-    local total=0 pid fields
-    [ -n "$1" ] || { echo 0; return; }
-    for pid in $(tree "$1"); do
-        # Fields after "(comm)": state is 1st, utime 12th, stime 13th.
-        fields=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null) || continue
-        total=$((total + $(echo "$fields" | awk '{print $12 + $13}')))
-    done
-    echo "$total"
-}
 
 # VmRSS in KiB, summed over a process tree.
 rss_kib() {

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# Shared by bench/compare.sh and bench/failover.sh: sourced, not run. The
-# sourcing script defines log and die first, and sets ROOT.
+# Shared by the bench/ scripts (compare, failover, memory, socketio,
+# upgrade): sourced, not run. The sourcing script defines log and die
+# first, and sets ROOT.
 
 # Raise the open-files limit to the hard limit (a router holds two sockets
 # per session, three while one re-dials).
@@ -58,4 +59,26 @@ probe_url() {
         sleep 0.1
     done
     return 1
+}
+
+# A process and all its descendants (nginx workers, say).
+tree() {
+    local pid=$1 child
+    [ -d "/proc/$pid" ] || return 0
+    echo "$pid"
+    for child in $(ps -o pid= --ppid "$pid" 2>/dev/null); do
+        tree "$child"
+    done
+}
+
+# utime+stime in clock ticks, summed over a process tree.
+cpu_ticks() {
+    local total=0 pid fields
+    [ -n "$1" ] || { echo 0; return; }
+    for pid in $(tree "$1"); do
+        # Fields after "(comm)": state is 1st, utime 12th, stime 13th.
+        fields=$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null) || continue
+        total=$((total + $(echo "$fields" | awk '{print $12 + $13}')))
+    done
+    echo "$total"
 }

@@ -488,10 +488,7 @@ trap 'exit 130' INT TERM
 mem_kib() {
     awk '/^VmRSS:/ {r = $2} /^VmHWM:/ {h = $2} END {print (r ? r : 0), (h ? h : 0)}' "/proc/$1/status" 2>/dev/null || echo "0 0"
 }
-# utime+stime in clock ticks.
-cpu_ticks() {
-    sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}' || echo 0
-}
+# cpu_ticks: bench/lib.sh.
 # Nanoseconds on CPU, summed over the process's threads.
 cpu_ns() {
     cat "/proc/$1"/task/*/schedstat 2>/dev/null | awk '{ t += $1 } END { printf "%.0f\n", t }'
