@@ -98,7 +98,7 @@ pub async fn run_with(
         phases.watch(),
     );
     let sids = SidTable::default();
-    if let Some(successor) = &options.successor {
+    if let Some(successor) = &mut options.successor {
         // Before the health checkers start: they start from the old
         // process's verdicts.
         successor.keep_state(&operator, &sids);

@@ -364,17 +364,7 @@ async fn an_upgrade_in_the_middle_of_a_drain_goes_on_draining_and_closes_nothing
         .expect("drain-a");
     assert_eq!(drain_a["state"], "draining", "{body}");
     for client in &mut on_a {
-        let mut seen_b = false;
-        while !seen_b {
-            match support::recv_data(client).await {
-                Message::Text(text) => {
-                    let welcome: support::Welcome =
-                        serde_json::from_str(text.as_str()).expect("a welcome");
-                    seen_b = welcome.backend == b.id;
-                }
-                other => panic!("expected drain-b's welcome, got {other:?}"),
-            }
-        }
+        while read_welcome(client).await.backend != b.id {}
         echo(client, "moved and upgraded").await;
     }
 }
@@ -499,13 +489,7 @@ async fn a_session_on_a_backend_the_new_configuration_removes_moves_then_goes_ov
 
     // The session moved to kept-b (a planned move, as for a removed
     // backend), then went over: no close, and it still echoes.
-    match support::recv_data(&mut client).await {
-        Message::Text(text) => {
-            let welcome: support::Welcome = serde_json::from_str(text.as_str()).expect("welcome");
-            assert_eq!(welcome.backend, b.id);
-        }
-        other => panic!("expected kept-b's welcome, got {other:?}"),
-    }
+    assert_eq!(read_welcome(&mut client).await.backend, b.id);
     echo(&mut client, "on kept-b, in the new process").await;
     let received = support::metric(
         router.admin,

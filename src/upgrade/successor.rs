@@ -151,8 +151,8 @@ impl Successor {
     /// Set what the old process's operators had set (drains, attack mode),
     /// its health verdicts and the engine.io sessions it knew. Before the
     /// health checkers start.
-    pub fn keep_state(&self, operator: &Operator, sids: &SidTable) {
-        sids.import(self.state.sids.clone());
+    pub fn keep_state(&mut self, operator: &Operator, sids: &SidTable) {
+        sids.import(std::mem::take(&mut self.state.sids));
         let backends = operator.backends().load();
         for id in &self.state.unhealthy {
             if let Some(backend) = backends.get(id) {

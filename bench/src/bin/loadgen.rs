@@ -1327,6 +1327,27 @@ fn spawn_signaller(signal: &str, pid: u32) -> std::io::Result<tokio::process::Ch
         .spawn()
 }
 
+/// Tell a helper from [`spawn_signaller`] (sending `signal` to `pid`) to
+/// go: how long until it exited, and what went wrong, if anything.
+async fn fire_signaller(
+    mut helper: tokio::process::Child,
+    signal: &str,
+    pid: u32,
+) -> (Duration, Option<String>) {
+    let issued = Instant::now();
+    let told = match helper.stdin.take() {
+        Some(mut stdin) => stdin.write_all(b"go\n").await,
+        None => Err(std::io::ErrorKind::BrokenPipe.into()),
+    };
+    let status = helper.wait().await;
+    let error = match (told, status) {
+        (Ok(()), Ok(s)) if s.success() => None,
+        (Ok(()), Ok(s)) => Some(format!("kill -{signal} {pid} exited with {s}")),
+        (Err(e), _) | (_, Err(e)) => Some(format!("signal helper: {e}")),
+    };
+    (issued.elapsed(), error)
+}
+
 /// SIGKILL the backend at `at` through the helper. The kill instant is
 /// taken just before the helper is told, so recovery times include its
 /// wake-up (they err long, never short); how long it took until the helper
@@ -1335,25 +1356,17 @@ async fn kill_backend(run: Arc<Run>, at: Instant, helper: std::io::Result<tokio:
     let Some(pid) = run.args.kill_pid else { return };
     let error = match helper {
         Err(e) => Some(format!("cannot start the kill helper: {e}")),
-        Ok(mut helper) => {
+        Ok(helper) => {
             tokio::time::sleep_until(at).await;
             let issued = Instant::now();
             run.failover
                 .killed_at
                 .store(nanos_since_epoch(issued), Ordering::Release);
-            let told = match helper.stdin.take() {
-                Some(mut stdin) => stdin.write_all(b"go\n").await,
-                None => Err(std::io::ErrorKind::BrokenPipe.into()),
-            };
-            let status = helper.wait().await;
+            let (took, error) = fire_signaller(helper, "KILL", pid).await;
             run.failover
                 .kill_command_ns
-                .store(issued.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            match (told, status) {
-                (Ok(()), Ok(s)) if s.success() => None,
-                (Ok(()), Ok(s)) => Some(format!("kill -KILL {pid} exited with {s}")),
-                (Err(e), _) | (_, Err(e)) => Some(format!("kill helper: {e}")),
-            }
+                .store(took.as_nanos() as u64, Ordering::Relaxed);
+            error
         }
     };
     match &error {
@@ -2305,22 +2318,14 @@ async fn send_upgrade_signal(run: &Run, helper: std::io::Result<tokio::process::
     } else {
         match helper {
             Err(e) => Some(format!("cannot start the signal helper: {e}")),
-            Ok(mut helper) => {
+            Ok(helper) => {
                 let issued = Instant::now();
                 u.signal_at
                     .store(nanos_since_epoch(issued), Ordering::Release);
-                let told = match helper.stdin.take() {
-                    Some(mut stdin) => stdin.write_all(b"go\n").await,
-                    None => Err(std::io::ErrorKind::BrokenPipe.into()),
-                };
-                let status = helper.wait().await;
+                let (took, error) = fire_signaller(helper, "USR2", pid).await;
                 u.signal_command_ns
-                    .store(issued.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                match (told, status) {
-                    (Ok(()), Ok(s)) if s.success() => None,
-                    (Ok(()), Ok(s)) => Some(format!("kill -USR2 {pid} exited with {s}")),
-                    (Err(e), _) | (_, Err(e)) => Some(format!("signal helper: {e}")),
-                }
+                    .store(took.as_nanos() as u64, Ordering::Relaxed);
+                error
             }
         }
     };
